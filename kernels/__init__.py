@@ -1,0 +1,1 @@
+"""Paged-attention kernels (Triton) with their torch references (the oracle and CPU path)."""

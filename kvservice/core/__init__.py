@@ -1,0 +1,1 @@
+"""Pure-Python memory-manager core: no torch, Ray or gRPC may be imported here."""
