@@ -99,6 +99,11 @@ class KVServiceStub:
                 request_serializer=kvservice_dot_v1_dot_kvservice__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvservice_dot_v1_dot_kvservice__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.GetLayout = channel.unary_unary(
+                '/kvservice.v1.KVService/GetLayout',
+                request_serializer=kvservice_dot_v1_dot_kvservice__pb2.GetLayoutRequest.SerializeToString,
+                response_deserializer=kvservice_dot_v1_dot_kvservice__pb2.Layout.FromString,
+                _registered_method=True)
 
 
 class KVServiceServicer:
@@ -205,6 +210,13 @@ class KVServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLayout(self, request, context):
+        """The KV layout the service was started with; K/V tensors must match it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +279,11 @@ def add_KVServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvservice_dot_v1_dot_kvservice__pb2.StatsRequest.FromString,
                     response_serializer=kvservice_dot_v1_dot_kvservice__pb2.StatsResponse.SerializeToString,
+            ),
+            'GetLayout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLayout,
+                    request_deserializer=kvservice_dot_v1_dot_kvservice__pb2.GetLayoutRequest.FromString,
+                    response_serializer=kvservice_dot_v1_dot_kvservice__pb2.Layout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -598,6 +615,33 @@ class KVService:
             '/kvservice.v1.KVService/Stats',
             kvservice_dot_v1_dot_kvservice__pb2.StatsRequest.SerializeToString,
             kvservice_dot_v1_dot_kvservice__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLayout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvservice.v1.KVService/GetLayout',
+            kvservice_dot_v1_dot_kvservice__pb2.GetLayoutRequest.SerializeToString,
+            kvservice_dot_v1_dot_kvservice__pb2.Layout.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,74 @@
+"""Tensors on the wire: raw bytes, a dtype name and a shape; never pickle.
+
+A ``kvservice.v1.Tensor`` holds the tensor's elements in row-major order as their
+native little-endian bytes. bfloat16 has no numpy type, so every tensor travels through a
+``uint8`` view of its storage, which keeps the exact bit patterns of any dtype.
+
+Decoding trusts nothing: the dtype must be a known name, every dimension non-negative and
+the byte count exactly ``product(shape) * itemsize``; anything else is InvalidArgument
+naming the field, so a malformed message becomes INVALID_ARGUMENT at the edge and never a
+crash or a misread tensor further in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvservice.core.errors import InvalidArgument
+from kvservice.v1 import kvservice_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+# Dimensions beyond this are refused before any arithmetic on them, so a forged shape
+# cannot make the byte-count check itself expensive.
+MAX_DIMS = 8
+
+
+def encode_tensor(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """The message for ``tensor`` (any device, any strides); fills ``out`` when given."""
+    name = _NAMES.get(tensor.dtype)
+    if name is None:
+        raise InvalidArgument(f"dtype {tensor.dtype} cannot travel; known: {sorted(DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    msg = pb.Tensor() if out is None else out
+    msg.dtype = name
+    msg.shape[:] = tensor.shape
+    msg.data = flat.view(torch.uint8).numpy().tobytes()
+    return msg
+
+
+def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """A new CPU tensor from ``msg``; InvalidArgument (naming ``field``) if malformed."""
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"{field}: unknown dtype {msg.dtype!r}; known: {sorted(DTYPES)}")
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_DIMS or any(size < 0 for size in shape):
+        raise InvalidArgument(f"{field}: bad shape {list(shape)}")
+    data = msg.data
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"{field}: {len(data)} bytes of data, but {msg.dtype} {list(shape)} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    # A bytearray copy keeps the tensor writable and independent of the message.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def decode_optional_tensor(parent: object, field: str) -> torch.Tensor | None:
+    """The tensor in message field ``field`` of ``parent``, or None when the field is unset."""
+    if not parent.HasField(field):  # type: ignore[attr-defined]
+        return None
+    return decode_tensor(getattr(parent, field), field)

@@ -1,0 +1,92 @@
+"""Tensor <-> message: bit-exact round trips, and every malformed message refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvservice.core.errors import InvalidArgument
+from kvservice.v1 import kvservice_pb2 as pb
+from kvservice.wire import DTYPES, decode_optional_tensor, decode_tensor, encode_tensor
+
+
+def _through_the_wire(tensor: torch.Tensor) -> torch.Tensor:
+    data = encode_tensor(tensor).SerializeToString()
+    return decode_tensor(pb.Tensor.FromString(data))
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_round_trip_is_bit_exact(dtype_name: str) -> None:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        tensor = torch.randn(3, 5, 7, generator=gen).to(dtype)
+        tensor[0, 0, 0] = float("inf")
+        tensor[0, 0, 1] = float("nan")
+    else:
+        tensor = torch.randint(-(2**31), 2**31 - 1, (3, 5, 7), generator=gen).to(dtype)
+    back = _through_the_wire(tensor)
+    assert back.dtype == dtype and back.shape == tensor.shape
+    assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_bfloat16_travels_as_its_raw_two_byte_patterns() -> None:
+    tensor = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    msg = encode_tensor(tensor)
+    assert msg.dtype == "bfloat16" and list(msg.shape) == [2]
+    assert msg.data == tensor.view(torch.int16).numpy().tobytes() == b"\x80\x3f\x00\xc0"
+
+
+def test_non_contiguous_tensors_travel_in_logical_order() -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    view = base.transpose(0, 2)[:, 1:]
+    assert not view.is_contiguous()
+    assert torch.equal(_through_the_wire(view), view)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (4, 0, 2)])
+def test_scalar_and_empty_shapes(shape: tuple[int, ...]) -> None:
+    tensor = torch.full(shape, 3.5)
+    back = _through_the_wire(tensor)
+    assert back.shape == tensor.shape and torch.equal(back, tensor)
+
+
+def test_decoded_tensor_is_writable_and_independent_of_the_message() -> None:
+    msg = encode_tensor(torch.zeros(4))
+    back = decode_tensor(msg)
+    back += 1
+    assert torch.equal(decode_tensor(msg), torch.zeros(4))
+
+
+def _msg(dtype: str = "float32", shape: tuple[int, ...] = (2, 3), nbytes: int = 24) -> pb.Tensor:
+    return pb.Tensor(dtype=dtype, shape=shape, data=bytes(nbytes))
+
+
+@pytest.mark.parametrize(
+    ("msg", "match"),
+    [
+        (_msg(dtype="complex64"), "q: unknown dtype 'complex64'"),
+        (_msg(dtype=""), "q: unknown dtype ''"),
+        (_msg(nbytes=23), "q: 23 bytes of data, but float32 \\[2, 3\\] needs 24"),
+        (_msg(nbytes=25), "q: 25 bytes"),
+        (_msg(shape=(2, -3)), "q: bad shape \\[2, -3\\]"),
+        (_msg(shape=(1,) * 9, nbytes=4), "q: bad shape"),
+        (_msg(shape=(2**62, 2**62), nbytes=24), "needs 85070591730234615865843651857942052864"),
+        (_msg(dtype="bfloat16", shape=(3,), nbytes=3), "bfloat16 \\[3\\] needs 6"),
+    ],
+)
+def test_malformed_messages_are_invalid_argument(msg: pb.Tensor, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        decode_tensor(msg, "q")
+
+
+def test_unsupported_dtype_cannot_be_encoded() -> None:
+    with pytest.raises(InvalidArgument, match="complex64"):
+        encode_tensor(torch.zeros(2, dtype=torch.complex64))
+
+
+def test_optional_tensor_field() -> None:
+    request = pb.AttendRequest(q=encode_tensor(torch.ones(2, 1, 4)))
+    assert decode_optional_tensor(request, "k_new") is None
+    q = decode_optional_tensor(request, "q")
+    assert q is not None and torch.equal(q, torch.ones(2, 1, 4))
