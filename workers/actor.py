@@ -1,0 +1,164 @@
+"""The Ray shell around ``Worker``: the actor factory and a worker group's life cycle.
+
+``Worker`` itself never imports Ray; ``make_worker_actor`` wraps it, so the same class
+runs embedded and as an actor. A group is one actor per GPU, each in its own bundle of
+one placement group ({"GPU": 1}, or {"CPU": 1} on a cluster without GPUs), with named
+actors in a namespace (``kvservice-worker-<id>``) so a restarted coordinator finds them.
+
+Restarts: Ray re-runs the constructor, so a restarted worker has a new epoch, zeroed
+pools and an empty ledger. Calls are never retried on a restarted worker
+(``max_task_retries=0``): a call in flight when a worker dies fails, and the caller
+learns of the loss instead of reading a fresh, empty pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvservice.workers.worker import Worker
+
+from kvservice.core.errors import InvalidArgument, Unavailable
+from kvservice.core.layout import Layout
+
+if TYPE_CHECKING:
+    from ray.actor import ActorClass, ActorHandle
+    from ray.util.placement_group import PlacementGroup
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "kvservice"
+ACTOR_NAME_PREFIX = "kvservice-worker-"
+PLACEMENT_GROUP_NAME = "kvservice-workers"
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def make_worker_actor(**ray_options: Any) -> ActorClass:
+    """``Worker`` as a Ray actor class, with ``ray_options`` (num_gpus, max_restarts, ...)."""
+    import ray
+
+    return ray.remote(**ray_options)(Worker) if ray_options else ray.remote(Worker)
+
+
+def actor_name(worker_id: int) -> str:
+    return f"{ACTOR_NAME_PREFIX}{worker_id}"
+
+
+@dataclass
+class WorkerGroup:
+    """Worker actors started together, by worker id, and the placement group holding them."""
+
+    namespace: str
+    placement_group: PlacementGroup
+    actors: dict[int, ActorHandle] = field(default_factory=dict)
+
+
+def start_worker_actors(
+    layout: Layout,
+    num_workers: int,
+    *,
+    use_gpu: bool | None = None,
+    first_worker_id: int = 0,
+    strategy: str = "PACK",
+    namespace: str = DEFAULT_NAMESPACE,
+    max_restarts: int = 3,
+    detached: bool = True,
+    ready_timeout_s: float = 120.0,
+    **worker_kwargs: Any,
+) -> WorkerGroup:
+    """Start ``num_workers`` named worker actors, one per placement-group bundle.
+
+    ``use_gpu=None`` uses GPUs when the cluster has any. ``worker_kwargs`` go to
+    ``Worker`` (num_gpu_blocks, gpu_mem_fraction, num_cpu_blocks, cpu_pool_gib).
+    ``detached`` actors outlive the process that started them, which is what lets a
+    restarted coordinator find them with ``find_worker_actors``.
+    Returns once every worker has constructed its pools (raises Unavailable otherwise).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise InvalidArgument(f"num_workers must be an int >= 1, got {num_workers!r}")
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    lifetime = "detached" if detached else None
+    resource = {"GPU": 1} if use_gpu else {"CPU": 1}
+    group_name = f"{PLACEMENT_GROUP_NAME}-{first_worker_id}"
+    pg = placement_group(
+        [dict(resource) for _ in range(num_workers)],
+        strategy=strategy,
+        name=group_name,
+        lifetime=lifetime,
+    )
+    try:
+        ray.get(pg.ready(), timeout=ready_timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        remove_placement_group(pg)
+        raise Unavailable(
+            f"the cluster could not place {num_workers} bundles of {resource} "
+            f"within {ready_timeout_s}s (strategy {strategy})"
+        ) from exc
+
+    actor_cls = make_worker_actor(
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1,
+        max_restarts=max_restarts,
+        max_task_retries=0,
+    )
+    group = WorkerGroup(namespace=namespace, placement_group=pg)
+    device = "cuda" if use_gpu else "cpu"
+    for index in range(num_workers):
+        worker_id = first_worker_id + index
+        strategy_for_bundle = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=index
+        )
+        group.actors[worker_id] = actor_cls.options(
+            name=actor_name(worker_id),
+            namespace=namespace,
+            lifetime=lifetime,
+            scheduling_strategy=strategy_for_bundle,
+        ).remote(worker_id, layout, device=device, **worker_kwargs)
+    try:
+        infos = ray.get([a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s)
+    except Exception as exc:
+        stop_worker_actors(group)
+        raise Unavailable(f"worker actors failed to start: {exc}") from exc
+    for info in infos:
+        logger.info(
+            "worker actor %d up on %s, epoch %d, %d + %d blocks",
+            info.worker_id, info.device, info.epoch, info.num_gpu_blocks, info.num_cpu_blocks,
+        )  # fmt: skip
+    return group
+
+
+def find_worker_actors(namespace: str = DEFAULT_NAMESPACE) -> dict[int, ActorHandle]:
+    """The live named worker actors of ``namespace``, by worker id."""
+    import ray
+
+    found: dict[int, ActorHandle] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] != namespace or not name.startswith(ACTOR_NAME_PREFIX):
+            continue
+        suffix = name[len(ACTOR_NAME_PREFIX) :]
+        if suffix.isdigit():
+            found[int(suffix)] = ray.get_actor(name, namespace=namespace)
+    return dict(sorted(found.items()))
+
+
+def stop_worker_actors(group: WorkerGroup, worker_ids: Iterable[int] | None = None) -> None:
+    """Kill the group's actors (all, or ``worker_ids``); the placement group goes with the last."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for worker_id in list(group.actors if worker_ids is None else worker_ids):
+        handle = group.actors.pop(worker_id, None)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+    if not group.actors:
+        remove_placement_group(group.placement_group)

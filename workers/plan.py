@@ -1,0 +1,174 @@
+"""The attention plan a worker receives, and its checked tensor form.
+
+``AttendPlan`` is what crosses the process boundary: plain lists (or int tensors), one
+entry per sequence. ``prepare_plan`` checks it completely against the pool and turns it
+into the tensors the kernels take. Invariants of a prepared plan:
+- every block id a kernel will read is in ``[0, num_blocks)``; table entries past a
+  sequence's last block are zeroed, so padding never points outside the pool;
+- ``write_slots`` are the slots of the sequences' new tokens (positions
+  ``seq_len - q_len .. seq_len - 1``) as the block tables place them, ``-1`` where the
+  caller asked to skip, and no slot appears twice (two sequences writing one shared block
+  would corrupt each other: such a block must be copied first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from kvservice.core.errors import InvalidArgument
+
+IntList = Sequence[int] | torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class AttendPlan:
+    """Where each sequence of a batch lives and which of its tokens are new.
+
+    One entry per sequence; the batch's q rows are the sequences' new tokens, in order.
+    ``new_slots`` (one per q row, ``-1`` = skip) is optional: the worker derives the
+    slots from the block tables and, when given, checks they agree.
+    """
+
+    block_tables: Sequence[Sequence[int]] | torch.Tensor
+    seq_lens: IntList
+    q_lens: IntList
+    new_slots: IntList | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPlan:
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_q_lens: torch.Tensor  # [B + 1] int32
+    write_slots: torch.Tensor  # [T] int64, -1 = skip
+    read_blocks: list[int]  # distinct block ids the kernels read (host ints)
+    num_tokens: int
+    is_decode: bool  # every q_len is 1
+
+
+def as_int_tensor(name: str, values: object, *, length: int | None = None) -> torch.Tensor:
+    """A 1-D int64 CPU tensor from a list or int tensor, or InvalidArgument."""
+    if isinstance(values, torch.Tensor):
+        tensor = values.detach().to("cpu")
+    else:
+        try:
+            tensor = torch.as_tensor(values)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidArgument(f"{name} must be a list of ints: {exc}") from exc
+    if tensor.dtype in (torch.bool,) or tensor.dtype.is_floating_point or tensor.is_complex():
+        raise InvalidArgument(f"{name} must hold ints, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise InvalidArgument(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if length is not None and tensor.numel() != length:
+        raise InvalidArgument(f"{name} has {tensor.numel()} entries, expected {length}")
+    return tensor.to(torch.int64)
+
+
+def _used_table(
+    block_tables: object, num_blocks_needed: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table [B, width] int64 with unused entries zeroed, used entries in row order)."""
+    batch = num_blocks_needed.numel()
+    used_mask = torch.arange(width).unsqueeze(0) < num_blocks_needed.unsqueeze(1)
+    if isinstance(block_tables, torch.Tensor):
+        table = block_tables.detach().to("cpu")
+        if table.dtype == torch.bool or table.dtype.is_floating_point or table.dim() != 2:
+            raise InvalidArgument(
+                f"block_tables must be a 2-D int tensor, got {table.dtype} {tuple(table.shape)}"
+            )
+        if table.shape[0] != batch or table.shape[1] < width:
+            raise InvalidArgument(
+                f"block_tables has shape {tuple(table.shape)}; need {batch} rows of at "
+                f"least {width} blocks"
+            )
+        table = torch.where(used_mask, table[:, :width].to(torch.int64), 0)
+        return table, table[used_mask]
+    if isinstance(block_tables, (str, bytes)) or not isinstance(block_tables, Sequence):
+        raise InvalidArgument("block_tables must be a list of lists of block ids")
+    if len(block_tables) != batch:
+        raise InvalidArgument(f"block_tables has {len(block_tables)} rows, expected {batch}")
+    needed = num_blocks_needed.tolist()
+    for i, (row, count) in enumerate(zip(block_tables, needed, strict=True)):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence | torch.Tensor):
+            raise InvalidArgument(f"block_tables[{i}] must be a list of block ids")
+        if len(row) < count:
+            raise InvalidArgument(
+                f"block_tables[{i}] has {len(row)} blocks; seq_lens[{i}] needs {count}"
+            )
+    flat = as_int_tensor(
+        "block_tables",
+        list(chain.from_iterable(row[:n] for row, n in zip(block_tables, needed, strict=True))),
+    )
+    table = torch.zeros((batch, width), dtype=torch.int64)
+    table[used_mask] = flat
+    return table, flat
+
+
+def prepare_plan(
+    plan: AttendPlan, *, block_size: int, num_blocks: int, num_q_rows: int
+) -> PreparedPlan:
+    """Check ``plan`` against a pool of ``num_blocks`` and build the kernels' tensors (on CPU)."""
+    if not isinstance(plan, AttendPlan):
+        raise InvalidArgument(f"plan must be an AttendPlan, got {type(plan).__name__}")
+    seq_lens = as_int_tensor("seq_lens", plan.seq_lens)
+    batch = seq_lens.numel()
+    if batch == 0:
+        raise InvalidArgument("the plan has no sequences")
+    q_lens = as_int_tensor("q_lens", plan.q_lens, length=batch)
+    if bool((q_lens < 1).any()):
+        raise InvalidArgument(f"every q_len must be >= 1, got {q_lens.tolist()}")
+    if bool((seq_lens < q_lens).any()):
+        bad = int(torch.nonzero(seq_lens < q_lens)[0])
+        raise InvalidArgument(
+            f"seq_lens[{bad}]={int(seq_lens[bad])} is shorter than q_lens[{bad}]={int(q_lens[bad])}"
+        )
+    if int(seq_lens.max()) > 2**31 - 1:
+        raise InvalidArgument("seq_lens must fit in int32")
+    num_tokens = int(q_lens.sum())
+    if num_tokens != num_q_rows:
+        raise InvalidArgument(f"q has {num_q_rows} rows but the plan's q_lens sum to {num_tokens}")
+
+    needed = (seq_lens + block_size - 1) // block_size
+    width = int(needed.max())
+    table, used = _used_table(plan.block_tables, needed, width)
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
+        bad = used[(used < 0) | (used >= num_blocks)][0]
+        raise InvalidArgument(f"block id {int(bad)} in block_tables is outside [0, {num_blocks})")
+
+    # Slots of the new tokens, as the block tables place them.
+    cu_q_lens = torch.zeros(batch + 1, dtype=torch.int64)
+    torch.cumsum(q_lens, 0, out=cu_q_lens[1:])
+    row_seq = torch.repeat_interleave(torch.arange(batch), q_lens)
+    positions = seq_lens[row_seq] - q_lens[row_seq] + torch.arange(num_tokens) - cu_q_lens[row_seq]
+    derived = table[row_seq, positions // block_size] * block_size + positions % block_size
+    write_slots = derived
+    if plan.new_slots is not None:
+        given = as_int_tensor("new_slots", plan.new_slots, length=num_tokens)
+        wrong = (given != -1) & (given != derived)
+        if bool(wrong.any()):
+            row = int(torch.nonzero(wrong)[0])
+            raise InvalidArgument(
+                f"new_slots[{row}]={int(given[row])} but the block tables put that token "
+                f"(sequence {int(row_seq[row])}, position {int(positions[row])}) at slot "
+                f"{int(derived[row])}"
+            )
+        write_slots = given
+    written = write_slots[write_slots >= 0]
+    if torch.unique(written).numel() != written.numel():
+        raise InvalidArgument(
+            "two new tokens map to the same slot: a block shared by several sequences "
+            "must be copied before it is written"
+        )
+    return PreparedPlan(
+        block_tables=table.to(torch.int32),
+        seq_lens=seq_lens.to(torch.int32),
+        cu_q_lens=cu_q_lens.to(torch.int32),
+        write_slots=write_slots,
+        read_blocks=torch.unique(used).tolist(),
+        num_tokens=num_tokens,
+        is_decode=bool((q_lens == 1).all()),
+    )

@@ -1,0 +1,428 @@
+"""``Worker``: the block pools of one device and the kernels that run next to them.
+
+A plain class (no Ray): the embedded transport uses it directly, and the Ray actor is
+this class wrapped by ``make_worker_actor``. The worker keeps no page tables: the
+coordinator sends block ids and slots with every call, and the worker checks them.
+
+Invariants:
+- Every entry point checks all its arguments (shapes, dtypes, devices, layer, tier,
+  block ids, slots) before it touches any state: a bad call raises InvalidArgument and
+  changes nothing.
+- No operation touches a block while a swap into or out of it is in flight: device work
+  waits on the copy's event (no host stall), host reads and writes of the CPU tier block
+  until the copy is done. Swaps run in order on one side stream that first waits for the
+  compute stream, so a swap never reads a block before an earlier write to it, nor
+  overwrites a block an earlier kernel still reads.
+- Outputs come back on the device the query came from (a CPU query -> a CPU output), so
+  a caller without a GPU can use a GPU worker through Ray.
+- On a CPU worker both tiers are CPU tensors and the kernels run their torch references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import kvservice.kernels as kernels
+import torch
+from kvservice.workers.checks import (
+    check_block_ids,
+    check_index,
+    check_pairs,
+    check_slots,
+    check_tensor,
+    check_tier,
+)
+from kvservice.workers.pending import PendingCopies
+from kvservice.workers.plan import AttendPlan, prepare_plan
+from kvservice.workers.pools import (
+    allocate_pool,
+    num_cpu_tier_blocks,
+    num_gpu_tier_blocks,
+    resolve_device,
+    torch_dtype,
+)
+from kvservice.workers.records import Ledger, WorkerInfo, new_epoch
+from kvservice.workers.timing import KernelTimer
+
+from kvservice.core.errors import InvalidArgument
+from kvservice.core.ids import Tier
+from kvservice.core.layout import Layout
+from kvservice.core.records import SeqRecord
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: int,
+        layout: Layout,
+        *,
+        device: str | torch.device = "cpu",
+        num_gpu_blocks: int | None = None,
+        gpu_mem_fraction: float | None = None,
+        num_cpu_blocks: int | None = None,
+        cpu_pool_gib: float | None = None,
+    ) -> None:
+        if not isinstance(layout, Layout):
+            raise InvalidArgument(f"layout must be a Layout, got {type(layout).__name__}")
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
+            raise InvalidArgument(f"worker_id must be an int >= 0, got {worker_id!r}")
+        self.worker_id = worker_id
+        self.layout = layout
+        self.device = resolve_device(device)
+        self.epoch = new_epoch()
+        num_gpu = num_gpu_tier_blocks(layout, self.device, num_gpu_blocks, gpu_mem_fraction)
+        num_cpu = num_cpu_tier_blocks(layout, num_cpu_blocks, cpu_pool_gib)
+        is_cuda = self.device.type == "cuda"
+        with self._on_device():
+            self.gpu_pool = allocate_pool(layout, num_gpu, self.device)
+            self.cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin_memory=is_cuda)
+            self._swap_stream = torch.cuda.Stream(self.device) if is_cuda else None
+        self._dtype = torch_dtype(layout)
+        self._pending = PendingCopies()
+        self._timer = KernelTimer(self.device)
+        self._records: dict[int, Any] = {}
+        self._counters: dict[str, int] = defaultdict(int)
+        self._call_calls: dict[str, int] = defaultdict(int)
+        self._call_seconds: dict[str, float] = defaultdict(float)
+        logger.info(
+            "worker %d epoch %d on %s: %d device-tier and %d host-tier blocks of %d bytes",
+            worker_id, self.epoch, self.device, num_gpu, num_cpu, layout.block_bytes,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.gpu_pool.shape[0]
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cpu_pool.shape[0]
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _entry(self, name: str) -> Iterator[None]:
+        """The device context, and the host time the call took (counted when it succeeds)."""
+        start = time.perf_counter()
+        with self._on_device():
+            yield
+        self._call_calls[name] += 1
+        self._call_seconds[name] += time.perf_counter() - start
+
+    def _compute_stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+
+    def _pool(self, tier: Tier) -> torch.Tensor:
+        return self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+
+    def _caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gpu_pool[:, layer, 0], self.gpu_pool[:, layer, 1]
+
+    def _kv_shape(self, num_tokens: int | None) -> tuple[int | None, int, int]:
+        return (num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
+
+    # ----------------------------------------------------------------- identity
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            epoch=self.epoch,
+            device=str(self.device),
+            layout=self.layout,
+            num_gpu_blocks=self.num_gpu_blocks,
+            num_cpu_blocks=self.num_cpu_blocks,
+        )
+
+    # ----------------------------------------------------------------- KV and attention
+    def write_kv(self, layer: int, slots: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` ``[T, Hkv, D]`` of ``layer`` at ``slots`` ``[T]`` (-1 = skip)."""
+        with self._entry("write_kv"):
+            layer = check_index("layer", layer, self.layout.num_layers)
+            k = check_tensor("k", k, self._kv_shape(None), self._dtype, self.device)
+            num_tokens = k.shape[0]
+            v = check_tensor("v", v, self._kv_shape(num_tokens), self._dtype, self.device)
+            num_slots = self.num_gpu_blocks * self.layout.block_size
+            slot_ids = check_slots(slots, num_slots, num_tokens)
+            if num_tokens == 0:
+                return
+            blocks = torch.unique(slot_ids[slot_ids >= 0] // self.layout.block_size).tolist()
+            self._pending.wait_on_stream(Tier.GPU, blocks, self._compute_stream())
+            k_cache, v_cache = self._caches(layer)
+            with self._timer.region("write_kv"):
+                kernels.write_kv(
+                    k_cache, v_cache, self._to_device(k), self._to_device(v),
+                    self._to_device(slot_ids),
+                )  # fmt: skip
+
+    def attend(
+        self,
+        layer: int,
+        plan: AttendPlan,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a mixed decode/extend batch over ``layer``'s cache.
+
+        ``q`` ``[T, Hq, D]`` holds the sequences' new tokens, concatenated; ``k_new`` and
+        ``v_new`` ``[T, Hkv, D]``, when given, are written into the new tokens' slots first.
+        Returns ``out`` ``[T, Hq, D]`` on ``q``'s device, with ``lse`` ``[T, Hq]`` float32
+        when ``return_lse``. A batch of single-token queries takes the decode kernel.
+        """
+        with self._entry("attend"):
+            layer = check_index("layer", layer, self.layout.num_layers)
+            q = check_tensor("q", q, (None, None, self.layout.head_dim), self._dtype, self.device)
+            num_tokens, num_q_heads = q.shape[0], q.shape[1]
+            if num_q_heads == 0 or num_q_heads % self.layout.num_kv_heads:
+                raise InvalidArgument(
+                    f"q has {num_q_heads} heads, not a positive multiple of the layout's "
+                    f"{self.layout.num_kv_heads} KV heads"
+                )
+            if (k_new is None) != (v_new is None):
+                raise InvalidArgument("give both k_new and v_new, or neither")
+            if k_new is not None:
+                kv_shape = self._kv_shape(num_tokens)
+                k_new = check_tensor("k_new", k_new, kv_shape, self._dtype, self.device)
+                v_new = check_tensor("v_new", v_new, kv_shape, self._dtype, self.device)
+            if scale is not None and (
+                isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
+            ):
+                raise InvalidArgument(f"scale must be a positive number, got {scale!r}")
+            if sliding_window is not None:
+                if check_index("sliding_window", sliding_window, 2**31) < 1:
+                    raise InvalidArgument("sliding_window must be >= 1")
+            if not isinstance(return_lse, bool):
+                raise InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
+            prepared = prepare_plan(
+                plan,
+                block_size=self.layout.block_size,
+                num_blocks=self.num_gpu_blocks,
+                num_q_rows=num_tokens,
+            )
+
+            self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, self._compute_stream())
+            k_cache, v_cache = self._caches(layer)
+            block_tables = self._to_device(prepared.block_tables)
+            seq_lens = self._to_device(prepared.seq_lens)
+            q_dev = self._to_device(q)
+            if k_new is not None and v_new is not None:
+                with self._timer.region("write_kv"):
+                    kernels.write_kv(
+                        k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
+                        self._to_device(prepared.write_slots),
+                    )  # fmt: skip
+            if prepared.is_decode and sliding_window is None:
+                with self._timer.region("paged_decode"):
+                    result = kernels.paged_decode(
+                        q_dev, k_cache, v_cache, block_tables, seq_lens,
+                        scale=scale, return_lse=return_lse,
+                    )  # fmt: skip
+            else:
+                with self._timer.region("paged_extend"):
+                    result = kernels.paged_extend(
+                        q_dev, k_cache, v_cache, block_tables,
+                        self._to_device(prepared.cu_q_lens), seq_lens,
+                        scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+                    )  # fmt: skip
+            if return_lse:
+                out, lse = result
+                return out.to(q.device), lse.to(q.device)
+            return result.to(q.device)
+
+    # ----------------------------------------------------------------- block moves
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Copy whole device-tier blocks ``src -> dst`` (all layers): copy-on-write."""
+        with self._entry("copy_blocks"):
+            n = self.num_gpu_blocks
+            checked = check_pairs(
+                "pairs", pairs, num_src_blocks=n, num_dst_blocks=n, same_pool=True
+            )
+            if checked.shape[0] == 0:
+                return
+            self._pending.wait_on_stream(
+                Tier.GPU, checked.flatten().tolist(), self._compute_stream()
+            )
+            with self._timer.region("copy_blocks"):
+                kernels.copy_blocks(self.gpu_pool, self._to_device(checked))
+            self._counters["blocks_copied"] += checked.shape[0]
+
+    def swap_out(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Start copying device-tier blocks to host-tier blocks: ``(gpu_block, cpu_block)``."""
+        with self._entry("swap_out"):
+            checked = check_pairs(
+                "pairs", pairs, num_src_blocks=self.num_gpu_blocks,
+                num_dst_blocks=self.num_cpu_blocks, same_pool=False,
+            )  # fmt: skip
+            self._swap(checked, Tier.GPU, "gpu_to_cpu")
+
+    def swap_in(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:
+        """Start copying host-tier blocks to device-tier blocks: ``(cpu_block, gpu_block)``."""
+        with self._entry("swap_in"):
+            checked = check_pairs(
+                "pairs", pairs, num_src_blocks=self.num_cpu_blocks,
+                num_dst_blocks=self.num_gpu_blocks, same_pool=False,
+            )  # fmt: skip
+            self._swap(checked, Tier.CPU, "cpu_to_gpu")
+
+    def _swap(self, pairs: torch.Tensor, src_tier: Tier, direction: str) -> None:
+        if pairs.shape[0] == 0:
+            return
+        src_pool, dst_pool = (
+            (self.gpu_pool, self.cpu_pool)
+            if src_tier is Tier.GPU
+            else (self.cpu_pool, self.gpu_pool)
+        )
+        if self._swap_stream is not None:
+            self._swap_stream.wait_stream(torch.cuda.current_stream(self.device))
+            pairs = pairs.to(self.device)
+        with self._timer.region(f"swap_{direction}", stream=self._swap_stream):
+            handle = kernels.swap_blocks(src_pool, dst_pool, pairs, stream=self._swap_stream)
+        ids = pairs.cpu()
+        src_ids, dst_ids = ids[:, 0].tolist(), ids[:, 1].tolist()
+        gpu_ids, cpu_ids = (src_ids, dst_ids) if src_tier is Tier.GPU else (dst_ids, src_ids)
+        self._pending.add(handle, gpu_ids, cpu_ids)
+        self._counters[f"blocks_{direction}"] += len(src_ids)
+
+    def export_blocks(self, tier: int, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The contents of blocks, ``[n, *block_shape]``, as a CPU tensor."""
+        with self._entry("export_blocks"):
+            tier = check_tier(tier)
+            pool = self._pool(tier)
+            ids = check_block_ids("block_ids", block_ids, pool.shape[0], unique=False)
+            blocks = ids.tolist()
+            if tier is Tier.GPU:
+                self._pending.wait_on_stream(tier, blocks, self._compute_stream())
+                data = pool[self._to_device(ids)].cpu()
+            else:
+                self._pending.wait_on_host(tier, blocks)
+                data = pool[ids]
+            self._counters["blocks_exported"] += len(blocks)
+            return data
+
+    def import_blocks(
+        self, tier: int, block_ids: Sequence[int] | torch.Tensor, data: torch.Tensor
+    ) -> None:
+        """Overwrite blocks with ``data`` ``[n, *block_shape]`` (from export_blocks)."""
+        with self._entry("import_blocks"):
+            tier = check_tier(tier)
+            pool = self._pool(tier)
+            ids = check_block_ids("block_ids", block_ids, pool.shape[0], unique=True)
+            shape = (ids.numel(), *self.layout.block_shape)
+            data = check_tensor("data", data, shape, self._dtype, pool.device)
+            blocks = ids.tolist()
+            if not blocks:
+                return
+            if tier is Tier.GPU:
+                self._pending.wait_on_stream(tier, blocks, self._compute_stream())
+                pool[self._to_device(ids)] = self._to_device(data)
+            else:
+                self._pending.wait_on_host(tier, blocks)
+                pool[ids] = data.to("cpu")
+            self._counters["blocks_imported"] += len(blocks)
+
+    def synchronize(self) -> None:
+        """Wait until every copy and kernel this worker started has finished."""
+        with self._entry("synchronize"):
+            self._pending.wait_all()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    # ----------------------------------------------------------------- ledger and stats
+    def update_ledger(self, upserts: Mapping[int, SeqRecord], deletes: Sequence[int] = ()) -> None:
+        """Store (replace) the records in ``upserts`` and drop those of ``deletes``.
+
+        Each record must name its own key as ``seq_id`` and only blocks of this worker's
+        pools. Deleting an unknown sequence is not an error, so a retried update is harmless.
+        """
+        with self._entry("update_ledger"):
+            if not isinstance(upserts, Mapping):
+                raise InvalidArgument(f"upserts must be a dict, got {type(upserts).__name__}")
+            checked = {
+                check_index("upserts key", key, 2**63): self._check_record(key, record)
+                for key, record in upserts.items()
+            }
+            if isinstance(deletes, (str, bytes)) or not isinstance(deletes, Sequence):
+                raise InvalidArgument(f"deletes must be a list, got {type(deletes).__name__}")
+            removed = {check_index("deletes entry", key, 2**63) for key in deletes}
+            if removed.intersection(checked):
+                raise InvalidArgument("a sequence is both upserted and deleted")
+            for key in removed:
+                self._records.pop(key, None)
+            self._records.update(checked)
+
+    def _check_record(self, key: object, record: object) -> SeqRecord:
+        if not isinstance(record, SeqRecord):
+            raise InvalidArgument(f"ledger record {key!r} must be a SeqRecord, got {record!r}")
+        if record.seq_id != key:
+            raise InvalidArgument(f"ledger record under key {key!r} names seq_id {record.seq_id}")
+        for block in (*record.blocks, *(record.pin.blocks if record.pin else ())):
+            tier = check_tier(block.tier)
+            check_index(
+                f"seq {key} {tier.name} block id", block.block_id, self._pool(tier).shape[0]
+            )
+        return record
+
+    def ledger(self) -> Ledger:
+        with self._entry("ledger"):
+            return Ledger(epoch=self.epoch, records=dict(self._records))
+
+    def _blocks_in_ledger(self) -> tuple[set[int], set[int]]:
+        """Distinct block ids the ledger's records hold, per tier (pins included)."""
+        held: tuple[set[int], set[int]] = (set(), set())
+        for record in self._records.values():
+            for block in (*record.blocks, *(record.pin.blocks if record.pin else ())):
+                held[block.tier].add(block.block_id)
+        return held
+
+    def stats(self) -> dict[str, Any]:
+        """Pool sizes, copies in flight, blocks and bytes moved, kernel and call times.
+
+        Kernel time is device time on CUDA (reading it waits for queued kernels); call
+        time is host time inside the worker's methods.
+        """
+        block_bytes = self.layout.block_bytes
+        counters = dict(self._counters)
+        tiers = {}
+        held = self._blocks_in_ledger()
+        for tier in Tier:
+            num = self._pool(tier).shape[0]
+            tiers[tier.name.lower()] = {
+                "num_blocks": num,
+                "bytes": num * block_bytes,
+                "blocks_in_ledger": len(held[tier]),
+                "blocks_in_flight": len(self._pending.blocks_in_flight(tier)),
+            }
+        moved = ("gpu_to_cpu", "cpu_to_gpu")
+        return {
+            "worker_id": self.worker_id,
+            "epoch": self.epoch,
+            "device": str(self.device),
+            "num_sequences": len(self._records),
+            "tiers": tiers,
+            "blocks_swapped": {d: counters.get(f"blocks_{d}", 0) for d in moved},
+            "bytes_swapped": {d: counters.get(f"blocks_{d}", 0) * block_bytes for d in moved},
+            "blocks_copied": counters.get("blocks_copied", 0),
+            "blocks_exported": counters.get("blocks_exported", 0),
+            "blocks_imported": counters.get("blocks_imported", 0),
+            "kernel_time": self._timer.totals(),
+            "call_time": {
+                name: {"calls": self._call_calls[name], "seconds": self._call_seconds[name]}
+                for name in sorted(self._call_calls)
+            },
+        }
