@@ -1,0 +1,104 @@
+"""Whole-block copy within a pool (copy-on-write), all layers at once.
+
+A block of the block-major pool is one contiguous run of bytes, so a copy is a flat word
+copy: program (pair, chunk) moves CHUNK words of one block. The same kernel serves swap
+(swap.py), where source and destination are different pools, one of them pinned host
+memory reached through unified addressing. Destinations must be distinct and must not
+also be sources, so the order in which programs run never matters.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import require, use_triton_for
+
+# Words moved by one program: 16 KiB of int64 keeps many loads in flight per SM.
+_CHUNK = 2048
+
+
+@triton.jit
+def _copy_blocks_kernel(
+    src_ptr, dst_ptr, pairs_ptr,
+    block_words, stride_pair,
+    CHUNK: tl.constexpr,
+):
+    pair = tl.program_id(0).to(tl.int64)
+    src = tl.load(pairs_ptr + pair * stride_pair)
+    dst = tl.load(pairs_ptr + pair * stride_pair + 1)
+    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < block_words
+    words = tl.load(src_ptr + src * block_words + offs, mask=mask)
+    tl.store(dst_ptr + dst * block_words + offs, words, mask=mask)
+
+
+def as_words(pool: torch.Tensor) -> torch.Tensor:
+    """The pool as [num_blocks, words] of the widest integer type that divides a block."""
+    flat = pool.view(pool.shape[0], -1).view(torch.uint8)
+    block_bytes = flat.shape[1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if block_bytes % size == 0 and flat.data_ptr() % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def launch_block_copy(src_words: torch.Tensor, dst_words: torch.Tensor, pairs: torch.Tensor) -> None:
+    """Copy block pairs[i, 0] of src to block pairs[i, 1] of dst (both [N, words], same type)."""
+    num_pairs, block_words = pairs.shape[0], src_words.shape[1]
+    if num_pairs == 0 or block_words == 0:
+        return
+    grid = (num_pairs, triton.cdiv(block_words, _CHUNK))
+    _copy_blocks_kernel[grid](
+        src_words, dst_words, pairs, block_words, pairs.stride(0), CHUNK=_CHUNK, num_warps=4
+    )
+
+
+def check_pairs(
+    pairs: torch.Tensor, num_src: int, num_dst: int, check_indices: bool, same_pool: bool
+) -> None:
+    require(pairs.dim() == 2 and pairs.shape[1] == 2, f"pairs must be [P, 2], got {tuple(pairs.shape)}")
+    require(pairs.dtype == torch.int64, f"pairs must be int64, got {pairs.dtype}")
+    require(pairs.stride(1) == 1 or pairs.shape[0] == 0, "pairs rows must be contiguous")
+    if not check_indices or pairs.shape[0] == 0:
+        return
+    host = pairs.cpu()
+    src, dst = host[:, 0], host[:, 1]
+    require(bool(((src >= 0) & (src < num_src)).all()), f"source block ids must be in [0, {num_src})")
+    require(bool(((dst >= 0) & (dst < num_dst)).all()), f"destination block ids must be in [0, {num_dst})")
+    require(dst.unique().numel() == dst.numel(), "a destination block appears twice in pairs")
+    if same_pool:
+        require(
+            not bool(torch.isin(dst, src).any()),
+            "a destination block is also a source; copies would race",
+        )
+
+
+def copy_blocks_ref(pool: torch.Tensor, pairs: torch.Tensor) -> None:
+    src, dst = pairs[:, 0], pairs[:, 1]
+    pool[dst] = pool[src]
+
+
+def copy_blocks(
+    pool: torch.Tensor,
+    pairs: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+    check_indices: bool = True,
+) -> None:
+    """Copy whole blocks (all layers, K and V) pairs[i, 0] -> pairs[i, 1] within ``pool``.
+
+    ``pairs`` [P, 2] int64 may live on the host or the pool's device.
+    """
+    require(pool.dim() >= 1, "pool must have a block dimension")
+    require(pool.is_contiguous(), "pool must be contiguous (block-major)")
+    check_pairs(pairs, pool.shape[0], pool.shape[0], check_indices, same_pool=True)
+    if pairs.shape[0] == 0:
+        return
+    pairs = pairs.to(pool.device, non_blocking=True)
+    if not use_triton_for(use_triton, pool):
+        copy_blocks_ref(pool, pairs)
+        return
+    words = as_words(pool)
+    launch_block_copy(words, words, pairs)
