@@ -1,8 +1,10 @@
-"""Tensors on the wire: raw bytes, a dtype name and a shape; never pickle.
+"""Python values <-> kvservice.v1 messages; tensors as raw bytes, a dtype name and a shape.
 
-A ``kvservice.v1.Tensor`` holds the tensor's elements in row-major order as their
-native little-endian bytes. bfloat16 has no numpy type, so every tensor travels through a
-``uint8`` view of its storage, which keeps the exact bit patterns of any dtype.
+Shared by the servicer and the client transport, so both sides convert the same way.
+
+Tensors are never pickled. A ``kvservice.v1.Tensor`` holds the elements in row-major
+order as their native little-endian bytes. bfloat16 has no numpy type, so every tensor
+travels through a ``uint8`` view of its storage, which keeps the exact bit patterns.
 
 Decoding trusts nothing: the dtype must be a known name, every dimension non-negative and
 the byte count exactly ``product(shape) * itemsize``; anything else is InvalidArgument
@@ -16,7 +18,9 @@ import math
 
 import torch
 
+from kvservice.api import SequenceInfo
 from kvservice.core.errors import InvalidArgument
+from kvservice.core.layout import Layout
 from kvservice.v1 import kvservice_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -28,6 +32,20 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+# Call metadata naming the tenant a call acts for (see the proto's header comment).
+TENANT_KEY = "kvservice-tenant"
+# A prefill's queries for a long prompt run to tens of MiB; gRPC's default limit is 4 MiB.
+MAX_MESSAGE_BYTES = 1 << 30
+
+
+def message_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel and server options that let tensor payloads through."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
 
 # Dimensions beyond this are refused before any arithmetic on them, so a forged shape
 # cannot make the byte-count check itself expensive.
@@ -72,3 +90,39 @@ def decode_optional_tensor(parent: object, field: str) -> torch.Tensor | None:
     if not parent.HasField(field):  # type: ignore[attr-defined]
         return None
     return decode_tensor(getattr(parent, field), field)
+
+
+def sequence_info_to_proto(info: SequenceInfo) -> pb.SequenceInfo:
+    return pb.SequenceInfo(
+        seq_id=info.seq_id,
+        length=info.length,
+        num_cached_tokens=info.num_cached_tokens,
+        worker_id=info.worker_id,
+        num_blocks=info.num_blocks,
+        tiers=info.tiers,
+    )
+
+
+def sequence_info_from_proto(msg: pb.SequenceInfo) -> SequenceInfo:
+    return SequenceInfo(
+        seq_id=msg.seq_id,
+        length=msg.length,
+        num_cached_tokens=msg.num_cached_tokens,
+        worker_id=msg.worker_id,
+        num_blocks=msg.num_blocks,
+        tiers=tuple(msg.tiers),
+    )
+
+
+def layout_to_proto(layout: Layout) -> pb.Layout:
+    return pb.Layout(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+    )
+
+
+def layout_from_proto(msg: pb.Layout) -> Layout:
+    return Layout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.dtype, msg.block_size)

@@ -1,0 +1,274 @@
+"""The gRPC client transport: the ``kvservice.api.Service`` methods over KVService stubs.
+
+``GrpcTransport`` is synchronous; ``AsyncGrpcTransport`` has the same methods, each
+returning an awaitable (grpc.aio). Both share every request builder and reply parser:
+the methods are written once, in ``_Calls``, over one ``_invoke`` that each transport
+implements. Status codes from the table in ``kvservice.status`` come back as the same
+exception classes the in-process service raises (DATA_LOSS with its sequence ids); other
+codes (DEADLINE_EXCEEDED, CANCELLED, ...) stay ``grpc.RpcError``.
+
+The tenant travels as ``kvservice-tenant`` metadata and a token as
+``authorization: Bearer``; give ``root_certificates`` (PEM) for TLS. ``timeout`` is the
+default deadline of every call, in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from kvservice.api import DEFAULT_TENANT
+from kvservice.status import error_from_status
+from kvservice.v1 import kvservice_pb2 as pb
+from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
+from kvservice.wire import (
+    MAX_MESSAGE_BYTES,
+    TENANT_KEY,
+    decode_tensor,
+    encode_tensor,
+    layout_from_proto,
+    message_options,
+    sequence_info_from_proto,
+)
+
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _none(_reply: Any) -> None:
+    return None
+
+
+def _attend_result(return_lse: bool) -> Callable[[pb.AttendResponse], Any]:
+    def parse(reply: pb.AttendResponse) -> Any:
+        out = decode_tensor(reply.out, "out")
+        return (out, decode_tensor(reply.lse, "lse")) if return_lse else out
+
+    return parse
+
+
+def _channel_args(
+    address: str, root_certificates: bytes | None, max_message_bytes: int
+) -> tuple[str, list[tuple[str, int]], grpc.ChannelCredentials | None]:
+    credentials = (
+        grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        if root_certificates is not None
+        else None
+    )
+    return address, message_options(max_message_bytes), credentials
+
+
+def _as_kvservice_error(exc: grpc.RpcError) -> BaseException:
+    """The kvservice error a failed call stands for, or the RpcError itself."""
+    # Sync calls raise a grpc.Call, grpc.aio an AioRpcError: both have these methods.
+    if not hasattr(exc, "code"):
+        return exc
+    trailing = exc.trailing_metadata() or ()
+    mapped = error_from_status(exc.code(), exc.details() or "", trailing)
+    return exc if mapped is None else mapped
+
+
+class _Calls:
+    """Every service method, built on ``_invoke(rpc, request, tenant, parse)``."""
+
+    def __init__(self, token: str | None, timeout: float | None) -> None:
+        self._token = token
+        self._timeout = timeout
+        self._metadata_by_tenant: dict[str, Metadata] = {}
+
+    def _metadata(self, tenant: str | None) -> Metadata:
+        tenant = tenant or DEFAULT_TENANT
+        metadata = self._metadata_by_tenant.get(tenant)
+        if metadata is None:
+            pairs = [(TENANT_KEY, tenant)]
+            if self._token is not None:
+                pairs.append(("authorization", f"Bearer {self._token}"))
+            metadata = self._metadata_by_tenant[tenant] = tuple(pairs)
+        return metadata
+
+    def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> Any:
+        raise NotImplementedError
+
+    def layout(self) -> Any:
+        return self._invoke("GetLayout", pb.GetLayoutRequest(), None, layout_from_proto)
+
+    def create_sequence(self, tokens: Sequence[int], *, tenant: str | None = None) -> Any:
+        request = pb.CreateSequenceRequest(tokens=tokens)
+        return self._invoke("CreateSequence", request, tenant, sequence_info_from_proto)
+
+    def append_tokens(
+        self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, tenant: str | None = None
+    ) -> Any:
+        request = pb.AppendTokensRequest(
+            seq_ids=seq_ids, tokens=[pb.TokenList(tokens=t) for t in tokens]
+        )
+        return self._invoke("AppendTokens", request, tenant, _none)
+
+    def fork(self, seq_id: int, n: int, *, tenant: str | None = None) -> Any:
+        request = pb.ForkRequest(seq_id=seq_id, n=n)
+        return self._invoke("Fork", request, tenant, lambda reply: list(reply.child_ids))
+
+    def truncate(self, seq_id: int, length: int, *, tenant: str | None = None) -> Any:
+        request = pb.TruncateRequest(seq_id=seq_id, length=length)
+        return self._invoke("Truncate", request, tenant, _none)
+
+    def free(self, seq_ids: Sequence[int], *, tenant: str | None = None) -> Any:
+        return self._invoke("Free", pb.FreeRequest(seq_ids=seq_ids), tenant, _none)
+
+    def write_kv(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        tenant: str | None = None,
+    ) -> Any:
+        request = pb.WriteKVRequest(layer=layer, seq_ids=seq_ids, q_lens=q_lens)
+        encode_tensor(k, request.k)
+        encode_tensor(v, request.v)
+        return self._invoke("WriteKV", request, tenant, _none)
+
+    def attend(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        q: torch.Tensor,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        return_lse: bool = False,
+        tenant: str | None = None,
+    ) -> Any:
+        request = pb.AttendRequest(
+            layer=layer,
+            seq_ids=seq_ids,
+            q_lens=q_lens,
+            scale=scale,
+            sliding_window=sliding_window,
+            return_lse=return_lse,
+        )
+        encode_tensor(q, request.q)
+        if k_new is not None:
+            encode_tensor(k_new, request.k_new)
+        if v_new is not None:
+            encode_tensor(v_new, request.v_new)
+        return self._invoke("Attend", request, tenant, _attend_result(return_lse))
+
+    def lookup_prefix(self, tokens: Sequence[int], *, tenant: str | None = None) -> Any:
+        request = pb.LookupPrefixRequest(tokens=tokens)
+        return self._invoke(
+            "LookupPrefix", request, tenant, lambda reply: dict(reply.num_cached_tokens)
+        )
+
+    def offload(self, seq_ids: Sequence[int], *, tenant: str | None = None) -> Any:
+        return self._invoke("Offload", pb.OffloadRequest(seq_ids=seq_ids), tenant, _none)
+
+    def prefetch(self, seq_ids: Sequence[int], *, tenant: str | None = None) -> Any:
+        return self._invoke("Prefetch", pb.PrefetchRequest(seq_ids=seq_ids), tenant, _none)
+
+    def get_sequence(self, seq_id: int, *, tenant: str | None = None) -> Any:
+        request = pb.GetSequenceRequest(seq_id=seq_id)
+        return self._invoke("GetSequence", request, tenant, sequence_info_from_proto)
+
+    def stats(self) -> Any:
+        return self._invoke("Stats", pb.StatsRequest(), None, lambda reply: json.loads(reply.json))
+
+
+class GrpcTransport(_Calls):
+    """Synchronous client of a kvservice gRPC server (``kvservice.api.Service``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(token, timeout)
+        target, options, credentials = _channel_args(address, root_certificates, max_message_bytes)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=options)
+        )
+        self._stub = pb_grpc.KVServiceStub(self._channel)
+
+    def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> T:
+        try:
+            reply = getattr(self._stub, rpc)(
+                request, timeout=self._timeout, metadata=self._metadata(tenant)
+            )
+        except grpc.RpcError as exc:
+            raise _as_kvservice_error(exc) from None
+        return parse(reply)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Blocks until the channel is connected (grpc.FutureTimeoutError on timeout)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GrpcTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGrpcTransport(_Calls):
+    """asyncio client (grpc.aio); every method returns an awaitable. Use on one event loop."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(token, timeout)
+        target, options, credentials = _channel_args(address, root_certificates, max_message_bytes)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._stub = pb_grpc.KVServiceStub(self._channel)
+
+    async def _invoke(  # type: ignore[override]
+        self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]
+    ) -> T:
+        try:
+            reply = await getattr(self._stub, rpc)(
+                request, timeout=self._timeout, metadata=self._metadata(tenant)
+            )
+        except grpc.RpcError as exc:
+            raise _as_kvservice_error(exc) from None
+        return parse(reply)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._channel.channel_ready(), timeout)
+
+    async def close(self) -> None:  # type: ignore[override]
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncGrpcTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+

@@ -1,0 +1,229 @@
+"""The gRPC servicer: decode a request, call the service, encode the reply. Nothing more.
+
+The service (the Coordinator, or anything with the ``kvservice.api.Service`` methods) is
+synchronous and may block on workers, so each call runs on a thread pool, never on the
+event loop; decoding and encoding tensors happens there too. Proto types stop here: the
+service sees ints, lists, torch tensors and a tenant string.
+
+Errors: a ``KVServiceError`` becomes its status through the one table in
+``kvservice.status``; anything else is logged and reported as INTERNAL. A call whose
+deadline has passed before its turn on the pool is not started (DEADLINE_EXCEEDED), and
+a call the client cancels while it waits for the pool never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from kvservice.api import DEFAULT_TENANT, Service
+from kvservice.core.errors import KVServiceError, Unavailable
+from kvservice.status import status_of
+from kvservice.v1 import kvservice_pb2 as pb
+from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
+from kvservice.wire import (
+    TENANT_KEY,
+    decode_optional_tensor,
+    decode_tensor,
+    encode_tensor,
+    layout_to_proto,
+    sequence_info_to_proto,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Resolves a call's tenant from its invocation metadata; raises Unauthenticated or
+# PermissionDenied (the token check of kvservice.auth), or returns the tenant.
+TenantResolver = Callable[[Sequence[tuple[str, Any]]], str]
+
+
+def tenant_from_metadata(metadata: Sequence[tuple[str, Any]]) -> str:
+    """The tenant a call names in its metadata, or the default one (no authentication)."""
+    for key, value in metadata:
+        if key == TENANT_KEY and value:
+            return str(value)
+    return DEFAULT_TENANT
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+class KVServicer(pb_grpc.KVServiceServicer):
+    """Serves ``kvservice.v1.KVService`` from a synchronous service object.
+
+    Until ``attach`` gives it the service every call is UNAVAILABLE ("starting").
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        service: Service | None = None,
+        *,
+        resolve_tenant: TenantResolver = tenant_from_metadata,
+    ) -> None:
+        self._executor = executor
+        self._service = service
+        self._resolve_tenant = resolve_tenant
+
+    @property
+    def service(self) -> Service | None:
+        return self._service
+
+    def attach(self, service: Service) -> None:
+        self._service = service
+
+    async def _run(self, context: grpc.aio.ServicerContext, job: Callable[[Service, str], T]) -> T:
+        """Runs ``job(service, tenant)`` on the pool; reports errors as statuses."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            tenant = self._resolve_tenant(context.invocation_metadata() or ())
+            work = functools.partial(self._guarded, deadline, job, tenant)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except KVServiceError as exc:
+            code, details, trailing = status_of(exc)
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            await context.abort(code, details)
+        except _DeadlinePassed:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call started")
+        except Exception as exc:
+            log.exception("internal error serving a KVService call")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: abort raises")
+
+    def _guarded(self, deadline: float | None, job: Callable[[Service, str], T], tenant: str) -> T:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _DeadlinePassed
+        service = self._service
+        if service is None:
+            raise Unavailable("the service is starting: workers are not up yet")
+        return job(service, tenant)
+
+    async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
+        tokens = list(request.tokens)
+        return await self._run(
+            context, lambda s, tenant: sequence_info_to_proto(s.create_sequence(tokens, tenant=tenant))
+        )
+
+    async def AppendTokens(self, request: pb.AppendTokensRequest, context: Any) -> pb.AppendTokensResponse:
+        seq_ids = list(request.seq_ids)
+        tokens = [list(t.tokens) for t in request.tokens]
+
+        def job(s: Service, tenant: str) -> pb.AppendTokensResponse:
+            s.append_tokens(seq_ids, tokens, tenant=tenant)
+            return pb.AppendTokensResponse()
+
+        return await self._run(context, job)
+
+    async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.ForkResponse:
+        return await self._run(
+            context,
+            lambda s, tenant: pb.ForkResponse(
+                child_ids=s.fork(request.seq_id, request.n, tenant=tenant)
+            ),
+        )
+
+    async def Truncate(self, request: pb.TruncateRequest, context: Any) -> pb.TruncateResponse:
+        def job(s: Service, tenant: str) -> pb.TruncateResponse:
+            s.truncate(request.seq_id, request.length, tenant=tenant)
+            return pb.TruncateResponse()
+
+        return await self._run(context, job)
+
+    async def Free(self, request: pb.FreeRequest, context: Any) -> pb.FreeResponse:
+        seq_ids = list(request.seq_ids)
+
+        def job(s: Service, tenant: str) -> pb.FreeResponse:
+            s.free(seq_ids, tenant=tenant)
+            return pb.FreeResponse()
+
+        return await self._run(context, job)
+
+    async def WriteKV(self, request: pb.WriteKVRequest, context: Any) -> pb.WriteKVResponse:
+        def job(s: Service, tenant: str) -> pb.WriteKVResponse:
+            k = decode_tensor(request.k, "k")
+            v = decode_tensor(request.v, "v")
+            s.write_kv(request.layer, list(request.seq_ids), list(request.q_lens), k, v, tenant=tenant)
+            return pb.WriteKVResponse()
+
+        return await self._run(context, job)
+
+    async def Attend(self, request: pb.AttendRequest, context: Any) -> pb.AttendResponse:
+        def job(s: Service, tenant: str) -> pb.AttendResponse:
+            result = s.attend(
+                request.layer,
+                list(request.seq_ids),
+                list(request.q_lens),
+                decode_tensor(request.q, "q"),
+                decode_optional_tensor(request, "k_new"),
+                decode_optional_tensor(request, "v_new"),
+                scale=request.scale if request.HasField("scale") else None,
+                sliding_window=(
+                    request.sliding_window if request.HasField("sliding_window") else None
+                ),
+                return_lse=request.return_lse,
+                tenant=tenant,
+            )
+            reply = pb.AttendResponse()
+            if request.return_lse:
+                out, lse = result
+                encode_tensor(lse, reply.lse)
+            else:
+                out = result
+            encode_tensor(out, reply.out)
+            return reply
+
+        return await self._run(context, job)
+
+    async def LookupPrefix(self, request: pb.LookupPrefixRequest, context: Any) -> pb.LookupPrefixResponse:
+        tokens = list(request.tokens)
+        return await self._run(
+            context,
+            lambda s, tenant: pb.LookupPrefixResponse(
+                num_cached_tokens=s.lookup_prefix(tokens, tenant=tenant)
+            ),
+        )
+
+    async def Offload(self, request: pb.OffloadRequest, context: Any) -> pb.OffloadResponse:
+        seq_ids = list(request.seq_ids)
+
+        def job(s: Service, tenant: str) -> pb.OffloadResponse:
+            s.offload(seq_ids, tenant=tenant)
+            return pb.OffloadResponse()
+
+        return await self._run(context, job)
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchResponse:
+        seq_ids = list(request.seq_ids)
+
+        def job(s: Service, tenant: str) -> pb.PrefetchResponse:
+            s.prefetch(seq_ids, tenant=tenant)
+            return pb.PrefetchResponse()
+
+        return await self._run(context, job)
+
+    async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
+        return await self._run(
+            context,
+            lambda s, tenant: sequence_info_to_proto(s.get_sequence(request.seq_id, tenant=tenant)),
+        )
+
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        # JSON turns int keys (worker ids) into strings; values keep int vs float.
+        return await self._run(
+            context, lambda s, _tenant: pb.StatsResponse(json=json.dumps(s.stats(), default=str))
+        )
+
+    async def GetLayout(self, request: pb.GetLayoutRequest, context: Any) -> pb.Layout:
+        return await self._run(context, lambda s, _tenant: layout_to_proto(s.layout()))
