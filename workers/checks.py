@@ -99,5 +99,6 @@ def check_tensor(
         expected = ", ".join("*" if s is None else str(s) for s in shape)
         raise InvalidArgument(f"{name} must have shape ({expected}), got {tuple(value.shape)}")
     if value.device != device and value.device.type != "cpu":
-        raise InvalidArgument(f"{name} is on {value.device}; this worker takes {device} or cpu")
+        where = "cpu" if device.type == "cpu" else f"{device} or cpu"
+        raise InvalidArgument(f"{name} is on {value.device}; this worker takes tensors on {where}")
     return value

@@ -7,8 +7,8 @@ into the tensors the kernels take. Invariants of a prepared plan:
   sequence's last block are zeroed, so padding never points outside the pool;
 - ``write_slots`` are the slots of the sequences' new tokens (positions
   ``seq_len - q_len .. seq_len - 1``) as the block tables place them, ``-1`` where the
-  caller asked to skip, and no slot appears twice (two sequences writing one shared block
-  would corrupt each other: such a block must be copied first).
+  caller asked to skip; when they are to be written no slot appears twice (two sequences
+  writing one shared block would corrupt each other: such a block must be copied first).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def as_int_tensor(name: str, values: object, *, length: int | None = None) -> to
             tensor = torch.as_tensor(values)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidArgument(f"{name} must be a list of ints: {exc}") from exc
-    if tensor.dtype in (torch.bool,) or tensor.dtype.is_floating_point or tensor.is_complex():
+    if tensor.numel() == 0 and not isinstance(values, torch.Tensor):
+        tensor = tensor.to(torch.int64)  # [] has no ints to infer the dtype from
+    if tensor.dtype == torch.bool or tensor.dtype.is_floating_point or tensor.is_complex():
         raise InvalidArgument(f"{name} must hold ints, got dtype {tensor.dtype}")
     if tensor.dim() != 1:
         raise InvalidArgument(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
@@ -109,9 +111,13 @@ def _used_table(
 
 
 def prepare_plan(
-    plan: AttendPlan, *, block_size: int, num_blocks: int, num_q_rows: int
+    plan: AttendPlan, *, block_size: int, num_blocks: int, num_q_rows: int, writes: bool
 ) -> PreparedPlan:
-    """Check ``plan`` against a pool of ``num_blocks`` and build the kernels' tensors (on CPU)."""
+    """Check ``plan`` against a pool of ``num_blocks`` and build the kernels' tensors (on CPU).
+
+    ``writes``: the new tokens' K/V will be written, so no two of them may share a slot
+    (reading one shared block from several sequences is fine).
+    """
     if not isinstance(plan, AttendPlan):
         raise InvalidArgument(f"plan must be an AttendPlan, got {type(plan).__name__}")
     seq_lens = as_int_tensor("seq_lens", plan.seq_lens)
@@ -158,7 +164,7 @@ def prepare_plan(
             )
         write_slots = given
     written = write_slots[write_slots >= 0]
-    if torch.unique(written).numel() != written.numel():
+    if writes and torch.unique(written).numel() != written.numel():
         raise InvalidArgument(
             "two new tokens map to the same slot: a block shared by several sequences "
             "must be copied before it is written"

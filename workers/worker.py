@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -123,7 +124,8 @@ class Worker:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=tensor.is_pinned())
+        """On the worker's device, contiguous (the kernels want unit-stride rows)."""
+        return tensor.to(self.device, non_blocking=tensor.is_pinned()).contiguous()
 
     def _pool(self, tier: Tier) -> torch.Tensor:
         return self.gpu_pool if tier is Tier.GPU else self.cpu_pool
@@ -163,7 +165,7 @@ class Worker:
             with self._timer.region("write_kv"):
                 kernels.write_kv(
                     k_cache, v_cache, self._to_device(k), self._to_device(v),
-                    self._to_device(slot_ids),
+                    self._to_device(slot_ids), check_indices=False,
                 )  # fmt: skip
 
     def attend(
@@ -200,12 +202,15 @@ class Worker:
                 kv_shape = self._kv_shape(num_tokens)
                 k_new = check_tensor("k_new", k_new, kv_shape, self._dtype, self.device)
                 v_new = check_tensor("v_new", v_new, kv_shape, self._dtype, self.device)
-            if scale is not None and (
-                isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
-            ):
-                raise InvalidArgument(f"scale must be a positive number, got {scale!r}")
+            if scale is not None:
+                if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                    raise InvalidArgument(f"scale must be a number, got {scale!r}")
+                if not (math.isfinite(scale) and scale > 0):
+                    raise InvalidArgument(f"scale must be finite and positive, got {scale!r}")
+                scale = float(scale)
             if sliding_window is not None:
-                if check_index("sliding_window", sliding_window, 2**31) < 1:
+                sliding_window = check_index("sliding_window", sliding_window, 2**31)
+                if sliding_window < 1:
                     raise InvalidArgument("sliding_window must be >= 1")
             if not isinstance(return_lse, bool):
                 raise InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
@@ -214,6 +219,7 @@ class Worker:
                 block_size=self.layout.block_size,
                 num_blocks=self.num_gpu_blocks,
                 num_q_rows=num_tokens,
+                writes=k_new is not None,
             )
 
             self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, self._compute_stream())
@@ -225,13 +231,13 @@ class Worker:
                 with self._timer.region("write_kv"):
                     kernels.write_kv(
                         k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
-                        self._to_device(prepared.write_slots),
+                        self._to_device(prepared.write_slots), check_indices=False,
                     )  # fmt: skip
             if prepared.is_decode and sliding_window is None:
                 with self._timer.region("paged_decode"):
                     result = kernels.paged_decode(
                         q_dev, k_cache, v_cache, block_tables, seq_lens,
-                        scale=scale, return_lse=return_lse,
+                        scale=scale, return_lse=return_lse, check_indices=False,
                     )  # fmt: skip
             else:
                 with self._timer.region("paged_extend"):
@@ -239,6 +245,7 @@ class Worker:
                         q_dev, k_cache, v_cache, block_tables,
                         self._to_device(prepared.cu_q_lens), seq_lens,
                         scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+                        check_indices=False,
                     )  # fmt: skip
             if return_lse:
                 out, lse = result
@@ -259,7 +266,7 @@ class Worker:
                 Tier.GPU, checked.flatten().tolist(), self._compute_stream()
             )
             with self._timer.region("copy_blocks"):
-                kernels.copy_blocks(self.gpu_pool, self._to_device(checked))
+                kernels.copy_blocks(self.gpu_pool, self._to_device(checked), check_indices=False)
             self._counters["blocks_copied"] += checked.shape[0]
 
     def swap_out(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:
@@ -289,12 +296,13 @@ class Worker:
             else (self.cpu_pool, self.gpu_pool)
         )
         if self._swap_stream is not None:
+            # Ordered here, not only inside swap_blocks, so the timed region is the copy alone.
             self._swap_stream.wait_stream(torch.cuda.current_stream(self.device))
-            pairs = pairs.to(self.device)
         with self._timer.region(f"swap_{direction}", stream=self._swap_stream):
-            handle = kernels.swap_blocks(src_pool, dst_pool, pairs, stream=self._swap_stream)
-        ids = pairs.cpu()
-        src_ids, dst_ids = ids[:, 0].tolist(), ids[:, 1].tolist()
+            handle = kernels.swap_blocks(
+                src_pool, dst_pool, pairs, stream=self._swap_stream, check_indices=False
+            )
+        src_ids, dst_ids = pairs[:, 0].tolist(), pairs[:, 1].tolist()
         gpu_ids, cpu_ids = (src_ids, dst_ids) if src_tier is Tier.GPU else (dst_ids, src_ids)
         self._pending.add(handle, gpu_ids, cpu_ids)
         self._counters[f"blocks_{direction}"] += len(src_ids)
