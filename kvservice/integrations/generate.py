@@ -13,8 +13,9 @@ Per request:
 - beam search keeps one service sequence per beam: a beam with several children is
   forked (the children share every block, copy-on-write), one with none is freed.
 
-Scheduling: requests are served round-robin within a token budget and a sequence budget,
-so when more sequences are live than the service's fast tier holds, the service swaps the
+Scheduling: requests are served round-robin within a token budget, a sequence budget and
+a block budget (the blocks a step's sequences span must fit the service's fast tier at
+once), so when more sequences are live than the fast tier holds, the service swaps the
 ones that sit out a step to its slow tier and back. A step the service refuses for lack
 of memory is retried with fewer requests, and the step size stays reduced.
 """
@@ -90,19 +91,21 @@ class Engine:
         self,
         model: ServiceModel,
         *,
-        tenant: str | None = None,
         max_batch_tokens: int = 512,
         max_batch_seqs: int = 64,
+        max_batch_blocks: int | None = None,
         max_prefill_chunk: int | None = None,
         max_live_seqs: int | None = None,
     ) -> None:
         if max_batch_tokens < 1 or max_batch_seqs < 1:
             raise ValueError("max_batch_tokens and max_batch_seqs must be >= 1")
+        if max_batch_blocks is not None and model.layout is None:
+            raise ValueError("max_batch_blocks needs a client that reports its layout")
         self.model = model
         self.client = model.client
-        self.tenant = tenant
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_seqs = max_batch_seqs
+        self.max_batch_blocks = max_batch_blocks
         self.max_prefill_chunk = min(max_prefill_chunk or max_batch_tokens, max_batch_tokens)
         self.max_live_seqs = max_live_seqs
         self.stats = EngineStats()
@@ -180,7 +183,7 @@ class Engine:
             ):
                 return
             self._waiting.popleft()
-            info = self.client.create_sequence(request.prompt, tenant=self.tenant)
+            info = self.client.create_sequence(request.prompt)
             cached = int(info.num_cached_tokens)
             if not 0 <= cached < len(request.prompt):
                 raise RuntimeError(
@@ -198,17 +201,30 @@ class Engine:
 
     def _schedule(self) -> list[_Request]:
         batch: list[_Request] = []
-        num_tokens = num_seqs = 0
+        num_tokens = num_seqs = num_blocks = 0
         for request in self._running:
             tokens, seqs = request.num_pending(), len(request.branches)
+            blocks = self._num_blocks(request)
             if batch and (
-                num_tokens + tokens > self.max_batch_tokens or num_seqs + seqs > self.max_batch_seqs
+                num_tokens + tokens > self.max_batch_tokens
+                or num_seqs + seqs > self.max_batch_seqs
+                or (
+                    self.max_batch_blocks is not None
+                    and num_blocks + blocks > self.max_batch_blocks
+                )
             ):
                 continue
             batch.append(request)
             num_tokens += tokens
             num_seqs += seqs
+            num_blocks += blocks
         return batch
+
+    def _num_blocks(self, request: _Request) -> int:
+        """Blocks the request's sequences span (an upper bound: shared blocks count twice)."""
+        if self.model.layout is None:
+            return 0
+        return sum(self.model.layout.num_blocks_for(b.length) for b in request.branches)
 
     def _forward(self, batch: list[_Request]) -> tuple[torch.Tensor, list[_Request]]:
         while True:

@@ -123,6 +123,7 @@ class ServiceModel:
             expected = layout_for(model.config, dtype=layout.dtype, block_size=layout.block_size)
             if expected != layout:
                 raise ValueError(f"the service layout {layout} does not fit the model ({expected})")
+        self.layout: Layout | None = layout
         self.kv_dtype = torch_dtype(layout) if layout is not None else None
         self.device = next(model.parameters()).device
 
