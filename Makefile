@@ -28,7 +28,7 @@ test: setup lint typecheck
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 proto: setup
-	$(PY) -m kvservice.proto.generate
+	$(PY) -m kvservice.protogen
 
 bench-core: setup
 	$(PY) -m benchmarks.core

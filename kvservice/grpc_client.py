@@ -82,10 +82,12 @@ class _Calls:
         self._metadata_by_tenant: dict[str, Metadata] = {}
 
     def _metadata(self, tenant: str | None) -> Metadata:
+        # The default tenant is not named: the server then uses the caller's own tenant
+        # (the token's, with authentication on; "default" without).
         tenant = tenant or DEFAULT_TENANT
         metadata = self._metadata_by_tenant.get(tenant)
         if metadata is None:
-            pairs = [(TENANT_KEY, tenant)]
+            pairs = [] if tenant == DEFAULT_TENANT else [(TENANT_KEY, tenant)]
             if self._token is not None:
                 pairs.append(("authorization", f"Bearer {self._token}"))
             metadata = self._metadata_by_tenant[tenant] = tuple(pairs)
