@@ -120,7 +120,7 @@ class SeqView:
     worker_id: WorkerId
     num_tokens: int
     tokens: list[int]
-    block_ids: list[BlockId]
+    block_ids: list[int]
     tiers: list[Tier]
     num_computed_tokens: int = 0
     pinned: str | None = None  # "hard", "soft" or None

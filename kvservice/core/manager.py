@@ -60,3 +60,292 @@ used unpinned sequences are swapped to that worker's CPU tier (SwapOut). Any cal
 needs more GPU blocks than are free or cached swaps LRU sequences out the same way, and
 returns OutOfMemory if even that cannot make room.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvservice.core.commands import (
+    AttentionPlan,
+    Command,
+    CreateResult,
+    DecodePlan,
+    OutOfMemory,
+    PoolSizes,
+    StepResult,
+    WritePlan,
+)
+from kvservice.core.errors import InvalidArgument
+from kvservice.core.ids import SeqId, Tier, WorkerId
+from kvservice.core.layout import Layout
+from kvservice.core.ledger import rebuild
+from kvservice.core.manager_admin import ManagerAdmin
+from kvservice.core.manager_base import Write, check_count
+from kvservice.core.planner import plan_victims, relieve, swap_out
+from kvservice.core.policies import WorkerCandidate
+from kvservice.core.prefix_cache import HashChain, chain_hash, encode_tokens, match_prefix, register
+from kvservice.core.records import SeqRecord
+from kvservice.core.sequence import SeqState
+
+_MAX_FORK = 1 << 16
+
+
+class KVCacheManager(ManagerAdmin):
+    """Page tables, block pools, prefix cache and tier policy of every worker."""
+
+    def create(
+        self, tenant: str | None, tokens: Sequence[int], *, worker_id: WorkerId | None = None
+    ) -> CreateResult | OutOfMemory:
+        tenant_id = self._tenant(tenant)
+        token_list, data = self._tokens(tokens)
+        if not token_list:
+            raise InvalidArgument("a sequence needs at least one token")
+        if worker_id is not None:
+            order = [self._worker(worker_id)]
+        elif not self._workers:
+            return OutOfMemory("no workers")
+        else:
+            order = list(self._workers.values())
+        self._expire_pins()
+        chain = HashChain(data, self._salt(tenant_id), self.block_size)
+        max_shared = (len(token_list) - 1) // self.block_size  # at least one token computed
+        hits = {ws.worker_id: match_prefix(ws.index, chain, tenant_id, max_shared) for ws in order}
+        if len(order) > 1:
+            candidates = [
+                WorkerCandidate(ws.worker_id, len(hits[ws.worker_id]) * self.block_size, ws.gpu.num_queued)
+                for ws in order
+            ]
+            first = self._placement.choose(candidates)
+            # Fall back to the roomiest others if the chosen worker is full.
+            order.sort(key=lambda ws: (ws.worker_id != first, -ws.gpu.num_queued, ws.worker_id))
+        num_blocks = self.layout.num_blocks_for(len(token_list))
+        for ws in order:
+            shared = hits[ws.worker_id]
+            cpu_reserved = sum(1 for m in shared if m.tier is Tier.CPU and m.ref_cnt == 0)
+            victims = plan_victims(
+                ws, num_blocks - len(shared), (), self._pins, held=set(shared), cpu_reserved=cpu_reserved
+            )
+            if victims is not None:
+                break
+        else:
+            return OutOfMemory(f"no room for {num_blocks} blocks", order[0].worker_id)
+        seq = SeqState(self._new_seq_id(), tenant_id, ws.worker_id, token_list)
+        for meta in shared:
+            ws.pool(meta.tier).incref(meta)
+            seq.add_block(meta)
+        commands = swap_out(ws, victims)
+        for _ in range(num_blocks - len(shared)):
+            fresh = ws.gpu.allocate()
+            assert fresh is not None, "planned room is missing"
+            seq.add_block(fresh)
+        seq.num_computed = len(shared) * self.block_size
+        seq.hashes = chain.hashes[: len(shared)]
+        self._seqs[seq.seq_id] = ws.seqs[seq.seq_id] = seq
+        ws.eviction.touch(seq.seq_id)
+        self._upserts.add(seq.seq_id)
+        commands += relieve(ws, {seq.seq_id}, self._pins, self.high_watermark, self.low_watermark)
+        return CreateResult(seq.seq_id, ws.worker_id, seq.num_computed, commands)
+
+    def append(self, seq_id: SeqId, tokens: Sequence[int]) -> StepResult | OutOfMemory:
+        seq = self._seq(seq_id)
+        token_list, _ = self._tokens(tokens)
+        if not token_list:
+            return StepResult([])
+        ws = self._workers[seq.worker_id]
+        self._expire_pins()
+        old_len = len(seq.tokens)
+        num_new = self.layout.num_blocks_for(old_len + len(token_list)) - len(seq.blocks)
+        writes: list[Write] = [(seq, old_len // self.block_size, len(seq.blocks))]
+        victims = self._plan_room(ws, [seq], writes, num_new)
+        if victims is None:
+            return OutOfMemory(f"no room to grow sequence {seq_id}", ws.worker_id)
+        commands = self._commit_room(ws, [seq], writes, victims)
+        for _ in range(num_new):
+            meta = ws.gpu.allocate()
+            assert meta is not None, "planned room is missing"
+            seq.add_block(meta)
+        seq.tokens.extend(token_list)
+        ws.eviction.touch(seq_id)
+        self._upserts.add(seq_id)
+        return StepResult(commands)
+
+    def prepare_decode(
+        self, seq_ids: Sequence[SeqId], tokens: Sequence[int]
+    ) -> DecodePlan | OutOfMemory:
+        ws, seqs = self._seqs_on_one_worker(seq_ids)
+        token_list, _ = self._tokens(tokens)
+        if len(token_list) != len(seqs) or len(set(seq_ids)) != len(seqs):
+            raise InvalidArgument("need one token per sequence and no repeated sequence")
+        self._expire_pins()
+        bs = self.block_size
+        gpu = ws.gpu
+        num_new = 0
+        simple = True  # nothing on CPU and no shared or cached last block to copy or drop
+        for seq in seqs:
+            if len(seq.tokens) % bs == 0:
+                num_new += 1
+            elif seq.num_cpu_blocks or seq.blocks[-1].ref_cnt > 1 or seq.blocks[-1].block_hash is not None:
+                simple = False
+        commands: list[Command] = []
+        if not simple or num_new > gpu.num_queued:
+            writes: list[Write] = [(s, len(s.tokens) // bs, len(s.blocks)) for s in seqs]
+            victims = self._plan_room(ws, seqs, writes, num_new)
+            if victims is None:
+                return OutOfMemory(f"no room for a decode step of {len(seqs)}", ws.worker_id)
+            commands = self._commit_room(ws, seqs, writes, victims)
+        touch = ws.eviction.touch
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        slots: list[int] = []
+        for seq, token in zip(seqs, token_list, strict=True):
+            offset = len(seq.tokens) % bs
+            if offset == 0:
+                meta = gpu.allocate()
+                assert meta is not None, "planned room is missing"
+                seq.blocks.append(meta)
+                seq.block_ids.append(meta.block_id)
+            seq.tokens.append(token)
+            slots.append(seq.block_ids[-1] * bs + offset)
+            tables.append(seq.block_ids.copy())
+            seq_lens.append(len(seq.tokens))
+            touch(seq.seq_id)
+        self._upserts.update(seq_ids)
+        return DecodePlan(ws.worker_id, tables, seq_lens, slots, commands)
+
+    def fork(self, seq_id: SeqId, n: int) -> list[SeqId]:
+        seq = self._seqs.get(seq_id)
+        if seq is None and seq_id not in self._lost and 0 <= seq_id < self._next_seq_id:
+            raise InvalidArgument(f"sequence {seq_id} was freed and cannot be forked")
+        seq = self._seq(seq_id)
+        check_count("n", n, 1, _MAX_FORK)
+        ws = self._workers[seq.worker_id]
+        for meta in seq.blocks:
+            ws.pool(meta.tier).incref(meta, n)
+        children = []
+        for _ in range(n):
+            child = SeqState(
+                self._new_seq_id(), seq.tenant, seq.worker_id, seq.tokens.copy(), seq.blocks.copy(),
+                seq.block_ids.copy(), seq.num_cpu_blocks, seq.num_computed, seq.hashes.copy(),
+            )
+            self._seqs[child.seq_id] = ws.seqs[child.seq_id] = child
+            ws.eviction.touch(child.seq_id)
+            self._upserts.add(child.seq_id)
+            children.append(child.seq_id)
+        return children
+
+    def truncate(self, seq_id: SeqId, length: int) -> list[Command]:
+        seq = self._seq(seq_id)
+        check_count("length", length, 0, len(seq.tokens))
+        ws = self._workers[seq.worker_id]
+        dropped = seq.cut_blocks(self.layout.num_blocks_for(length))
+        commands = self._release(ws, reversed(dropped))
+        del seq.tokens[length:]
+        seq.num_computed = min(seq.num_computed, length)
+        del seq.hashes[length // self.block_size :]
+        if length % self.block_size:
+            last = seq.blocks[-1]
+            if last.ref_cnt == 1 and last.block_hash is not None:
+                ws.pool(last.tier).uncache(last)  # the next append overwrites its tail
+        self._upserts.add(seq_id)
+        return commands
+
+    def free(self, seq_id: SeqId) -> list[Command]:
+        if seq_id in self._lost:
+            self._lost.discard(seq_id)
+            return []
+        seq = self._seq(seq_id)
+        ws = self._workers[seq.worker_id]
+        # Tail first: a cached child is useless once its parent is evicted.
+        commands = self._release(ws, reversed(seq.cut_blocks(0)))
+        del self._seqs[seq_id], ws.seqs[seq_id]
+        ws.eviction.remove(seq_id)
+        if seq_id in self._pins:
+            self._upserts.add(seq_id)  # the record lives on for its pin
+        else:
+            self._upserts.discard(seq_id)
+            self._deletes[seq_id] = ws.worker_id
+        return commands
+
+    def prepare_write(self, seq_id: SeqId, start: int, end: int) -> WritePlan | OutOfMemory:
+        seq = self._seq(seq_id)
+        check_count("end", end, 0, len(seq.tokens))
+        check_count("start", start, 0, end)
+        ws = self._workers[seq.worker_id]
+        self._expire_pins()
+        bs = self.block_size
+        writes: list[Write] = [(seq, start // bs, -(-end // bs))] if end > start else []
+        victims = self._plan_room(ws, [seq], writes, 0)
+        if victims is None:
+            return OutOfMemory(f"no room to make sequence {seq_id} writable", ws.worker_id)
+        commands = self._commit_room(ws, [seq], writes, victims)
+        if end > start:
+            seq.num_computed = min(seq.num_computed, start)
+        ids = seq.block_ids
+        slots = [ids[p // bs] * bs + p % bs for p in range(start, end)]
+        ws.eviction.touch(seq_id)
+        self._upserts.add(seq_id)
+        return WritePlan(ws.worker_id, slots, commands)
+
+    def prepare_attention(self, seq_ids: Sequence[SeqId]) -> AttentionPlan | OutOfMemory:
+        ws, seqs = self._seqs_on_one_worker(seq_ids)
+        self._expire_pins()
+        commands: list[Command] = []
+        if any(s.num_cpu_blocks for s in seqs):
+            victims = self._plan_room(ws, seqs, [], 0)
+            if victims is None:
+                return OutOfMemory(f"no room to swap in {len(seqs)} sequences", ws.worker_id)
+            commands = self._commit_room(ws, seqs, [], victims)
+            self._upserts.update(s.seq_id for s in seqs)
+        for seq in seqs:
+            ws.eviction.touch(seq.seq_id)
+        tables = [s.block_ids.copy() for s in seqs]
+        return AttentionPlan(ws.worker_id, tables, [len(s.tokens) for s in seqs], commands)
+
+    def mark_computed(self, seq_id: SeqId, num_tokens: int) -> None:
+        seq = self._seq(seq_id)
+        check_count("num_tokens", num_tokens, 0, len(seq.tokens))
+        seq.num_computed = max(seq.num_computed, num_tokens)
+        bs = self.block_size
+        first, full = len(seq.hashes), seq.num_computed // bs
+        if full <= first:
+            return
+        ws = self._workers[seq.worker_id]
+        data = encode_tokens(seq.tokens[first * bs : full * bs])
+        stride = len(data) // (full - first)
+        hashes = seq.hashes
+        for i in range(first, full):
+            block_bytes = data[(i - first) * stride : (i - first + 1) * stride]
+            parent_hash = hashes[i - 1] if i else self._salt(seq.tenant)
+            hashes.append(chain_hash(parent_hash, block_bytes))
+            meta = seq.blocks[i]
+            parent = seq.blocks[i - 1] if i else None
+            if parent is not None and parent.block_hash != parent_hash:
+                continue  # the parent is not the cached copy of this prefix
+            register(ws.pool(meta.tier), meta, hashes[i], parent, block_bytes, seq.tenant)
+        self._upserts.add(seq_id)
+
+    def lookup_prefix(self, tenant: str | None, tokens: Sequence[int]) -> dict[WorkerId, int]:
+        """Tokens of this prompt each worker could serve from cache (as create would)."""
+        tenant_id = self._tenant(tenant)
+        token_list, data = self._tokens(tokens)
+        chain = HashChain(data, self._salt(tenant_id), self.block_size)
+        max_shared = max(len(token_list) - 1, 0) // self.block_size
+        out: dict[WorkerId, int] = {}
+        for worker_id, ws in self._workers.items():
+            hits = match_prefix(ws.index, chain, tenant_id, max_shared)
+            if hits:
+                out[worker_id] = len(hits) * self.block_size
+        return out
+
+
+    @classmethod
+    def from_ledgers(
+        cls,
+        layout: Layout,
+        workers: Mapping[WorkerId, PoolSizes],
+        records: Mapping[WorkerId, Mapping[SeqId, SeqRecord]],
+        **options: Any,
+    ) -> KVCacheManager:
+        """Rebuild page tables, refcounts, pins and the prefix index from worker ledgers."""
+        return rebuild(layout, workers, records, options)

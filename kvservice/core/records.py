@@ -33,6 +33,8 @@ class PinRecord:
     blocks: tuple[BlockRecord, ...]
     hard: bool = True
     deadline: float | None = None
+    tokens: tuple[int, ...] = ()  # the sequence's tokens when pinned (re-indexes the blocks)
+    num_computed_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,96 @@
+"""Pluggable policies: where a new sequence goes, and which sequences swap out first.
+
+Each kind is a small ABC plus a registry dict; the manager takes a registry key, so a
+new policy is one class and one dict entry. Which *cached block* goes first is not a
+policy: the free queue already orders them least recently released first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from kvservice.core.ids import SeqId, WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCandidate:
+    worker_id: WorkerId
+    num_cached_tokens: int  # of the new prompt, on this worker
+    num_available_blocks: int  # GPU blocks free or cached
+
+
+class PlacementPolicy(ABC):
+    @abstractmethod
+    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerId:
+        """Pick one of the (non-empty) candidates."""
+
+
+class PrefixAffinity(PlacementPolicy):
+    """The worker holding the longest cached prefix; otherwise the one with most room."""
+
+    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerId:
+        best = max(
+            candidates,
+            key=lambda c: (c.num_cached_tokens, c.num_available_blocks, -c.worker_id),
+        )
+        return best.worker_id
+
+
+class MostFree(PlacementPolicy):
+    """Spread load: the most available GPU blocks, ignoring cached prefixes."""
+
+    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerId:
+        return max(candidates, key=lambda c: (c.num_available_blocks, -c.worker_id)).worker_id
+
+
+PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
+    "prefix_affinity": PrefixAffinity,
+    "most_free": MostFree,
+}
+
+
+class EvictionPolicy(ABC):
+    """Orders one worker's sequences for swapping out, coldest first."""
+
+    @abstractmethod
+    def touch(self, seq_id: SeqId) -> None:
+        """The sequence was used (created, appended, written or attended)."""
+
+    @abstractmethod
+    def remove(self, seq_id: SeqId) -> None:
+        """The sequence left this worker."""
+
+    @abstractmethod
+    def coldest(self) -> Iterator[SeqId]:
+        """Sequences, the first to swap out first."""
+
+
+class LRUEviction(EvictionPolicy):
+    def __init__(self) -> None:
+        self._order: OrderedDict[SeqId, None] = OrderedDict()
+
+    def touch(self, seq_id: SeqId) -> None:
+        self._order[seq_id] = None
+        self._order.move_to_end(seq_id)
+
+    def remove(self, seq_id: SeqId) -> None:
+        self._order.pop(seq_id, None)
+
+    def coldest(self) -> Iterator[SeqId]:
+        return iter(list(self._order))
+
+
+class FIFOEviction(LRUEviction):
+    """Oldest sequence first, however recently it was used."""
+
+    def touch(self, seq_id: SeqId) -> None:
+        self._order.setdefault(seq_id, None)
+
+
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
+    "lru": LRUEviction,
+    "fifo": FIFOEviction,
+}
