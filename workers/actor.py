@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvservice.workers.worker import Worker
 
-from kvservice.core.errors import InvalidArgument, Unavailable
+from kvservice.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from kvservice.core.layout import Layout
 
 if TYPE_CHECKING:
@@ -86,13 +86,19 @@ def start_worker_actors(
         raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    worker_ids = range(first_worker_id, first_worker_id + num_workers)
+    running = set(find_worker_actors(namespace)).intersection(worker_ids)
+    if running:
+        raise FailedPrecondition(
+            f"worker actors {sorted(running)} already run in namespace {namespace!r}; "
+            "reach them with find_worker_actors"
+        )
     lifetime = "detached" if detached else None
     resource = {"GPU": 1} if use_gpu else {"CPU": 1}
-    group_name = f"{PLACEMENT_GROUP_NAME}-{first_worker_id}"
     pg = placement_group(
         [dict(resource) for _ in range(num_workers)],
         strategy=strategy,
-        name=group_name,
+        name=f"{PLACEMENT_GROUP_NAME}-{namespace}-{first_worker_id}",
         lifetime=lifetime,
     )
     try:
@@ -112,8 +118,7 @@ def start_worker_actors(
     )
     group = WorkerGroup(namespace=namespace, placement_group=pg)
     device = "cuda" if use_gpu else "cpu"
-    for index in range(num_workers):
-        worker_id = first_worker_id + index
+    for index, worker_id in enumerate(worker_ids):
         strategy_for_bundle = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=index
         )
