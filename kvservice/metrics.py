@@ -9,7 +9,7 @@ scrapes. Exported names (the deploy files and dashboards refer to these):
     kvservice_usage_ratio{worker,tier}             gauge: used / total
     kvservice_sequences_live                       gauge: sequences currently allocated
     kvservice_sequences_created_total              counter
-    kvservice_prefix_cache_queries_total           counter: prompts looked up (create + lookup)
+    kvservice_prefix_cache_queries_total           counter: prompts looked up (sequences created)
     kvservice_prefix_cache_hits_total              counter: of those, prompts with a cached prefix
     kvservice_prefix_cache_query_tokens_total      counter: prompt tokens looked up
     kvservice_prefix_cache_hit_tokens_total        counter: prompt tokens found cached
@@ -128,6 +128,15 @@ class Metrics:
             self.swap_blocks.labels(direction)
             self.swap_bytes.labels(direction)
         self._collector: _SnapshotCollector | None = None
+        # Plain totals beside the Prometheus counters, for ``stats()`` (JSON).
+        self.totals: dict[str, int] = dict.fromkeys(
+            (
+                "sequences_created", "prefix_queries", "prefix_hits", "prefix_query_tokens",
+                "prefix_hit_tokens", "swaps_out", "swaps_in", "swap_blocks_out",
+                "swap_blocks_in", "swap_bytes_out", "swap_bytes_in", "cow_blocks",
+            ),
+            0,
+        )  # fmt: skip
 
     def bind(self, source: Callable[[], Snapshot]) -> None:
         """Read usage and live sequences from ``source`` at every scrape."""
@@ -148,17 +157,33 @@ class Metrics:
         finally:
             self.rpc_latency.labels(method).observe(time.perf_counter() - start)
 
-    def count_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+    def count_created(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """A sequence was created: one prefix-cache query of ``num_tokens`` prompt tokens."""
+        t = self.totals
+        self.sequences_created.inc()
         self.prefix_queries.inc()
         self.prefix_query_tokens.inc(num_tokens)
+        t["sequences_created"] += 1
+        t["prefix_queries"] += 1
+        t["prefix_query_tokens"] += num_tokens
         if num_hit_tokens > 0:
             self.prefix_hits.inc()
             self.prefix_hit_tokens.inc(num_hit_tokens)
+            t["prefix_hits"] += 1
+            t["prefix_hit_tokens"] += num_hit_tokens
 
     def count_swap(self, direction: str, num_blocks: int, block_bytes: int) -> None:
+        t = self.totals
         self.swaps.labels(direction).inc()
         self.swap_blocks.labels(direction).inc(num_blocks)
         self.swap_bytes.labels(direction).inc(num_blocks * block_bytes)
+        t[f"swaps_{direction}"] += 1
+        t[f"swap_blocks_{direction}"] += num_blocks
+        t[f"swap_bytes_{direction}"] += num_blocks * block_bytes
+
+    def count_cow(self, num_blocks: int) -> None:
+        self.cow_blocks.inc(num_blocks)
+        self.totals["cow_blocks"] += num_blocks
 
     def render(self) -> bytes:
         """The text exposition of every metric (what the HTTP endpoint serves)."""

@@ -1,0 +1,939 @@
+"""The coordinator: the service API over the core manager and the workers.
+
+A plain class (no Ray, no gRPC); the transports wrap it. Each call is planned by the
+core ``KVCacheManager`` into worker commands (copy on write, swap out, swap in), the
+commands go to the workers, and the data-plane work (write K/V, attention) goes to the
+worker that holds each sequence, with the block tables the plan produced.
+
+Invariants:
+- Planning is serialized under one lock, and everything a plan implies (commands, the
+  data-plane call, ledger updates) is *submitted* to the workers before the lock is
+  released; results are awaited after it. Calls to one worker run in submission order
+  (``coordinator_workers``), so a later plan that swaps a sequence out or reuses its
+  freed blocks can never overtake a call still reading them. No pins are needed, and
+  calls on different workers, or queued behind each other on one, overlap with the
+  planning of the next.
+- Every command the manager returns is submitted, even when a later step of the same
+  call fails: the workers' pools always follow the tables.
+- A failed call leaves the visible state unchanged: arguments are checked before any
+  table is touched; a batched append that runs out of memory is rolled back; a
+  data-plane call that fails records nothing as written.
+- Tenants: a tenant names only its own sequences; any other id is NOT_FOUND, with the
+  same message whether or not it exists.
+- The prefix cache learns a full block once its K/V is written for every layer: the
+  coordinator tracks, per sequence and layer, how many leading positions are written
+  and calls ``mark_computed`` with the minimum over layers when it grows. Writes that
+  would leave a hole, and attention over positions without K/V, are FAILED_PRECONDITION.
+- Each worker's ledger gets the manager's record changes after every call that made
+  some, so a restarted coordinator can ``recover`` from the ledgers.
+- A worker found dead: the manager drops it, its sequences answer DATA_LOSS (naming
+  them) until freed, and every other sequence carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvservice.api import SequenceInfo
+from kvservice.coordinator_workers import PendingCall, WorkerHandle, WorkerLost, resolve_all
+from kvservice.core import errors
+from kvservice.core.commands import (
+    CopyBlocks,
+    FreeBlocks,
+    OutOfMemory,
+    PoolSizes,
+    SwapIn,
+    SwapOut,
+)
+from kvservice.core.ids import DEFAULT_TENANT, Tier
+from kvservice.core.layout import Layout
+from kvservice.core.manager import KVCacheManager
+from kvservice.metrics import Metrics
+from kvservice.workers import AttendPlan
+
+log = logging.getLogger(__name__)
+
+# A single fork may not create more children than this (a typo must not fill memory).
+MAX_FORK = 4096
+MAX_TENANT_LEN = 256
+_INT64_MAX = 2**63 - 1
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TIER_NAMES = {int(Tier.GPU): "gpu", int(Tier.CPU): "cpu"}
+
+
+@dataclass(slots=True)
+class _SeqState:
+    """The coordinator's own view of a sequence, beside the manager's tables."""
+
+    tenant: str
+    worker_id: int
+    # written[layer] = leading positions whose K/V is written in that layer.
+    written: list[int]
+    # min(written), as last passed to mark_computed.
+    computed: int
+    # False after recovery: the per-layer progress of the last step was not recorded,
+    # so the "no holes, no reads of unwritten K/V" checks are skipped for it.
+    tracked: bool = True
+    # Bumped by truncate: a data-plane call planned before it must not record writes.
+    version: int = 0
+    lost: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Worker calls submitted while planning one service call, and their results."""
+
+    calls: list[PendingCall] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+
+
+class Coordinator:
+    """The service API (``kvservice.api.Service``) over a KVCacheManager and worker handles.
+
+    ``workers``: handles by worker id (``LocalWorkerHandle`` or ``RayWorkerHandle``).
+    ``manager``: a prebuilt manager (``recover`` passes one rebuilt from ledgers).
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        workers: Mapping[int, WorkerHandle] | Iterable[WorkerHandle],
+        *,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        vocab_size: int | None = None,
+        metrics: Metrics | None = None,
+        manager: KVCacheManager | None = None,
+    ) -> None:
+        handles = _handles_by_id(workers)
+        if not handles:
+            raise errors.InvalidArgument("a coordinator needs at least one worker")
+        self._layout = layout
+        self._dtype = _TORCH_DTYPES[layout.dtype]
+        self._vocab_size = vocab_size
+        self._handles = handles
+        self._infos = dict(
+            zip(handles, resolve_all([h.submit("info") for h in handles.values()]), strict=True)
+        )
+        for wid, info in self._infos.items():
+            if info.layout != layout:
+                raise errors.InvalidArgument(
+                    f"worker {wid} has layout {info.layout.key()}, expected {layout.key()}"
+                )
+        if manager is None:
+            manager = KVCacheManager(
+                layout,
+                {wid: PoolSizes(i.num_gpu_blocks, i.num_cpu_blocks) for wid, i in self._infos.items()},
+                high_watermark=high_watermark,
+                low_watermark=low_watermark,
+                vocab_size=vocab_size,
+            )
+        self._manager = manager
+        self._lock = threading.RLock()
+        self._seqs: dict[int, _SeqState] = {}
+        self._closed = False
+        self._close_hooks: list[Callable[[], None]] = []
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.bind(self._snapshot)
+
+    @classmethod
+    def recover(
+        cls,
+        layout: Layout,
+        workers: Mapping[int, WorkerHandle] | Iterable[WorkerHandle],
+        **kwargs: Any,
+    ) -> Coordinator:
+        """A coordinator whose tables are rebuilt from the workers' ledgers."""
+        handles = _handles_by_id(workers)
+        infos = resolve_all([h.submit("info") for h in handles.values()])
+        ledgers = resolve_all([h.submit("ledger") for h in handles.values()])
+        records = {wid: ledger.records for wid, ledger in zip(handles, ledgers, strict=True)}
+        sizes = {
+            wid: PoolSizes(i.num_gpu_blocks, i.num_cpu_blocks)
+            for wid, i in zip(handles, infos, strict=True)
+        }
+        options = {
+            k: kwargs[k] for k in ("high_watermark", "low_watermark", "vocab_size") if k in kwargs
+        }
+        manager = KVCacheManager.from_ledgers(layout, sizes, records, **options)
+        coordinator = cls(layout, handles, manager=manager, **kwargs)
+        for wid, worker_records in records.items():
+            for sid, record in worker_records.items():
+                if not record.live:
+                    continue
+                computed = int(record.num_computed_tokens)
+                coordinator._seqs[int(sid)] = _SeqState(
+                    tenant=record.tenant,
+                    worker_id=wid,
+                    written=[computed] * layout.num_layers,
+                    computed=computed,
+                    tracked=False,
+                )
+        log.info("recovered %d sequences from %d ledgers", len(coordinator._seqs), len(records))
+        return coordinator
+
+    def add_close_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on ``close`` (stopping the workers a transport started)."""
+        self._close_hooks.append(hook)
+
+    def close(self) -> None:
+        """Refuse new calls (UNAVAILABLE); calls already planned finish; run the close hooks."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            hooks, self._close_hooks = self._close_hooks, []
+        for hook in reversed(hooks):
+            hook()
+
+    def layout(self) -> Layout:
+        return self._layout
+
+    @property
+    def manager(self) -> KVCacheManager:
+        return self._manager
+
+    @property
+    def worker_ids(self) -> list[int]:
+        return sorted(self._handles)
+
+    # ------------------------------------------------------------------ sequences
+
+    def create_sequence(
+        self, tokens: Sequence[int], *, tenant: str = DEFAULT_TENANT
+    ) -> SequenceInfo:
+        with self.metrics.time_call("create_sequence"):
+            tenant = _check_tenant(tenant)
+            tokens = self._check_tokens("tokens", tokens, allow_empty=False)
+            with self._planning() as batch:
+                result = self._manager.create(tenant, tokens)
+                if isinstance(result, OutOfMemory):
+                    raise errors.ResourceExhausted(f"create_sequence: {result.reason}")
+                cached = int(result.num_cached_tokens)
+                self._seqs[result.seq_id] = _SeqState(
+                    tenant=tenant,
+                    worker_id=result.worker_id,
+                    written=[cached] * self._layout.num_layers,
+                    computed=cached,
+                )
+                self._submit(result.commands, batch.calls)
+                self.metrics.count_created(len(tokens), cached)
+                info = self._info(result.seq_id)
+            return info
+
+    def append_tokens(
+        self,
+        seq_ids: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
+        with self.metrics.time_call("append_tokens"):
+            tenant = _check_tenant(tenant)
+            seq_ids = _check_ids(seq_ids, unique=True)
+            if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+                raise errors.InvalidArgument("tokens must be a list of token lists")
+            if len(tokens) != len(seq_ids):
+                raise errors.InvalidArgument(
+                    f"{len(seq_ids)} seq_ids but {len(tokens)} token lists"
+                )
+            token_lists = [
+                self._check_tokens(f"tokens[{i}]", t, allow_empty=True)
+                for i, t in enumerate(tokens)
+            ]
+            with self._planning() as batch:
+                for sid in seq_ids:
+                    self._own(sid, tenant)
+                commands: list[Any] = []
+                done: list[tuple[int, int]] = []  # (seq_id, length before)
+                try:
+                    for sid, new in zip(seq_ids, token_lists, strict=True):
+                        if not new:
+                            continue
+                        before = self._manager.sequence(sid).num_tokens
+                        result = self._manager.append(sid, new)
+                        if isinstance(result, OutOfMemory):
+                            # All or nothing: give back what the earlier sequences took.
+                            for done_sid, length in reversed(done):
+                                commands.extend(self._manager.truncate(done_sid, length))
+                            raise errors.ResourceExhausted(
+                                f"append_tokens: sequence {sid}: {result.reason}"
+                            )
+                        done.append((sid, before))
+                        commands.extend(result.commands)
+                finally:
+                    self._submit(commands, batch.calls)
+
+    def fork(self, seq_id: int, n: int, *, tenant: str = DEFAULT_TENANT) -> list[int]:
+        with self.metrics.time_call("fork"):
+            tenant = _check_tenant(tenant)
+            seq_id = _check_id(seq_id)
+            n = _check_int("n", n, low=1, high=MAX_FORK)
+            with self._planning() as batch:
+                parent = self._own(seq_id, tenant)
+                children = [int(c) for c in self._manager.fork(seq_id, n)]
+                for child in children:
+                    self._seqs[child] = _SeqState(
+                        tenant=parent.tenant,
+                        worker_id=parent.worker_id,
+                        written=list(parent.written),
+                        computed=parent.computed,
+                        tracked=parent.tracked,
+                    )
+                self._submit((), batch.calls)
+            return children
+
+    def truncate(self, seq_id: int, length: int, *, tenant: str = DEFAULT_TENANT) -> None:
+        with self.metrics.time_call("truncate"):
+            tenant = _check_tenant(tenant)
+            seq_id = _check_id(seq_id)
+            length = _check_int("length", length, low=0)
+            with self._planning() as batch:
+                state = self._own(seq_id, tenant)
+                current = self._manager.sequence(seq_id).num_tokens
+                if length > current:
+                    raise errors.FailedPrecondition(
+                        f"cannot truncate sequence {seq_id} of {current} tokens to {length}"
+                    )
+                commands = self._manager.truncate(seq_id, length)
+                state.written = [min(w, length) for w in state.written]
+                state.computed = min(state.computed, length)
+                state.version += 1
+                self._submit(commands, batch.calls)
+
+    def free(self, seq_ids: Sequence[int], *, tenant: str = DEFAULT_TENANT) -> None:
+        with self.metrics.time_call("free"):
+            tenant = _check_tenant(tenant)
+            seq_ids = _check_ids(seq_ids, unique=True)
+            with self._planning() as batch:
+                for sid in seq_ids:
+                    self._own(sid, tenant, allow_lost=True)
+                commands: list[Any] = []
+                for sid in seq_ids:
+                    state = self._seqs.pop(sid)
+                    if state.lost:
+                        continue  # its worker and blocks are gone already
+                    commands.extend(self._manager.free(sid))
+                self._submit(commands, batch.calls)
+
+    def get_sequence(self, seq_id: int, *, tenant: str = DEFAULT_TENANT) -> SequenceInfo:
+        with self.metrics.time_call("get_sequence"):
+            tenant = _check_tenant(tenant)
+            seq_id = _check_id(seq_id)
+            with self._lock:
+                self._own(seq_id, tenant)
+                return self._info(seq_id)
+
+    def lookup_prefix(
+        self, tokens: Sequence[int], *, tenant: str = DEFAULT_TENANT
+    ) -> dict[int, int]:
+        with self.metrics.time_call("lookup_prefix"):
+            tenant = _check_tenant(tenant)
+            tokens = self._check_tokens("tokens", tokens, allow_empty=True)
+            with self._lock:
+                found = self._manager.lookup_prefix(tenant, tokens)
+            return {int(w): int(n) for w, n in found.items() if n > 0}
+
+    def offload(self, seq_ids: Sequence[int], *, tenant: str = DEFAULT_TENANT) -> None:
+        with self.metrics.time_call("offload"):
+            self._hint("offload", seq_ids, tenant)
+
+    def prefetch(self, seq_ids: Sequence[int], *, tenant: str = DEFAULT_TENANT) -> None:
+        with self.metrics.time_call("prefetch"):
+            self._hint("prefetch", seq_ids, tenant)
+
+    def _hint(self, method: str, seq_ids: Sequence[int], tenant: str) -> None:
+        tenant = _check_tenant(tenant)
+        ids = list(dict.fromkeys(_check_ids(seq_ids, unique=False)))
+        with self._planning() as batch:
+            for sid in ids:
+                self._own(sid, tenant)
+            self._submit(getattr(self._manager, method)(ids), batch.calls)
+
+    # ------------------------------------------------------------------ data plane
+
+    def write_kv(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
+        with self.metrics.time_call("write_kv"):
+            tenant = _check_tenant(tenant)
+            layer, seq_ids, q_lens = self._check_batch(layer, seq_ids, q_lens)
+            num_rows = sum(q_lens)
+            self._check_tensor("k", k, (num_rows, self._layout.num_kv_heads))
+            self._check_tensor("v", v, (num_rows, self._layout.num_kv_heads))
+            self._data_call("write_kv", layer, seq_ids, q_lens, tenant, q=None, k=k, v=v)
+
+    def attend(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        q: torch.Tensor,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        return_lse: bool = False,
+        tenant: str = DEFAULT_TENANT,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        with self.metrics.time_call("attend"):
+            tenant = _check_tenant(tenant)
+            layer, seq_ids, q_lens = self._check_batch(layer, seq_ids, q_lens)
+            num_rows = sum(q_lens)
+            self._check_tensor("q", q, (num_rows, None))
+            if q.shape[1] == 0 or q.shape[1] % self._layout.num_kv_heads:
+                raise errors.InvalidArgument(
+                    f"q has {q.shape[1]} heads; need a positive multiple of "
+                    f"{self._layout.num_kv_heads}"
+                )
+            if (k_new is None) != (v_new is None):
+                raise errors.InvalidArgument("give both k_new and v_new, or neither")
+            if k_new is not None:
+                self._check_tensor("k_new", k_new, (num_rows, self._layout.num_kv_heads))
+                self._check_tensor("v_new", v_new, (num_rows, self._layout.num_kv_heads))
+            if sliding_window is not None:
+                sliding_window = _check_int("sliding_window", sliding_window, low=1, high=2**31 - 1)
+            if scale is not None and (
+                isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0
+            ):
+                raise errors.InvalidArgument(f"scale must be a positive number, got {scale!r}")
+            if not isinstance(return_lse, bool):
+                raise errors.InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
+            options = {"scale": scale, "sliding_window": sliding_window, "return_lse": return_lse}
+            return self._data_call(
+                "attend", layer, seq_ids, q_lens, tenant, q=q, k=k_new, v=v_new, options=options
+            )
+
+    def _data_call(
+        self,
+        method: str,
+        layer: int,
+        seq_ids: list[int],
+        q_lens: list[int],
+        tenant: str,
+        *,
+        q: torch.Tensor | None,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
+        """Plan, submit and await one write_kv or attend batch, possibly over several workers."""
+        writes = k is not None
+        num_rows = sum(q_lens)
+        with self._planning() as batch:
+            starts, versions = self._check_positions(layer, seq_ids, q_lens, tenant, writes)
+            groups = self._split_by_worker(seq_ids, q_lens)
+            commands: list[Any] = []
+            try:
+                plans = [
+                    self._plan_group(
+                        [seq_ids[i] for i in idx],
+                        [starts[i] for i in idx] if writes else None,
+                        [q_lens[i] for i in idx],
+                        commands,
+                    )
+                    for _wid, _rows, idx in groups
+                ]
+            finally:
+                self._submit(commands, batch.calls)
+            first_data = len(batch.calls)
+            for (wid, rows, idx), (tables, seq_lens) in zip(groups, plans, strict=True):
+                handle = self._handles[wid]
+                group_q_lens = [q_lens[i] for i in idx]
+                if method == "write_kv":
+                    slots = _slots(tables, seq_lens, group_q_lens, self._layout.block_size)
+                    call = handle.submit("write_kv", layer, slots, _rows(k, rows), _rows(v, rows))
+                else:
+                    plan = AttendPlan(tables, seq_lens, group_q_lens, None)
+                    call = handle.submit(
+                        "attend", layer, plan, _rows(q, rows), _rows(k, rows), _rows(v, rows),
+                        **(options or {}),
+                    )  # fmt: skip
+                batch.calls.append(call)
+        if writes:
+            self._record_writes(layer, seq_ids, starts, q_lens, versions)
+        if method == "write_kv":
+            return None
+        results = batch.results[first_data : first_data + len(groups)]
+        return _merge_results(results, groups, num_rows, bool(options and options["return_lse"]))
+
+    def _plan_group(
+        self,
+        seq_ids: list[int],
+        starts: list[int] | None,
+        q_lens: list[int],
+        commands: list[Any],
+    ) -> tuple[list[list[int]], list[int]]:
+        """Block tables for sequences of one worker, made GPU-resident and writable.
+
+        prepare_write copies shared blocks in the written range (COW); prepare_attention
+        then brings every sequence to the GPU tier and gives the final tables, from which
+        the write slots are derived (a later write plan may have moved an earlier one).
+        """
+        if starts is not None:
+            for sid, start, q_len in zip(seq_ids, starts, q_lens, strict=True):
+                wp = self._manager.prepare_write(sid, start, start + q_len)
+                if isinstance(wp, OutOfMemory):
+                    raise errors.ResourceExhausted(f"sequence {sid}: {wp.reason}")
+                commands.extend(wp.commands)
+        plan = self._manager.prepare_attention(seq_ids)
+        if isinstance(plan, OutOfMemory):
+            raise errors.ResourceExhausted(f"attention over {seq_ids}: {plan.reason}")
+        commands.extend(plan.commands)
+        return [list(t) for t in plan.block_tables], [int(n) for n in plan.seq_lens]
+
+    def _check_positions(
+        self, layer: int, seq_ids: list[int], q_lens: list[int], tenant: str, writes: bool
+    ) -> tuple[list[int], list[int]]:
+        """First written position and version of each sequence, after the state checks."""
+        starts: list[int] = []
+        versions: list[int] = []
+        for sid, q_len in zip(seq_ids, q_lens, strict=True):
+            state = self._own(sid, tenant)
+            length = self._manager.sequence(sid).num_tokens
+            if q_len > length:
+                raise errors.FailedPrecondition(
+                    f"sequence {sid} has {length} tokens; q_len {q_len} is past its start"
+                )
+            start = length - q_len
+            have = state.written[layer]
+            if state.tracked and writes and start > have:
+                raise errors.FailedPrecondition(
+                    f"sequence {sid}, layer {layer}: positions {have}..{start - 1} have no K/V; "
+                    f"write them first"
+                )
+            if state.tracked and not writes and have < length:
+                raise errors.FailedPrecondition(
+                    f"sequence {sid}, layer {layer}: positions {have}..{length - 1} have no K/V; "
+                    f"pass k_new/v_new or write them first"
+                )
+            starts.append(start)
+            versions.append(state.version)
+        return starts, versions
+
+    def _record_writes(
+        self,
+        layer: int,
+        seq_ids: list[int],
+        starts: list[int],
+        q_lens: list[int],
+        versions: list[int],
+    ) -> None:
+        """After a successful write: advance written[layer], feed the prefix cache."""
+        with self._planning(check_open=False) as batch:
+            for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
+                state = self._seqs.get(sid)
+                if state is None or state.lost or state.version != version:
+                    continue  # freed, lost or truncated meanwhile
+                if start <= state.written[layer]:
+                    state.written[layer] = max(state.written[layer], start + q_len)
+                computed = min(state.written)
+                if computed > state.computed:
+                    self._manager.mark_computed(sid, computed)
+                    state.computed = computed
+            self._submit_ledger(batch.calls)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        """Usage per worker and tier, sequences, prefix cache, swaps, and each worker's stats.
+
+        Keys: layout{num_layers, num_kv_heads, head_dim, dtype, block_size, block_bytes},
+        workers{id: {device, tiers{gpu|cpu: {total, used, cached, free}}, worker{...}}},
+        sequences_live, sequences_by_tenant{tenant: n}, sequences_created,
+        prefix_cache{queries, hits, query_tokens, hit_tokens, hit_rate},
+        swaps{out|in: {count, blocks, bytes}}, cow_blocks.
+        """
+        with self.metrics.time_call("stats"):
+            with self._lock:
+                snap = self._snapshot()
+                tenants: dict[str, int] = {}
+                for state in self._seqs.values():
+                    tenants[state.tenant] = tenants.get(state.tenant, 0) + 1
+                totals = dict(self.metrics.totals)
+                handles = dict(self._handles)
+            worker_stats: dict[int, Any] = {}
+            for wid, handle in handles.items():
+                try:
+                    worker_stats[wid] = handle.call("stats")
+                except Exception as exc:  # stats describe a sick worker rather than fail
+                    worker_stats[wid] = {"error": str(exc)}
+            layout = self._layout
+            queries = totals["prefix_query_tokens"]
+            return {
+                "layout": {
+                    "num_layers": layout.num_layers,
+                    "num_kv_heads": layout.num_kv_heads,
+                    "head_dim": layout.head_dim,
+                    "dtype": layout.dtype,
+                    "block_size": layout.block_size,
+                    "block_bytes": layout.block_bytes,
+                },
+                "workers": {
+                    str(wid): {
+                        "device": self._infos[wid].device,
+                        "tiers": {_TIER_NAMES[t]: counts for t, counts in tiers.items()},
+                        "worker": _jsonable(worker_stats.get(wid, {})),
+                    }
+                    for wid, tiers in snap["usage"].items()
+                },
+                "sequences_live": snap["sequences_live"],
+                "sequences_by_tenant": tenants,
+                "sequences_created": totals["sequences_created"],
+                "prefix_cache": {
+                    "queries": totals["prefix_queries"],
+                    "hits": totals["prefix_hits"],
+                    "query_tokens": queries,
+                    "hit_tokens": totals["prefix_hit_tokens"],
+                    "hit_rate": totals["prefix_hit_tokens"] / queries if queries else 0.0,
+                },
+                "swaps": {
+                    d: {
+                        "count": totals[f"swaps_{d}"],
+                        "blocks": totals[f"swap_blocks_{d}"],
+                        "bytes": totals[f"swap_bytes_{d}"],
+                    }
+                    for d in ("out", "in")
+                },
+                "cow_blocks": totals["cow_blocks"],
+            }
+
+    def check_invariants(self) -> None:
+        """The manager's invariants plus the coordinator's own bookkeeping (AssertionError)."""
+        with self._lock:
+            self._manager.check_invariants()
+            for sid, state in self._seqs.items():
+                if state.lost:
+                    continue
+                view = self._manager.sequence(sid)
+                assert view.tenant == state.tenant, (sid, view.tenant, state.tenant)
+                assert view.worker_id == state.worker_id, (sid, view.worker_id, state.worker_id)
+                assert state.computed <= min(state.written), (sid, state)
+                assert max(state.written) <= view.num_tokens, (sid, state, view.num_tokens)
+
+    # ------------------------------------------------------------------ internals
+
+    def _snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            usage = self._manager.usage()
+            return {
+                "usage": {
+                    int(wid): {int(tier): _usage_dict(u) for tier, u in tiers.items()}
+                    for wid, tiers in usage.items()
+                },
+                "sequences_live": sum(1 for s in self._seqs.values() if not s.lost),
+            }
+
+    def _info(self, seq_id: int) -> SequenceInfo:
+        view = self._manager.sequence(seq_id)
+        state = self._seqs[seq_id]
+        return SequenceInfo(
+            seq_id=int(seq_id),
+            length=int(view.num_tokens),
+            num_cached_tokens=int(min(state.computed, view.num_tokens)),
+            worker_id=int(view.worker_id),
+            num_blocks=len(view.block_ids),
+            tiers=tuple(int(t) for t in view.tiers),
+        )
+
+    def _own(self, seq_id: int, tenant: str, *, allow_lost: bool = False) -> _SeqState:
+        state = self._seqs.get(seq_id)
+        if state is None or state.tenant != tenant:
+            raise errors.NotFound(f"sequence {seq_id} not found")
+        if state.lost and not allow_lost:
+            raise errors.DataLoss(
+                f"sequence {seq_id} was lost with worker {state.worker_id}; free it", [seq_id]
+            )
+        return state
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.Unavailable("the coordinator is shutting down")
+
+    def _submit(
+        self, commands: Iterable[Any], calls: list[PendingCall], *, ledger: bool = True
+    ) -> None:
+        """Submit the manager's commands in order (then, by default, the ledger updates)."""
+        block_bytes = self._layout.block_bytes
+        for cmd in _coalesce(commands):
+            if isinstance(cmd, FreeBlocks):
+                continue  # informational: a freed block needs nothing from its worker
+            if isinstance(cmd, CopyBlocks):
+                method = "copy_blocks"
+                self.metrics.count_cow(len(cmd.pairs))
+            elif isinstance(cmd, SwapOut):
+                method = "swap_out"
+                self.metrics.count_swap("out", len(cmd.pairs), block_bytes)
+            elif isinstance(cmd, SwapIn):
+                method = "swap_in"
+                self.metrics.count_swap("in", len(cmd.pairs), block_bytes)
+            else:
+                raise TypeError(f"unknown command {cmd!r}")
+            handle = self._handles.get(cmd.worker_id)
+            if handle is not None:
+                calls.append(handle.submit(method, list(cmd.pairs)))
+        if ledger:
+            self._submit_ledger(calls)
+
+    def _submit_ledger(self, calls: list[PendingCall]) -> None:
+        for wid, (upserts, deletes) in self._manager.take_ledger_updates().items():
+            handle = self._handles.get(wid)
+            if handle is not None and (upserts or deletes):
+                calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
+
+    @contextmanager
+    def _planning(self, *, check_open: bool = True) -> Iterator[_Batch]:
+        """Plan under the table lock; await the submitted worker calls after releasing it.
+
+        Every submitted call is awaited even when planning fails (a local worker would
+        otherwise wait forever for its turn); the planning error wins over theirs.
+        A lost worker becomes DATA_LOSS naming its sequences.
+        """
+        batch = _Batch()
+        try:
+            with self._lock:
+                if check_open:
+                    self._check_open()
+                yield batch
+        except BaseException:
+            try:
+                resolve_all(batch.calls)
+            except WorkerLost as lost:
+                self._lose_worker(lost.worker_id)
+            except Exception:  # the planning error is the one to report
+                log.exception("worker call failed after a failed plan")
+            raise
+        try:
+            batch.results = resolve_all(batch.calls)
+        except WorkerLost as exc:
+            raise self._lose_worker(exc.worker_id) from exc
+
+    def _lose_worker(self, worker_id: int) -> errors.DataLoss:
+        with self._lock:
+            if worker_id in self._handles:
+                del self._handles[worker_id]
+                lost = sorted(int(s) for s in self._manager.remove_worker(worker_id))
+                for sid in lost:
+                    if sid in self._seqs:
+                        self._seqs[sid].lost = True
+                log.error("worker %d lost with sequences %s", worker_id, lost)
+            else:
+                lost = sorted(s for s, st in self._seqs.items() if st.lost and st.worker_id == worker_id)
+        return errors.DataLoss(f"worker {worker_id} was lost with sequences {lost}", lost)
+
+    def _split_by_worker(
+        self, seq_ids: list[int], q_lens: list[int]
+    ) -> list[tuple[int, list[tuple[int, int]], list[int]]]:
+        """[(worker_id, q row ranges, batch indices)] in first-seen order; ranges merged."""
+        groups: dict[int, tuple[list[tuple[int, int]], list[int]]] = {}
+        row = 0
+        for i, (sid, q_len) in enumerate(zip(seq_ids, q_lens, strict=True)):
+            rows, idx = groups.setdefault(self._seqs[sid].worker_id, ([], []))
+            if rows and rows[-1][1] == row:
+                rows[-1] = (rows[-1][0], row + q_len)
+            else:
+                rows.append((row, row + q_len))
+            idx.append(i)
+            row += q_len
+        return [(wid, rows, idx) for wid, (rows, idx) in groups.items()]
+
+    # ------------------------------------------------------------------ argument checks
+
+    def _check_tokens(self, name: str, tokens: object, *, allow_empty: bool) -> list[int]:
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+                raise errors.InvalidArgument(f"{name} must be a 1-D int tensor")
+            values = tokens.tolist()
+        elif isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+            raise errors.InvalidArgument(f"{name} must be a list of token ids")
+        else:
+            values = [_as_int(t) for t in tokens]
+        if not values and not allow_empty:
+            raise errors.InvalidArgument(f"{name} must not be empty")
+        high = (self._vocab_size - 1) if self._vocab_size is not None else _INT64_MAX
+        for t in values:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= high:
+                raise errors.InvalidArgument(
+                    f"{name}: token ids must be ints in [0, {high}], got {t!r}"
+                )
+        return values
+
+    def _check_batch(
+        self, layer: object, seq_ids: object, q_lens: object
+    ) -> tuple[int, list[int], list[int]]:
+        layer = _check_int("layer", layer, low=0, high=self._layout.num_layers - 1)
+        ids = _check_ids(seq_ids, unique=True)
+        if not ids:
+            raise errors.InvalidArgument("seq_ids must not be empty")
+        if isinstance(q_lens, str | bytes) or not isinstance(q_lens, Sequence | torch.Tensor):
+            raise errors.InvalidArgument("q_lens must be a list of ints")
+        lens = [_check_int(f"q_lens[{i}]", x, low=1) for i, x in enumerate(q_lens)]
+        if len(lens) != len(ids):
+            raise errors.InvalidArgument(f"{len(ids)} seq_ids but {len(lens)} q_lens")
+        return layer, ids, lens
+
+    def _check_tensor(self, name: str, t: object, lead: tuple[int, int | None]) -> None:
+        """A [rows, heads, head_dim] tensor of the layout's dtype (heads None = any)."""
+        if not isinstance(t, torch.Tensor):
+            raise errors.InvalidArgument(f"{name} must be a tensor, got {type(t).__name__}")
+        rows, heads = lead
+        shape = tuple(t.shape)
+        if (
+            len(shape) != 3
+            or shape[0] != rows
+            or (heads is not None and shape[1] != heads)
+            or shape[2] != self._layout.head_dim
+        ):
+            want = (rows, "num_q_heads" if heads is None else heads, self._layout.head_dim)
+            raise errors.InvalidArgument(f"{name} has shape {shape}, expected {want}")
+        if t.dtype != self._dtype:
+            raise errors.InvalidArgument(
+                f"{name} is {t.dtype}; the cache holds {self._layout.dtype}"
+            )
+
+
+def _handles_by_id(
+    workers: Mapping[int, WorkerHandle] | Iterable[WorkerHandle],
+) -> dict[int, WorkerHandle]:
+    if isinstance(workers, Mapping):
+        return dict(workers)
+    return {h.worker_id: h for h in workers}
+
+
+def _as_int(value: object) -> object:
+    """Numpy and 0-d torch integers as Python ints; anything else unchanged (checked later)."""
+    if isinstance(value, int) or isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point:
+        return int(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
+        return int(value)  # type: ignore[call-overload]
+    return value
+
+
+def _check_int(name: str, value: object, *, low: int, high: int = _INT64_MAX) -> int:
+    value = _as_int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidArgument(f"{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise errors.InvalidArgument(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_id(seq_id: object) -> int:
+    return _check_int("seq_id", seq_id, low=0)
+
+
+def _check_ids(seq_ids: object, *, unique: bool) -> list[int]:
+    if isinstance(seq_ids, str | bytes) or not isinstance(seq_ids, Sequence | torch.Tensor):
+        raise errors.InvalidArgument("seq_ids must be a list of ints")
+    ids = [_check_id(s) for s in seq_ids]
+    if unique and len(set(ids)) != len(ids):
+        raise errors.InvalidArgument(f"seq_ids has duplicates: {ids}")
+    return ids
+
+
+def _check_tenant(tenant: object) -> str:
+    if tenant is None:
+        return DEFAULT_TENANT
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_LEN:
+        raise errors.InvalidArgument(f"tenant must be a non-empty string, got {tenant!r}")
+    return tenant
+
+
+def _usage_dict(usage: Any) -> dict[str, int]:
+    return {k: int(getattr(usage, k)) for k in ("total", "used", "cached", "free")}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return str(value)
+
+
+def _slots(
+    tables: list[list[int]], seq_lens: list[int], q_lens: list[int], block_size: int
+) -> list[int]:
+    """Slots of each sequence's last q_len positions, from its block table."""
+    slots: list[int] = []
+    for table, length, q_len in zip(tables, seq_lens, q_lens, strict=True):
+        for pos in range(length - q_len, length):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    return slots
+
+
+def _rows(t: torch.Tensor | None, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+    """The rows of ``t`` in ``ranges``: ``t`` itself, a view for one range, else a copy."""
+    if t is None:
+        return None
+    if len(ranges) == 1:
+        start, end = ranges[0]
+        return t if (start == 0 and end == t.shape[0]) else t[start:end]
+    return torch.cat([t[a:b] for a, b in ranges])
+
+
+def _merge_results(
+    results: list[Any],
+    groups: list[tuple[int, list[tuple[int, int]], list[int]]],
+    num_rows: int,
+    return_lse: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Put each worker's output rows back in batch order."""
+    if len(groups) == 1:
+        return results[0]
+    parts = [(r[0], r[1]) if return_lse else (r, None) for r in results]
+    first_out, first_lse = parts[0]
+    out = first_out.new_empty((num_rows, *first_out.shape[1:]))
+    lse = first_lse.new_empty((num_rows, *first_lse.shape[1:])) if first_lse is not None else None
+    for (_, rows, _), (o, part_lse) in zip(groups, parts, strict=True):
+        offset = 0
+        for a, b in rows:
+            out[a:b] = o[offset : offset + b - a]
+            if lse is not None and part_lse is not None:
+                lse[a:b] = part_lse[offset : offset + b - a]
+            offset += b - a
+    return (out, lse) if lse is not None else out
+
+
+def _coalesce(commands: Iterable[Any]) -> list[Any]:
+    """Merge runs of same-kind commands to one worker into one command (order kept)."""
+    merged: list[Any] = []
+    for cmd in commands:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and not isinstance(cmd, FreeBlocks)
+            and type(last) is type(cmd)
+            and last.worker_id == cmd.worker_id
+            and _disjoint(last.pairs, cmd.pairs)
+        ):
+            merged[-1] = type(cmd)(cmd.worker_id, (*last.pairs, *cmd.pairs))
+        else:
+            merged.append(cmd)
+    return merged
+
+
+def _disjoint(a: Iterable[tuple[int, int]], b: Iterable[tuple[int, int]]) -> bool:
+    """No block of ``b`` is a destination in ``a``, and no destination of ``b`` is in ``a``."""
+    a_src = {s for s, _ in a}
+    a_dst = {d for _, d in a}
+    return all(s not in a_dst and d not in a_dst and d not in a_src for s, d in b)
