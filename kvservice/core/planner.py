@@ -121,9 +121,11 @@ def _move(ws: WorkerState, seqs: list[SeqState], src: Tier, copy_shared: bool) -
         dst.ref_cnt = n
         if moved:
             move_entry(meta, dst, ws.index)
-        src_pool.decref(meta, n)
         mapping[meta] = dst
         pairs.append((meta.block_id, dst.block_id))
+    # Released last to first, so the freed blocks are reused in ascending order.
+    for meta in reversed(mapping):
+        src_pool.decref(meta, refs[meta])
     if mapping:
         for seq in seqs:
             for i, meta in enumerate(seq.blocks):
