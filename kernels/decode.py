@@ -35,7 +35,8 @@ from .merge import merge_splits
 _LOG2E = 1.4426950408889634
 # A split shorter than this costs more in its partial write and reduce than it saves.
 _MIN_TOKENS_PER_SPLIT = 256
-_MAX_SPLITS = 64
+_MAX_SPLITS = 128
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -117,11 +118,10 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int) -> int:
-    """Enough (batch, head, split) programs for about two waves, splits no shorter than 256."""
+    """Splits so that (batch, head, split) programs number about four per SM, which keeps
+    the last wave short; no split shorter than ``_MIN_TOKENS_PER_SPLIT`` tokens."""
     programs = batch * num_kv_heads
-    if programs >= num_sms:
-        return 1
-    wanted = triton.cdiv(2 * num_sms, programs)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, max(programs, 1))
     cap = max(1, max_tokens // _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, cap, _MAX_SPLITS))
 
@@ -196,16 +196,41 @@ def paged_decode(
     if batch == 0:
         return (out, lse) if return_lse else out
 
-    max_tokens = block_tables.shape[1] * block_size
+    launch_decode(q, k_cache, v_cache, block_tables, seq_lens, out, lse, scale, num_splits)
+    return (out, lse) if return_lse else out
+
+
+def decode_config(head_dim: int) -> dict[str, int]:
+    """Tile and launch settings: tokens per step, warps, pipeline depth."""
+    if head_dim <= 128:
+        return {"block_n": 64, "num_warps": 4, "num_stages": 2}
+    return {"block_n": 32, "num_warps": 4, "num_stages": 2}
+
+
+def launch_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    config: dict[str, int] | None = None,
+) -> int:
+    """Launch on already validated inputs; returns the split count used."""
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    config = config or decode_config(head_dim)
+    block_n = config["block_n"]
+    max_tokens = max(block_tables.shape[1] * block_size, 1)
     if num_splits is None:
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
         num_splits = choose_num_splits(batch, num_kv_heads, max_tokens, num_sms)
-    block_n = 64 if head_dim <= 128 else 32
-    tokens_per_split = triton.cdiv(max(max_tokens, 1), num_splits)
-    tokens_per_split = triton.cdiv(tokens_per_split, block_n) * block_n
-    num_splits = triton.cdiv(max(max_tokens, 1), tokens_per_split)
-
-    upcast = interpreting() and q.dtype != torch.float32
+    tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_tokens, tokens_per_split)
     meta = dict(
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
@@ -213,39 +238,30 @@ def paged_decode(
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        UPCAST=upcast,
+        UPCAST=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     grid = (batch, num_kv_heads, num_splits)
     if num_splits == 1:
-        _paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_tables, seq_lens, out, lse,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0),
-            out.stride(0), out.stride(1), 0,
-            lse.stride(0), lse.stride(1),
-            scale * _LOG2E, tokens_per_split,
-            **meta,
-        )
+        part_out, part_lse, stride_os = out, lse, 0
     else:
         part_out = torch.empty(
             (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
         )
-        part_lse = torch.empty(
-            (batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device
-        )
-        _paged_decode_kernel[grid](
-            q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables.stride(0),
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            scale * _LOG2E, tokens_per_split,
-            **meta,
-        )
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+        stride_os = part_out.stride(2)
+    _paged_decode_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), stride_os,
+        part_lse.stride(0), part_lse.stride(1),
+        scale * _LOG2E, tokens_per_split,
+        **meta,
+    )
+    if num_splits > 1:
         merge_splits(part_out, part_lse, out, lse)
-    return (out, lse) if return_lse else out
+    return num_splits

@@ -107,7 +107,10 @@ def _paged_extend_kernel(
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     seq_len = tl.load(lens_ptr + b)
     ctx = seq_len - q_len
-    m0 = (tile - tl.load(cu_tiles_ptr + b)) * BLOCK_M
+    # Within a sequence the last tiles (the most keys) go first: shorter tail under causality.
+    first_tile = tl.load(cu_tiles_ptr + b)
+    num_tiles = tl.load(cu_tiles_ptr + b + 1) - first_tile
+    m0 = (num_tiles - 1 - (tile - first_tile)) * BLOCK_M
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
@@ -289,14 +292,42 @@ def paged_extend(
     if total == 0 or batch == 0:
         return (out, lse) if return_lse else out
 
+    launch_extend(
+        q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, out, lse, scale, sliding_window
+    )
+    return (out, lse) if return_lse else out
+
+
+def extend_config(head_dim: int) -> dict[str, int]:
+    """Query rows and keys per tile, warps and pipeline depth for the extend kernel."""
     if interpreting():
-        block_m, block_n, warps, stages = 16, 16, 4, 1
-    elif head_dim <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
-    elif head_dim <= 128:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
+        return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+    return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+
+
+def launch_extend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    config: dict[str, int] | None = None,
+) -> None:
+    """Launch on already validated inputs."""
+    total, num_q_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    block_size = k_cache.shape[1]
+    config = config or extend_config(head_dim)
+    block_m = config["block_m"]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     cu_tiles = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
     torch.cumsum((q_lens + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=cu_tiles[1:])
@@ -309,16 +340,15 @@ def paged_extend(
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
         scale * _LOG2E, sliding_window or 0, batch,
-        GROUP=group,
+        GROUP=num_q_heads // k_cache.shape[2],
         HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=config["block_n"],
         HAS_WINDOW=sliding_window is not None,
         UPCAST=interpreting() and q.dtype != torch.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
-    return (out, lse) if return_lse else out

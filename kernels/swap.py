@@ -11,12 +11,15 @@ destination blocks or reusing the source blocks. Two host pools are copied synch
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from ._common import require, use_triton_for
 from .copy import as_words, check_pairs, launch_block_copy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,8 +107,42 @@ def swap_blocks(
     device_pairs = pairs.to(device, non_blocking=True).contiguous()
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        launch_block_copy(as_words(src_pool), as_words(dst_pool), device_pairs)
+        if _kernel_reaches_host(device):
+            launch_block_copy(as_words(src_pool), as_words(dst_pool), device_pairs)
+        else:
+            _staged_swap(src_pool, dst_pool, pairs, device_pairs)
         event = torch.cuda.Event()
         event.record(stream)
     device_pairs.record_stream(stream)
     return SwapHandle(event=event, _keep_alive=(device_pairs, src_pool, dst_pool))
+
+
+@functools.cache
+def _kernel_reaches_host(device: torch.device) -> bool:
+    """Whether a Triton kernel on ``device`` may take a pinned host pointer (UVA)."""
+    host = torch.arange(8, dtype=torch.int64).pin_memory()
+    dev = torch.zeros(8, dtype=torch.int64, device=device)
+    pairs = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    try:
+        launch_block_copy(host.view(1, 8), dev.view(1, 8), pairs)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # the driver or Triton refused the host pointer
+        logger.warning("swap falls back to staged copies: %s", exc)
+        return False
+    return bool(torch.equal(dev.cpu(), host))
+
+
+def _staged_swap(
+    src_pool: torch.Tensor, dst_pool: torch.Tensor, pairs: torch.Tensor, device_pairs: torch.Tensor
+) -> None:
+    """Fallback: gather on the source side into one buffer, one copy, scatter (synchronous)."""
+    src_ids = (device_pairs if src_pool.is_cuda else pairs)[:, 0]
+    dst_ids = (device_pairs if dst_pool.is_cuda else pairs)[:, 1]
+    staged = src_pool[src_ids]
+    if src_pool.is_cuda:
+        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+        host.copy_(staged, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        dst_pool[dst_ids] = host
+    else:
+        dst_pool[dst_ids] = staged.pin_memory().to(dst_pool.device, non_blocking=True)

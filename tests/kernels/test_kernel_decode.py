@@ -131,10 +131,11 @@ def test_decode_block_offsets_past_int32():
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(64, 8, 4096, 132) == 1
-    assert choose_num_splits(1, 8, 32768, 132) == 33
-    assert choose_num_splits(1, 8, 300, 132) == 1
-    assert choose_num_splits(16, 8, 4096, 132) == 3
+    assert choose_num_splits(256, 8, 2048, 132) == 1
+    assert choose_num_splits(64, 8, 4096, 132) == 2
+    assert choose_num_splits(16, 8, 4096, 132) == 5
+    assert choose_num_splits(1, 8, 32768, 132) == 66
+    assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
 
 
 def _valid_inputs(device=DEVICE):
