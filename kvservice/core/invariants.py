@@ -13,19 +13,19 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping
 
-from kvservice.core.ids import SeqId, Tier, WorkerId
+from kvservice.core.ids import Tier
 from kvservice.core.pins import PinTable
 from kvservice.core.planner import WorkerState
 from kvservice.core.sequence import SeqState
 
 
 def check_manager(
-    workers: Mapping[WorkerId, WorkerState],
-    seqs: Mapping[SeqId, SeqState],
+    workers: Mapping[int, WorkerState],
+    seqs: Mapping[int, SeqState],
     pins: PinTable,
     block_size: int,
 ) -> None:
-    owner: dict[int, tuple[WorkerId, Tier]] = {}
+    owner: dict[int, tuple[int, Tier]] = {}
     for worker_id, ws in workers.items():
         for pool in (ws.gpu, ws.cpu):
             for i, meta in enumerate(pool.metas):
@@ -78,7 +78,7 @@ def _check_pool_queue(ws: WorkerState, tier: Tier) -> None:
 
 
 def _check_seq(
-    ws: WorkerState, seq: SeqState, block_size: int, owner: dict[int, tuple[WorkerId, Tier]]
+    ws: WorkerState, seq: SeqState, block_size: int, owner: dict[int, tuple[int, Tier]]
 ) -> None:
     n = len(seq.tokens)
     assert len(seq.blocks) == -(-n // block_size), f"sequence {seq.seq_id}: block count"

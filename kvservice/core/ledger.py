@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from kvservice.core.block_pool import BlockMeta
 from kvservice.core.commands import PoolSizes
 from kvservice.core.errors import InvalidArgument
-from kvservice.core.ids import BlockHash, SeqId, TenantId, Tier, WorkerId
+from kvservice.core.ids import BlockHash, SeqId, TenantId, Tier
 from kvservice.core.pins import Pin
 from kvservice.core.planner import WorkerState
 from kvservice.core.prefix_cache import chain_hash, encode_tokens, register
@@ -30,7 +30,7 @@ def _block_records(metas: list[BlockMeta]) -> tuple[BlockRecord, ...]:
     return tuple(BlockRecord(m.block_id, m.tier, m.block_hash) for m in metas)
 
 
-def build_record(seq_id: SeqId, seq: SeqState | None, pin: Pin | None) -> SeqRecord:
+def build_record(seq_id: int, seq: SeqState | None, pin: Pin | None) -> SeqRecord:
     """The record of a live sequence, or of a freed one its pin still holds."""
     pin_record = None
     if pin is not None:
@@ -39,23 +39,23 @@ def build_record(seq_id: SeqId, seq: SeqState | None, pin: Pin | None) -> SeqRec
         )
     if seq is None:
         assert pin is not None
-        return SeqRecord(seq_id, pin.tenant, (), (), 0, pin_record, live=False)
+        return SeqRecord(SeqId(seq_id), pin.tenant, (), (), 0, pin_record, live=False)
     return SeqRecord(
-        seq_id, seq.tenant, tuple(seq.tokens), _block_records(seq.blocks), seq.num_computed,
+        seq.seq_id, seq.tenant, tuple(seq.tokens), _block_records(seq.blocks), seq.num_computed,
         pin_record, live=True,
     )
 
 
 def rebuild(
     layout: Layout,
-    workers: Mapping[WorkerId, PoolSizes],
-    records: Mapping[WorkerId, Mapping[SeqId, SeqRecord]],
+    workers: Mapping[int, PoolSizes],
+    records: Mapping[int, Mapping[int, SeqRecord]],
     options: dict[str, Any],
 ) -> KVCacheManager:
     from kvservice.core.manager import KVCacheManager
 
     manager = KVCacheManager(layout, workers, **options)
-    seen: set[SeqId] = set()
+    seen: set[int] = set()
     for worker_id, by_seq in records.items():
         if worker_id not in manager._workers:
             raise InvalidArgument(f"records for unknown worker {worker_id}")
@@ -134,7 +134,7 @@ def _restore_seq(manager: KVCacheManager, ws: WorkerState, rec: SeqRecord, tenan
 
 
 def _restore_pin(
-    manager: KVCacheManager, ws: WorkerState, seq_id: SeqId, rec: PinRecord, tenant: TenantId
+    manager: KVCacheManager, ws: WorkerState, seq_id: int, rec: PinRecord, tenant: TenantId
 ) -> None:
     what = f"pin of sequence {seq_id}"
     tokens, _ = manager._tokens(rec.tokens)

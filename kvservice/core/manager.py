@@ -11,9 +11,9 @@ a freed sequence) -> ``InvalidArgument``; a sequence whose worker was removed ->
 the call returns ``OutOfMemory(reason, worker_id)``. Any call that raises or returns
 ``OutOfMemory`` leaves the state exactly as it was.
 
-API (ids are ints: SeqId, WorkerId, BlockId; tenant is a str, None = "default")::
+API (ids are plain ints at the boundary; tenant is a str, None = "default")::
 
-    KVCacheManager(layout, workers: Mapping[WorkerId, PoolSizes], *,
+    KVCacheManager(layout, workers: Mapping[int, PoolSizes], *,
                    high_watermark=0.95, low_watermark=0.85, vocab_size=None,
                    placement="prefix_affinity", eviction="lru", clock=time.time)
     create(tenant, tokens, *, worker_id=None) -> CreateResult(seq_id, worker_id,
@@ -38,7 +38,8 @@ API (ids are ints: SeqId, WorkerId, BlockId; tenant is a str, None = "default"):
     offload(seq_ids) -> list[Command]      (best effort swap to CPU; pinned ones stay)
     prefetch(seq_ids) -> list[Command]     (best effort swap to GPU)
     evict_cached(worker_id, num_blocks=None) -> int   (drop cached blocks, LRU first)
-    pin(seq_id, *, hard=True, ttl_s=None) -> None     (hard: no ttl; soft: ttl_s > 0)
+    pin(seq_id, *, hard=True, ttl_s=None) -> list[Command]   (hard: no ttl; soft: ttl_s > 0)
+        holds the sequence's current blocks (even past free) and keeps it from swapping.
     unpin(seq_id) -> list[Command]
     sequence(seq_id) -> SeqView(seq_id, tenant, worker_id, num_tokens, tokens, block_ids,
         tiers, num_computed_tokens, pinned)
@@ -77,7 +78,7 @@ from kvservice.core.commands import (
     WritePlan,
 )
 from kvservice.core.errors import InvalidArgument
-from kvservice.core.ids import SeqId, Tier, WorkerId
+from kvservice.core.ids import SeqId, Tier
 from kvservice.core.layout import Layout
 from kvservice.core.ledger import rebuild
 from kvservice.core.manager_admin import ManagerAdmin
@@ -95,7 +96,7 @@ class KVCacheManager(ManagerAdmin):
     """Page tables, block pools, prefix cache and tier policy of every worker."""
 
     def create(
-        self, tenant: str | None, tokens: Sequence[int], *, worker_id: WorkerId | None = None
+        self, tenant: str | None, tokens: Sequence[int], *, worker_id: int | None = None
     ) -> CreateResult | OutOfMemory:
         tenant_id = self._tenant(tenant)
         token_list, data = self._tokens(tokens)
@@ -147,7 +148,7 @@ class KVCacheManager(ManagerAdmin):
         commands += relieve(ws, {seq.seq_id}, self._pins, self.high_watermark, self.low_watermark)
         return CreateResult(seq.seq_id, ws.worker_id, seq.num_computed, commands)
 
-    def append(self, seq_id: SeqId, tokens: Sequence[int]) -> StepResult | OutOfMemory:
+    def append(self, seq_id: int, tokens: Sequence[int]) -> StepResult | OutOfMemory:
         seq = self._seq(seq_id)
         token_list, _ = self._tokens(tokens)
         if not token_list:
@@ -171,7 +172,7 @@ class KVCacheManager(ManagerAdmin):
         return StepResult(commands)
 
     def prepare_decode(
-        self, seq_ids: Sequence[SeqId], tokens: Sequence[int]
+        self, seq_ids: Sequence[int], tokens: Sequence[int]
     ) -> DecodePlan | OutOfMemory:
         ws, seqs = self._seqs_on_one_worker(seq_ids)
         token_list, _ = self._tokens(tokens)
@@ -213,7 +214,7 @@ class KVCacheManager(ManagerAdmin):
         self._upserts.update(seq_ids)
         return DecodePlan(ws.worker_id, tables, seq_lens, slots, commands)
 
-    def fork(self, seq_id: SeqId, n: int) -> list[SeqId]:
+    def fork(self, seq_id: int, n: int) -> list[SeqId]:
         seq = self._seqs.get(seq_id)
         if seq is None and seq_id not in self._lost and 0 <= seq_id < self._next_seq_id:
             raise InvalidArgument(f"sequence {seq_id} was freed and cannot be forked")
@@ -234,7 +235,7 @@ class KVCacheManager(ManagerAdmin):
             children.append(child.seq_id)
         return children
 
-    def truncate(self, seq_id: SeqId, length: int) -> list[Command]:
+    def truncate(self, seq_id: int, length: int) -> list[Command]:
         seq = self._seq(seq_id)
         check_count("length", length, 0, len(seq.tokens))
         ws = self._workers[seq.worker_id]
@@ -250,7 +251,7 @@ class KVCacheManager(ManagerAdmin):
         self._upserts.add(seq_id)
         return commands
 
-    def free(self, seq_id: SeqId) -> list[Command]:
+    def free(self, seq_id: int) -> list[Command]:
         if seq_id in self._lost:
             self._lost.discard(seq_id)
             return []
@@ -267,7 +268,7 @@ class KVCacheManager(ManagerAdmin):
             self._deletes[seq_id] = ws.worker_id
         return commands
 
-    def prepare_write(self, seq_id: SeqId, start: int, end: int) -> WritePlan | OutOfMemory:
+    def prepare_write(self, seq_id: int, start: int, end: int) -> WritePlan | OutOfMemory:
         seq = self._seq(seq_id)
         check_count("end", end, 0, len(seq.tokens))
         check_count("start", start, 0, end)
@@ -287,7 +288,7 @@ class KVCacheManager(ManagerAdmin):
         self._upserts.add(seq_id)
         return WritePlan(ws.worker_id, slots, commands)
 
-    def prepare_attention(self, seq_ids: Sequence[SeqId]) -> AttentionPlan | OutOfMemory:
+    def prepare_attention(self, seq_ids: Sequence[int]) -> AttentionPlan | OutOfMemory:
         ws, seqs = self._seqs_on_one_worker(seq_ids)
         self._expire_pins()
         commands: list[Command] = []
@@ -302,7 +303,7 @@ class KVCacheManager(ManagerAdmin):
         tables = [s.block_ids.copy() for s in seqs]
         return AttentionPlan(ws.worker_id, tables, [len(s.tokens) for s in seqs], commands)
 
-    def mark_computed(self, seq_id: SeqId, num_tokens: int) -> None:
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
         seq = self._seq(seq_id)
         check_count("num_tokens", num_tokens, 0, len(seq.tokens))
         seq.num_computed = max(seq.num_computed, num_tokens)
@@ -325,13 +326,13 @@ class KVCacheManager(ManagerAdmin):
             register(ws.pool(meta.tier), meta, hashes[i], parent, block_bytes, seq.tenant)
         self._upserts.add(seq_id)
 
-    def lookup_prefix(self, tenant: str | None, tokens: Sequence[int]) -> dict[WorkerId, int]:
+    def lookup_prefix(self, tenant: str | None, tokens: Sequence[int]) -> dict[int, int]:
         """Tokens of this prompt each worker could serve from cache (as create would)."""
         tenant_id = self._tenant(tenant)
         token_list, data = self._tokens(tokens)
         chain = HashChain(data, self._salt(tenant_id), self.block_size)
         max_shared = max(len(token_list) - 1, 0) // self.block_size
-        out: dict[WorkerId, int] = {}
+        out: dict[int, int] = {}
         for worker_id, ws in self._workers.items():
             hits = match_prefix(ws.index, chain, tenant_id, max_shared)
             if hits:
@@ -343,8 +344,8 @@ class KVCacheManager(ManagerAdmin):
     def from_ledgers(
         cls,
         layout: Layout,
-        workers: Mapping[WorkerId, PoolSizes],
-        records: Mapping[WorkerId, Mapping[SeqId, SeqRecord]],
+        workers: Mapping[int, PoolSizes],
+        records: Mapping[int, Mapping[int, SeqRecord]],
         **options: Any,
     ) -> KVCacheManager:
         """Rebuild page tables, refcounts, pins and the prefix index from worker ledgers."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from kvservice.core.commands import Command, PoolSizes, SeqView, TierUsage
 from kvservice.core.errors import InvalidArgument
-from kvservice.core.ids import SeqId, Tier, WorkerId
+from kvservice.core.ids import Tier
 from kvservice.core.invariants import check_manager
 from kvservice.core.ledger import build_record
 from kvservice.core.manager_base import ManagerBase, check_count
@@ -21,7 +21,7 @@ from kvservice.core.sequence import SeqState
 class ManagerAdmin(ManagerBase):
     # -- pins ---------------------------------------------------------------------------
 
-    def pin(self, seq_id: SeqId, *, hard: bool = True, ttl_s: float | None = None) -> list[Command]:
+    def pin(self, seq_id: int, *, hard: bool = True, ttl_s: float | None = None) -> list[Command]:
         """Keep the sequence's current blocks in place (see pins.py); replaces its pin."""
         seq = self._seq(seq_id)
         if hard and ttl_s is not None:
@@ -42,7 +42,7 @@ class ManagerAdmin(ManagerBase):
         self._upserts.add(seq_id)
         return self._release(ws, old.blocks) if old is not None else []
 
-    def unpin(self, seq_id: SeqId) -> list[Command]:
+    def unpin(self, seq_id: int) -> list[Command]:
         if seq_id not in self._pins:
             self._seq(seq_id)  # NotFound / DataLoss for ids that are not live
             return []
@@ -50,7 +50,7 @@ class ManagerAdmin(ManagerBase):
 
     # -- tier hints and eviction ----------------------------------------------------------
 
-    def offload(self, seq_ids: Sequence[SeqId]) -> list[Command]:
+    def offload(self, seq_ids: Sequence[int]) -> list[Command]:
         """Swap the sequences' GPU blocks to CPU, as far as the CPU tier has room.
 
         Pinned sequences stay, and blocks shared with sequences not listed stay too."""
@@ -65,7 +65,7 @@ class ManagerAdmin(ManagerBase):
                 self._upserts.update(s.seq_id for s in victims)
         return commands
 
-    def prefetch(self, seq_ids: Sequence[SeqId]) -> list[Command]:
+    def prefetch(self, seq_ids: Sequence[int]) -> list[Command]:
         """Swap the sequences back to GPU, in order, while free or cached blocks last;
         never swaps anything else out."""
         seqs = [self._seq(s) for s in seq_ids]
@@ -83,7 +83,7 @@ class ManagerAdmin(ManagerBase):
         return commands
 
     def evict_cached(
-        self, worker_id: WorkerId, num_blocks: int | None = None, tier: Tier = Tier.GPU
+        self, worker_id: int, num_blocks: int | None = None, tier: Tier = Tier.GPU
     ) -> int:
         """Drop cached blocks of one tier, least recently released first; returns how many."""
         pool = self._worker(worker_id).pool(Tier(tier))
@@ -92,10 +92,10 @@ class ManagerAdmin(ManagerBase):
 
     # -- workers ------------------------------------------------------------------------
 
-    def add_worker(self, worker_id: WorkerId, sizes: PoolSizes) -> None:
+    def add_worker(self, worker_id: int, sizes: PoolSizes) -> None:
         self._add_worker(worker_id, sizes)
 
-    def remove_worker(self, worker_id: WorkerId) -> list[SeqId]:
+    def remove_worker(self, worker_id: int) -> list[int]:
         """Forget a worker and everything on it; returns the sequences lost with it."""
         ws = self._worker(worker_id)
         lost = sorted(ws.seqs)
@@ -112,7 +112,7 @@ class ManagerAdmin(ManagerBase):
         return lost
 
     @property
-    def workers(self) -> list[WorkerId]:
+    def workers(self) -> list[int]:
         return sorted(self._workers)
 
     @property
@@ -121,7 +121,7 @@ class ManagerAdmin(ManagerBase):
 
     # -- views --------------------------------------------------------------------------
 
-    def sequence(self, seq_id: SeqId) -> SeqView:
+    def sequence(self, seq_id: int) -> SeqView:
         seq = self._seq(seq_id)
         pin = self._pins.get(seq_id)
         return SeqView(
@@ -130,7 +130,7 @@ class ManagerAdmin(ManagerBase):
             None if pin is None else ("hard" if pin.hard else "soft"),
         )
 
-    def usage(self) -> dict[WorkerId, dict[Tier, TierUsage]]:
+    def usage(self) -> dict[int, dict[Tier, TierUsage]]:
         return {
             w: {
                 pool.tier: TierUsage(pool.num_blocks, pool.num_used, pool.num_cached, pool.num_free)
@@ -145,19 +145,19 @@ class ManagerAdmin(ManagerBase):
 
     # -- ledger -------------------------------------------------------------------------
 
-    def record(self, seq_id: SeqId) -> SeqRecord:
+    def record(self, seq_id: int) -> SeqRecord:
         """What the sequence's worker should keep so a new coordinator can rebuild it."""
         seq = self._seqs.get(seq_id)
         if seq is None and seq_id in self._pins:
             return build_record(seq_id, None, self._pins.get(seq_id))
         return build_record(seq_id, self._seq(seq_id), self._pins.get(seq_id))
 
-    def take_ledger_updates(self) -> dict[WorkerId, tuple[dict[SeqId, SeqRecord], list[SeqId]]]:
+    def take_ledger_updates(self) -> dict[int, tuple[dict[int, SeqRecord], list[int]]]:
         """(upserts, deletes) per worker for every record changed since the last call."""
-        out: dict[WorkerId, tuple[dict[SeqId, SeqRecord], list[SeqId]]] = {}
+        out: dict[int, tuple[dict[int, SeqRecord], list[int]]] = {}
         for seq_id in sorted(self._upserts):
             seq, pin = self._seqs.get(seq_id), self._pins.get(seq_id)
-            worker_id = seq.worker_id if seq is not None else pin.worker_id if pin else None
+            worker_id: int | None = seq.worker_id if seq else pin.worker_id if pin else None
             if worker_id is not None:
                 out.setdefault(worker_id, ({}, []))[0][seq_id] = build_record(seq_id, seq, pin)
         for seq_id, worker_id in sorted(self._deletes.items()):

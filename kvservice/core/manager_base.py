@@ -32,7 +32,7 @@ class ManagerBase:
     def __init__(
         self,
         layout: Layout,
-        workers: Mapping[WorkerId, PoolSizes],
+        workers: Mapping[int, PoolSizes],
         *,
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
@@ -61,20 +61,20 @@ class ManagerBase:
         self._placement = PLACEMENT_POLICIES[placement]()
         self._eviction_name = eviction
         self._clock = clock
-        self._workers: dict[WorkerId, WorkerState] = {}
-        self._seqs: dict[SeqId, SeqState] = {}
-        self._lost: set[SeqId] = set()
+        self._workers: dict[int, WorkerState] = {}
+        self._seqs: dict[int, SeqState] = {}
+        self._lost: set[int] = set()
         self._next_seq_id = 0
         self._pins = PinTable()
         self._salts: dict[TenantId, BlockHash] = {}
-        self._upserts: set[SeqId] = set()
-        self._deletes: dict[SeqId, WorkerId] = {}
+        self._upserts: set[int] = set()
+        self._deletes: dict[int, int] = {}
         for worker_id, sizes in workers.items():
             self._add_worker(worker_id, sizes)
 
     # -- lookups and validation ---------------------------------------------------------
 
-    def _add_worker(self, worker_id: WorkerId, sizes: PoolSizes) -> WorkerState:
+    def _add_worker(self, worker_id: int, sizes: PoolSizes) -> WorkerState:
         if not _is_int(worker_id) or worker_id < 0:
             raise InvalidArgument(f"worker_id must be a non-negative int, got {worker_id!r}")
         if worker_id in self._workers:
@@ -83,23 +83,24 @@ class ManagerBase:
         if not isinstance(gpu, int) or not isinstance(cpu, int) or gpu <= 0 or cpu < 0:
             raise InvalidArgument(f"bad pool sizes for worker {worker_id}: {sizes!r}")
         index: dict[BlockHash, BlockMeta] = {}
+        wid = WorkerId(worker_id)
         ws = WorkerState(
-            worker_id,
-            BlockPool(worker_id, Tier.GPU, gpu, index),
-            BlockPool(worker_id, Tier.CPU, cpu, index),
+            wid,
+            BlockPool(wid, Tier.GPU, gpu, index),
+            BlockPool(wid, Tier.CPU, cpu, index),
             index,
             EVICTION_POLICIES[self._eviction_name](),
         )
         self._workers[worker_id] = ws
         return ws
 
-    def _worker(self, worker_id: WorkerId) -> WorkerState:
+    def _worker(self, worker_id: int) -> WorkerState:
         ws = self._workers.get(worker_id)
         if ws is None:
             raise NotFound(f"unknown worker {worker_id!r}")
         return ws
 
-    def _seq(self, seq_id: SeqId) -> SeqState:
+    def _seq(self, seq_id: int) -> SeqState:
         seq = self._seqs.get(seq_id)
         if seq is not None:
             return seq
@@ -107,7 +108,7 @@ class ManagerBase:
             raise DataLoss(f"sequence {seq_id} was lost with its worker", [seq_id])
         raise NotFound(f"unknown sequence {seq_id!r}")
 
-    def _seqs_on_one_worker(self, seq_ids: Sequence[SeqId]) -> tuple[WorkerState, list[SeqState]]:
+    def _seqs_on_one_worker(self, seq_ids: Sequence[int]) -> tuple[WorkerState, list[SeqState]]:
         if isinstance(seq_ids, (str, bytes)) or not len(seq_ids):
             raise InvalidArgument("seq_ids must be a non-empty sequence of ids")
         seqs = [self._seq(s) for s in seq_ids]
@@ -154,7 +155,7 @@ class ManagerBase:
         for seq_id in self._pins.due(self._clock()):
             self._drop_pin(seq_id)
 
-    def _drop_pin(self, seq_id: SeqId) -> list[Command]:
+    def _drop_pin(self, seq_id: int) -> list[Command]:
         pin = self._pins.pop(seq_id)
         if pin is None:
             return []

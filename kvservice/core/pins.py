@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from kvservice.core.block_pool import BlockMeta
-from kvservice.core.ids import SeqId, TenantId, WorkerId
+from kvservice.core.ids import TenantId, WorkerId
 
 
 @dataclass(slots=True, eq=False)
@@ -31,7 +31,7 @@ class Pin:
 
 class PinTable:
     def __init__(self) -> None:
-        self.pins: dict[SeqId, Pin] = {}
+        self.pins: dict[int, Pin] = {}
         self._next_deadline = math.inf
 
     def __contains__(self, seq_id: object) -> bool:
@@ -40,10 +40,10 @@ class PinTable:
     def __len__(self) -> int:
         return len(self.pins)
 
-    def get(self, seq_id: SeqId) -> Pin | None:
+    def get(self, seq_id: int) -> Pin | None:
         return self.pins.get(seq_id)
 
-    def add(self, seq_id: SeqId, pin: Pin) -> Pin | None:
+    def add(self, seq_id: int, pin: Pin) -> Pin | None:
         """Set the sequence's pin; returns the one it replaces (its refs still held)."""
         old = self.pins.get(seq_id)
         self.pins[seq_id] = pin
@@ -51,10 +51,10 @@ class PinTable:
             self._next_deadline = min(self._next_deadline, pin.deadline)
         return old
 
-    def pop(self, seq_id: SeqId) -> Pin | None:
+    def pop(self, seq_id: int) -> Pin | None:
         return self.pins.pop(seq_id, None)
 
-    def due(self, now: float) -> list[SeqId]:
+    def due(self, now: float) -> list[int]:
         """Soft pins whose deadline has passed (cheap when none can be)."""
         if now < self._next_deadline:
             return []
@@ -65,5 +65,5 @@ class PinTable:
         )
         return due
 
-    def on_worker(self, worker_id: WorkerId) -> list[SeqId]:
+    def on_worker(self, worker_id: int) -> list[int]:
         return [s for s, p in self.pins.items() if p.worker_id == worker_id]

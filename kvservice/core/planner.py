@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from kvservice.core.block_pool import BlockMeta, BlockPool
 from kvservice.core.commands import Command, SwapIn, SwapOut
-from kvservice.core.ids import BlockHash, BlockId, SeqId, Tier, WorkerId
+from kvservice.core.ids import BlockHash, BlockId, Tier, WorkerId
 from kvservice.core.policies import EvictionPolicy
 from kvservice.core.prefix_cache import move_entry
 from kvservice.core.sequence import SeqState
@@ -30,7 +30,7 @@ class WorkerState:
     cpu: BlockPool
     index: dict[BlockHash, BlockMeta]
     eviction: EvictionPolicy
-    seqs: dict[SeqId, SeqState] = field(default_factory=dict)
+    seqs: dict[int, SeqState] = field(default_factory=dict)
 
     def pool(self, tier: Tier) -> BlockPool:
         return self.gpu if tier is Tier.GPU else self.cpu
@@ -54,8 +54,8 @@ def cpu_blocks_of(seqs: Iterable[SeqState]) -> dict[BlockMeta, int]:
 def plan_victims(
     ws: WorkerState,
     need: int,
-    protected: Container[SeqId],
-    pinned: Container[SeqId],
+    protected: Container[int],
+    pinned: Container[int],
     *,
     held: Collection[BlockMeta] = (),
     cpu_reserved: int = 0,
@@ -149,8 +149,8 @@ def swap_in(ws: WorkerState, seqs: Iterable[SeqState]) -> list[Command]:
 
 def relieve(
     ws: WorkerState,
-    protected: Container[SeqId],
-    pinned: Container[SeqId],
+    protected: Container[int],
+    pinned: Container[int],
     high_watermark: float,
     low_watermark: float,
 ) -> list[Command]:

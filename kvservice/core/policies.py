@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from kvservice.core.ids import SeqId, WorkerId
+from kvservice.core.ids import WorkerId
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,37 +56,37 @@ class EvictionPolicy(ABC):
     """Orders one worker's sequences for swapping out, coldest first."""
 
     @abstractmethod
-    def touch(self, seq_id: SeqId) -> None:
+    def touch(self, seq_id: int) -> None:
         """The sequence was used (created, appended, written or attended)."""
 
     @abstractmethod
-    def remove(self, seq_id: SeqId) -> None:
+    def remove(self, seq_id: int) -> None:
         """The sequence left this worker."""
 
     @abstractmethod
-    def coldest(self) -> Iterator[SeqId]:
+    def coldest(self) -> Iterator[int]:
         """Sequences, the first to swap out first."""
 
 
 class LRUEviction(EvictionPolicy):
     def __init__(self) -> None:
-        self._order: OrderedDict[SeqId, None] = OrderedDict()
+        self._order: OrderedDict[int, None] = OrderedDict()
 
-    def touch(self, seq_id: SeqId) -> None:
+    def touch(self, seq_id: int) -> None:
         self._order[seq_id] = None
         self._order.move_to_end(seq_id)
 
-    def remove(self, seq_id: SeqId) -> None:
+    def remove(self, seq_id: int) -> None:
         self._order.pop(seq_id, None)
 
-    def coldest(self) -> Iterator[SeqId]:
+    def coldest(self) -> Iterator[int]:
         return iter(list(self._order))
 
 
 class FIFOEviction(LRUEviction):
     """Oldest sequence first, however recently it was used."""
 
-    def touch(self, seq_id: SeqId) -> None:
+    def touch(self, seq_id: int) -> None:
         self._order.setdefault(seq_id, None)
 
 
