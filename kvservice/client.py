@@ -23,8 +23,10 @@ Constructors (the same on ``AsyncClient``)::
                 root_certificates=None)
         A kvservice server over gRPC; ``token`` is the bearer token (it selects the tenant
         when the server has authentication on).
-    Client(service, *, tenant=None)
-        Any object with the ``kvservice.api.Service`` methods (a Coordinator, a transport).
+    Client(service, *, tenant=None, owned=False)
+        Any object with the ``kvservice.api.Service`` methods (a Coordinator, a transport),
+        e.g. several clients with different tenants over one service. ``close()`` closes
+        the service only when ``owned`` (the constructors above own what they build).
 
 Methods (``kvservice.api.Service``; every one also takes ``tenant=None``, which defaults
 to the client's own tenant, and that to the transport's default)::
@@ -72,9 +74,11 @@ class Client:
         service: Service,
         *,
         tenant: str | None = None,
+        owned: bool = False,
     ) -> None:
         self._service = service
         self.tenant = tenant
+        self._owned = owned
         self._layout: Layout | None = None
         self._closed = False
 
@@ -84,15 +88,13 @@ class Client:
     def embedded(cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any) -> Client:
         from kvservice.transport_embedded import build_embedded
 
-        coordinator = build_embedded(layout, **options)
-        return cls(coordinator, tenant=tenant)
+        return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def ray(cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any) -> Client:
         from kvservice.transport_ray import RayTransport
 
-        transport = RayTransport.connect(layout, **options)
-        return cls(transport, tenant=tenant)
+        return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def grpc(
@@ -105,7 +107,7 @@ class Client:
     ) -> Client:
         from kvservice.grpc_client import GrpcTransport
 
-        return cls(GrpcTransport(address, token=token, **options), tenant=tenant)
+        return cls(GrpcTransport(address, token=token, **options), tenant=tenant, owned=True)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -128,7 +130,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        self._service.close()
+        if self._owned:
+            self._service.close()
 
     def __enter__(self) -> Client:
         return self
@@ -220,10 +223,12 @@ class AsyncClient:
         *,
         tenant: str | None = None,
         native_async: bool = False,
+        owned: bool = False,
     ) -> None:
         self._service = service
         self.tenant = tenant
         self._native = native_async
+        self._owned = owned
         self._layout: Layout | None = None
         self._closed = False
 
@@ -233,7 +238,7 @@ class AsyncClient:
     ) -> AsyncClient:
         from kvservice.transport_embedded import build_embedded
 
-        return cls(build_embedded(layout, **options), tenant=tenant)
+        return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def ray(
@@ -241,7 +246,7 @@ class AsyncClient:
     ) -> AsyncClient:
         from kvservice.transport_ray import RayTransport
 
-        return cls(RayTransport.connect(layout, **options), tenant=tenant)
+        return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def grpc(
@@ -255,7 +260,10 @@ class AsyncClient:
         from kvservice.grpc_client import AsyncGrpcTransport
 
         return cls(
-            AsyncGrpcTransport(address, token=token, **options), tenant=tenant, native_async=True
+            AsyncGrpcTransport(address, token=token, **options),
+            tenant=tenant,
+            native_async=True,
+            owned=True,
         )
 
     @property
@@ -282,7 +290,8 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        await self._call("close")
+        if self._owned:
+            await self._call("close")
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from coordinator_fixtures import ATOL, LAYOUT, Shadow
+from service_fixtures import ATOL, LAYOUT, Shadow
 
 import kvservice
 from kvservice import AsyncClient, Client, Layout

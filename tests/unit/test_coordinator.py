@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from coordinator_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_coordinator
+from service_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_coordinator
 
 from kvservice.core import errors
 from kvservice.core.ids import Tier

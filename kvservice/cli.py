@@ -1,0 +1,231 @@
+"""The ``kvservice`` command.
+
+    kvservice serve   [--ray-address auto|local|HOST:PORT] [--host H] [--port 50051]
+                      [--metrics-port 9108] [--layout NAME|L,H,D,dtype] [--block-size 16]
+                      [--gpu-mem-fraction F] [--cpu-pool-gib G] [--num-workers N] ...
+    kvservice status  [--address 127.0.0.1:50051] [--token T] [--json]
+    kvservice demo    [demo options]
+
+``serve`` joins a Ray cluster (``auto``: the running one; ``local``: start one in this
+process), binds the gRPC port at once (health NOT_SERVING), starts one worker actor per
+GPU (or ``--num-workers`` CPU workers on a cluster without GPUs), then serves; SIGTERM
+drains in-flight calls and stops the workers. Live worker actors already registered in
+the namespace (a restarted server) are adopted and the tables rebuilt from their ledgers.
+Metrics are served over HTTP on ``--metrics-port`` (0 turns them off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvservice.layouts import DEFAULT_BLOCK_SIZE, layout_names, parse_layout
+from kvservice.metrics import DEFAULT_METRICS_PORT
+
+DEFAULT_PORT = 50051
+log = logging.getLogger("kvservice")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvservice", description="A distributed, paged KV-cache memory service.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service: gRPC over Ray workers")
+    serve.add_argument(
+        "--ray-address", default="auto",
+        help="'auto' (join the running cluster), 'local' (start one here) or HOST:PORT",
+    )  # fmt: skip
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (gRPC and metrics)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port")
+    serve.add_argument(
+        "--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+        help="Prometheus metrics port (0: off)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--layout", default="llama3-8b",
+        help=f"a name ({', '.join(layout_names())}) or L,H,D[,dtype]",
+    )  # fmt: skip
+    serve.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
+    serve.add_argument(
+        "--gpu-mem-fraction", type=float, default=None,
+        help="share of each GPU's memory for its block pool (default 0.9)",
+    )  # fmt: skip
+    serve.add_argument("--num-gpu-blocks", type=int, default=None, help="device-tier blocks per worker")
+    serve.add_argument("--cpu-pool-gib", type=float, default=None, help="host-tier GiB per worker")
+    serve.add_argument("--num-cpu-blocks", type=int, default=None, help="host-tier blocks per worker")
+    serve.add_argument(
+        "--num-workers", type=int, default=None,
+        help="worker actors (default: one per GPU in the cluster, or 1)",
+    )  # fmt: skip
+    serve.add_argument("--namespace", default=None, help="Ray namespace of the worker actors")
+    serve.add_argument("--high-watermark", type=float, default=0.95)
+    serve.add_argument("--low-watermark", type=float, default=0.85)
+    serve.add_argument("--vocab-size", type=int, default=None, help="reject token ids >= this")
+    serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (TLS on)")
+    serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    serve.add_argument(
+        "--tokens", type=Path, default=None,
+        help="file of 'token tenant' lines: bearer-token authentication on "
+        "(or set KVSERVICE_TOKENS=token=tenant,...)",
+    )  # fmt: skip
+    serve.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    serve.set_defaults(run=run_serve)
+
+    status = commands.add_parser("status", help="workers, tiers, usage and hit rate of a server")
+    status.add_argument("--address", default=f"127.0.0.1:{DEFAULT_PORT}")
+    status.add_argument("--token", default=None, help="bearer token")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    status.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+    status.set_defaults(run=run_status)
+
+    commands.add_parser("demo", help="a small model generating through the service", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "demo":  # the demo parses its own options
+        return run_demo(rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.run(args) or 0)
+
+
+def run_demo(argv: list[str]) -> int:
+    from kvservice.demo import main as demo_main
+
+    return int(demo_main(argv) or 0)
+
+
+def service_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Pool sizes and coordinator options given on the command line (unset ones left out)."""
+    options = {
+        "num_gpu_blocks": args.num_gpu_blocks,
+        "gpu_mem_fraction": args.gpu_mem_fraction,
+        "num_cpu_blocks": args.num_cpu_blocks,
+        "cpu_pool_gib": args.cpu_pool_gib,
+        "vocab_size": args.vocab_size,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    options["high_watermark"] = args.high_watermark
+    options["low_watermark"] = args.low_watermark
+    return options
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from kvservice import server
+    from kvservice.metrics import Metrics, start_metrics_server
+    from kvservice.transport_ray import start_ray_service
+
+    layout = parse_layout(args.layout, block_size=args.block_size)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    tokens = None
+    if args.tokens is not None or _tokens_in_env():
+        from kvservice.auth import load_tokens
+
+        tokens = load_tokens(args.tokens)
+    if args.ray_address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    num_gpus = int(ray.cluster_resources().get("GPU", 0))
+    num_workers = args.num_workers or max(1, num_gpus)
+    metrics = Metrics()
+    if args.metrics_port:
+        start_metrics_server(metrics, args.metrics_port, args.host)
+    log.info(
+        "layout %s, %d worker(s) on %s", layout.key(), num_workers, "GPUs" if num_gpus else "CPUs"
+    )
+
+    def make_service() -> Any:
+        return start_ray_service(
+            layout,
+            num_workers=num_workers,
+            namespace=args.namespace,
+            metrics=metrics,
+            **service_options(args),
+        )
+
+    try:
+        server.serve(
+            make_service=make_service,
+            grace=args.grace,
+            host=args.host,
+            port=args.port,
+            tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+            tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+            tokens=tokens,
+        )
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _tokens_in_env() -> bool:
+    import os
+
+    from kvservice.auth import TOKENS_ENV
+
+    return bool(os.environ.get(TOKENS_ENV))
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from kvservice.client import Client
+
+    with Client.grpc(args.address, args.token, timeout=args.timeout) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print_status(stats)
+    return 0
+
+
+def print_status(stats: dict[str, Any]) -> None:
+    """A table of workers and tiers, then the sequences, hit rate and swaps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    layout = stats.get("layout", {})
+    table = Table(title="kvservice workers")
+    for column in ("worker", "device", "tier", "total", "used", "cached", "free", "usage"):
+        table.add_column(column, justify="left" if column in ("device", "tier") else "right")
+    for worker_id, worker in sorted(stats.get("workers", {}).items(), key=lambda kv: int(kv[0])):
+        for tier, counts in worker.get("tiers", {}).items():
+            total = counts.get("total", 0)
+            used = counts.get("used", 0)
+            table.add_row(
+                str(worker_id), str(worker.get("device", "")), tier, str(total), str(used),
+                str(counts.get("cached", 0)), str(counts.get("free", 0)),
+                f"{100 * used / total:.1f}%" if total else "-",
+            )  # fmt: skip
+    console = Console()
+    console.print(table)
+    prefix = stats.get("prefix_cache", {})
+    swaps = stats.get("swaps", {})
+    console.print(
+        f"layout L{layout.get('num_layers')} H{layout.get('num_kv_heads')} "
+        f"D{layout.get('head_dim')} {layout.get('dtype')} block {layout.get('block_size')} | "
+        f"sequences {stats.get('sequences_live', 0)} | "
+        f"prefix hit rate {100 * prefix.get('hit_rate', 0.0):.1f}% "
+        f"({prefix.get('hit_tokens', 0)}/{prefix.get('query_tokens', 0)} tokens) | "
+        f"swapped out {swaps.get('out', {}).get('blocks', 0)} / "
+        f"in {swaps.get('in', {}).get('blocks', 0)} blocks"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
