@@ -1,0 +1,83 @@
+"""The worker on a CUDA device: Triton kernels, a pinned host tier, swaps on their own
+stream ordered against the compute stream. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import kvservice.kernels as kernels
+import pytest
+import torch
+from kvservice.workers import AttendPlan, Worker
+
+from kvservice.core.ids import Tier
+from kvservice.core.layout import Layout
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+LAYOUT = Layout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_size=16)
+BF16_TOL = 2e-2
+
+
+def cuda_worker() -> Worker:
+    return Worker(0, LAYOUT, device="cuda", num_gpu_blocks=64, num_cpu_blocks=16)
+
+
+def kv(num_tokens: int, gen: torch.Generator) -> torch.Tensor:
+    shape = (num_tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+
+def test_pools_live_on_the_device_and_the_host_tier_is_pinned() -> None:
+    worker = cuda_worker()
+    assert worker.gpu_pool.is_cuda and worker.gpu_pool.dtype == torch.bfloat16
+    assert worker.cpu_pool.is_pinned()
+    assert worker.info().device.startswith("cuda:")
+
+
+@pytest.mark.parametrize("q_on_device", [False, True])
+def test_fused_decode_matches_the_reference_and_returns_on_q_device(q_on_device: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    worker = cuda_worker()
+    tables = [[3, 9, 4], [20, 21]]
+    seq_lens = [40, 17]
+    for table, length in zip(tables, seq_lens, strict=True):
+        slots = torch.tensor([table[p // 16] * 16 + p % 16 for p in range(length - 1)])
+        worker.write_kv(1, slots, kv(length - 1, gen), kv(length - 1, gen))
+    q = torch.randn(2, 8, LAYOUT.head_dim, generator=gen).to(torch.bfloat16)
+    k_new, v_new = kv(2, gen), kv(2, gen)
+    if q_on_device:
+        q, k_new, v_new = q.cuda(), k_new.cuda(), v_new.cuda()
+    plan = AttendPlan(tables, seq_lens, [1, 1])
+
+    out, lse = worker.attend(1, plan, q, k_new, v_new, return_lse=True)
+
+    assert out.device == q.device and lse.device == q.device
+    pool = worker.export_blocks(Tier.GPU, list(range(64)))
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
+    want_out, want_lse = kernels.paged_decode_ref(
+        q.cpu(), pool[:, 1, 0], pool[:, 1, 1], padded,
+        torch.tensor(seq_lens, dtype=torch.int32), return_lse=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu().float(), want_out.float(), atol=BF16_TOL, rtol=BF16_TOL)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=BF16_TOL, rtol=BF16_TOL)
+    assert worker.stats()["kernel_time"]["paged_decode"]["seconds"] > 0
+
+
+def test_swaps_are_ordered_against_compute_without_explicit_waits() -> None:
+    gen = torch.Generator().manual_seed(1)
+    worker = cuda_worker()
+    data = torch.randn(4, *LAYOUT.block_shape, generator=gen).to(torch.bfloat16)
+    worker.import_blocks(Tier.GPU, [0, 1, 2, 3], data)
+    worker.swap_out([(0, 5), (1, 6), (2, 7), (3, 8)])
+    # the freed device blocks are reused at once: the host copies must keep the old bytes
+    worker.import_blocks(Tier.GPU, [0, 1, 2, 3], torch.zeros_like(data))
+    worker.swap_in([(5, 40), (6, 41), (7, 42), (8, 43)])
+    worker.copy_blocks([(40, 50), (41, 51), (42, 52), (43, 53)])
+    assert torch.equal(worker.export_blocks(Tier.GPU, [50, 51, 52, 53]), data)
+    assert torch.equal(worker.export_blocks(Tier.CPU, [5, 6, 7, 8]), data)
+    assert torch.count_nonzero(worker.export_blocks(Tier.GPU, [0, 1, 2, 3])) == 0
+    stats = worker.stats()
+    assert stats["bytes_swapped"]["gpu_to_cpu"] == 4 * LAYOUT.block_bytes
+    assert stats["kernel_time"]["swap_gpu_to_cpu"]["seconds"] > 0
