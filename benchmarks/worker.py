@@ -300,7 +300,7 @@ def run_timings(
     step_slots, step_k, step_v = decode.part(decode.cached, decode.seq_len)
     cow = list(zip(range(setup.cow_blocks), range(free, free + setup.cow_blocks), strict=True))
     swap = [(b, b) for b in range(setup.swap_blocks)]
-    ops = [
+    ops: list[tuple[str, str, tuple[Any, ...], dict[str, Any]]] = [
         ("info", "info", (), {}),
         ("write_kv (decode step)", "write_kv", (0, step_slots, step_k, step_v), {}),
         ("attend decode + write", "attend", (0, decode.plan, decode.q, step_k, step_v), {}),

@@ -127,9 +127,11 @@ def start_worker_actors(
             namespace=namespace,
             lifetime=lifetime,
             scheduling_strategy=strategy_for_bundle,
-        ).remote(worker_id, layout, device=device, **worker_kwargs)
+        ).remote(worker_id, layout, device=device, **worker_kwargs)  # type: ignore[assignment]
     try:
-        infos = ray.get([a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s)
+        infos: list[Any] = ray.get(
+            [a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s
+        )
     except Exception as exc:
         stop_worker_actors(group)
         raise Unavailable(f"worker actors failed to start: {exc}") from exc

@@ -142,8 +142,8 @@ def prepare_plan(
     width = int(needed.max())
     table, used = _used_table(plan.block_tables, needed, width)
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-        bad = used[(used < 0) | (used >= num_blocks)][0]
-        raise InvalidArgument(f"block id {int(bad)} in block_tables is outside [0, {num_blocks})")
+        bad = int(used[(used < 0) | (used >= num_blocks)][0])
+        raise InvalidArgument(f"block id {bad} in block_tables is outside [0, {num_blocks})")
 
     # Slots of the new tokens, as the block tables place them.
     cu_q_lens = torch.zeros(batch + 1, dtype=torch.int64)

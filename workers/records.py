@@ -2,15 +2,22 @@
 
 The epoch is drawn fresh at every construction, so a worker that restarted (and lost its
 pools) is told apart from the one a coordinator knew, and its ledger starts empty.
+The ledger holds the coordinator's ``SeqRecord``s as sent; the worker only checks that
+each names its own key and blocks inside its pools, so a rebuild never points outside.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from kvservice.workers.checks import check_index, check_tier
+
+from kvservice.core.errors import InvalidArgument
+from kvservice.core.ids import Tier
 from kvservice.core.layout import Layout
-from kvservice.core.records import SeqRecord
+from kvservice.core.records import BlockRecord, SeqRecord
 
 
 def new_epoch() -> int:
@@ -34,3 +41,57 @@ class Ledger:
 
     epoch: int
     records: dict[int, SeqRecord]
+
+
+def _blocks_of(record: SeqRecord) -> tuple[BlockRecord, ...]:
+    """The blocks a record holds: its own and those its pin keeps."""
+    return (*record.blocks, *(record.pin.blocks if record.pin else ()))
+
+
+class LedgerBook:
+    """The records by sequence id, updated only by fully checked batches."""
+
+    def __init__(self) -> None:
+        self._records: dict[int, SeqRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def update(self, upserts: object, deletes: object, num_blocks: tuple[int, int]) -> None:
+        """``num_blocks``: pool sizes indexed by Tier."""
+        if not isinstance(upserts, Mapping):
+            raise InvalidArgument(f"upserts must be a dict, got {type(upserts).__name__}")
+        checked = {
+            check_index("upserts key", key, 2**63): _check_record(key, record, num_blocks)
+            for key, record in upserts.items()
+        }
+        if isinstance(deletes, (str, bytes)) or not isinstance(deletes, Sequence):
+            raise InvalidArgument(f"deletes must be a list, got {type(deletes).__name__}")
+        removed = {check_index("deletes entry", key, 2**63) for key in deletes}
+        if removed.intersection(checked):
+            raise InvalidArgument("a sequence is both upserted and deleted")
+        for key in removed:
+            self._records.pop(key, None)
+        self._records.update(checked)
+
+    def snapshot(self, epoch: int) -> Ledger:
+        return Ledger(epoch=epoch, records=dict(self._records))
+
+    def blocks_held(self) -> tuple[set[int], set[int]]:
+        """Distinct block ids the records hold, indexed by Tier (pins included)."""
+        held: tuple[set[int], set[int]] = (set(), set())
+        for record in self._records.values():
+            for block in _blocks_of(record):
+                held[block.tier].add(block.block_id)
+        return held
+
+
+def _check_record(key: object, record: object, num_blocks: tuple[int, int]) -> SeqRecord:
+    if not isinstance(record, SeqRecord):
+        raise InvalidArgument(f"ledger record {key!r} must be a SeqRecord, got {record!r}")
+    if record.seq_id != key:
+        raise InvalidArgument(f"ledger record under key {key!r} names seq_id {record.seq_id}")
+    for block in _blocks_of(record):
+        tier: Tier = check_tier(block.tier)
+        check_index(f"seq {key} {tier.name} block id", block.block_id, num_blocks[tier])
+    return record

@@ -47,7 +47,7 @@ from kvservice.workers.pools import (
     resolve_device,
     torch_dtype,
 )
-from kvservice.workers.records import Ledger, WorkerInfo, new_epoch
+from kvservice.workers.records import Ledger, LedgerBook, WorkerInfo, new_epoch
 from kvservice.workers.timing import KernelTimer
 
 from kvservice.core.errors import InvalidArgument
@@ -88,7 +88,7 @@ class Worker:
         self._dtype = torch_dtype(layout)
         self._pending = PendingCopies()
         self._timer = KernelTimer(self.device)
-        self._records: dict[int, Any] = {}
+        self._ledger = LedgerBook()
         self._counters: dict[str, int] = defaultdict(int)
         self._call_calls: dict[str, int] = defaultdict(int)
         self._call_seconds: dict[str, float] = defaultdict(float)
@@ -310,15 +310,15 @@ class Worker:
     def export_blocks(self, tier: int, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The contents of blocks, ``[n, *block_shape]``, as a CPU tensor."""
         with self._entry("export_blocks"):
-            tier = check_tier(tier)
-            pool = self._pool(tier)
+            which = check_tier(tier)
+            pool = self._pool(which)
             ids = check_block_ids("block_ids", block_ids, pool.shape[0], unique=False)
             blocks = ids.tolist()
-            if tier is Tier.GPU:
-                self._pending.wait_on_stream(tier, blocks, self._compute_stream())
+            if which is Tier.GPU:
+                self._pending.wait_on_stream(which, blocks, self._compute_stream())
                 data = pool[self._to_device(ids)].cpu()
             else:
-                self._pending.wait_on_host(tier, blocks)
+                self._pending.wait_on_host(which, blocks)
                 data = pool[ids]
             self._counters["blocks_exported"] += len(blocks)
             return data
@@ -328,19 +328,19 @@ class Worker:
     ) -> None:
         """Overwrite blocks with ``data`` ``[n, *block_shape]`` (from export_blocks)."""
         with self._entry("import_blocks"):
-            tier = check_tier(tier)
-            pool = self._pool(tier)
+            which = check_tier(tier)
+            pool = self._pool(which)
             ids = check_block_ids("block_ids", block_ids, pool.shape[0], unique=True)
             shape = (ids.numel(), *self.layout.block_shape)
             data = check_tensor("data", data, shape, self._dtype, pool.device)
             blocks = ids.tolist()
             if not blocks:
                 return
-            if tier is Tier.GPU:
-                self._pending.wait_on_stream(tier, blocks, self._compute_stream())
+            if which is Tier.GPU:
+                self._pending.wait_on_stream(which, blocks, self._compute_stream())
                 pool[self._to_device(ids)] = self._to_device(data)
             else:
-                self._pending.wait_on_host(tier, blocks)
+                self._pending.wait_on_host(which, blocks)
                 pool[ids] = data.to("cpu")
             self._counters["blocks_imported"] += len(blocks)
 
@@ -359,44 +359,11 @@ class Worker:
         pools. Deleting an unknown sequence is not an error, so a retried update is harmless.
         """
         with self._entry("update_ledger"):
-            if not isinstance(upserts, Mapping):
-                raise InvalidArgument(f"upserts must be a dict, got {type(upserts).__name__}")
-            checked = {
-                check_index("upserts key", key, 2**63): self._check_record(key, record)
-                for key, record in upserts.items()
-            }
-            if isinstance(deletes, (str, bytes)) or not isinstance(deletes, Sequence):
-                raise InvalidArgument(f"deletes must be a list, got {type(deletes).__name__}")
-            removed = {check_index("deletes entry", key, 2**63) for key in deletes}
-            if removed.intersection(checked):
-                raise InvalidArgument("a sequence is both upserted and deleted")
-            for key in removed:
-                self._records.pop(key, None)
-            self._records.update(checked)
-
-    def _check_record(self, key: object, record: object) -> SeqRecord:
-        if not isinstance(record, SeqRecord):
-            raise InvalidArgument(f"ledger record {key!r} must be a SeqRecord, got {record!r}")
-        if record.seq_id != key:
-            raise InvalidArgument(f"ledger record under key {key!r} names seq_id {record.seq_id}")
-        for block in (*record.blocks, *(record.pin.blocks if record.pin else ())):
-            tier = check_tier(block.tier)
-            check_index(
-                f"seq {key} {tier.name} block id", block.block_id, self._pool(tier).shape[0]
-            )
-        return record
+            self._ledger.update(upserts, deletes, (self.num_gpu_blocks, self.num_cpu_blocks))
 
     def ledger(self) -> Ledger:
         with self._entry("ledger"):
-            return Ledger(epoch=self.epoch, records=dict(self._records))
-
-    def _blocks_in_ledger(self) -> tuple[set[int], set[int]]:
-        """Distinct block ids the ledger's records hold, per tier (pins included)."""
-        held: tuple[set[int], set[int]] = (set(), set())
-        for record in self._records.values():
-            for block in (*record.blocks, *(record.pin.blocks if record.pin else ())):
-                held[block.tier].add(block.block_id)
-        return held
+            return self._ledger.snapshot(self.epoch)
 
     def stats(self) -> dict[str, Any]:
         """Pool sizes, copies in flight, blocks and bytes moved, kernel and call times.
@@ -407,7 +374,7 @@ class Worker:
         block_bytes = self.layout.block_bytes
         counters = dict(self._counters)
         tiers = {}
-        held = self._blocks_in_ledger()
+        held = self._ledger.blocks_held()
         for tier in Tier:
             num = self._pool(tier).shape[0]
             tiers[tier.name.lower()] = {
@@ -421,7 +388,7 @@ class Worker:
             "worker_id": self.worker_id,
             "epoch": self.epoch,
             "device": str(self.device),
-            "num_sequences": len(self._records),
+            "num_sequences": len(self._ledger),
             "tiers": tiers,
             "blocks_swapped": {d: counters.get(f"blocks_{d}", 0) for d in moved},
             "bytes_swapped": {d: counters.get(f"blocks_{d}", 0) * block_bytes for d in moved},
