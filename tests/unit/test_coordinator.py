@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from service_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_coordinator
+from service_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_coordinator, make_handles
 
+from kvservice.coordinator import Coordinator
 from kvservice.core import errors
 from kvservice.core.ids import Tier
 
@@ -325,3 +326,32 @@ def test_closed_coordinator_is_unavailable() -> None:
     assert hooks == ["stopped"]
     with pytest.raises(errors.Unavailable):
         coord.create_sequence([1, 2])
+
+
+def test_recover_rebuilds_every_sequence_from_the_worker_ledgers() -> None:
+    handles = make_handles(num_workers=2, num_gpu_blocks=8, num_cpu_blocks=32)
+    coord = Coordinator(LAYOUT, handles)
+    shadow = Shadow()
+    infos = []
+    for i in range(4):  # 4 x 3 blocks over 2 x 8: some end up swapped out
+        info = coord.create_sequence([i] * 10, tenant=f"t{i % 2}")
+        shadow.prefill(coord, info.seq_id, 10, 0, tenant=f"t{i % 2}")
+        infos.append(info)
+    (child,) = coord.fork(infos[0].seq_id, 1, tenant="t0")
+    shadow.fork(infos[0].seq_id, [child])
+    coord.free([infos[3].seq_id], tenant="t1")
+    live = {info.seq_id: f"t{i % 2}" for i, info in enumerate(infos[:3])} | {child: "t0"}
+    before = {sid: coord.get_sequence(sid, tenant=t) for sid, t in live.items()}
+
+    # A new coordinator over the same workers: its tables come from their ledgers.
+    again = Coordinator.recover(LAYOUT, handles)
+    again.check_invariants()
+    assert {sid: again.get_sequence(sid, tenant=t) for sid, t in live.items()} == before
+    with pytest.raises(errors.NotFound):
+        again.get_sequence(infos[3].seq_id, tenant="t1")
+    assert again.create_sequence([0] * 10, tenant="t0").num_cached_tokens == 8
+    for sid, tenant in live.items():
+        again.append_tokens([sid], [[42]], tenant=tenant)
+        for layer in range(LAYOUT.num_layers):
+            close(*shadow.attend(again, layer, [sid], [1], [11], tenant=tenant))
+    again.check_invariants()
