@@ -100,7 +100,7 @@ class Setup:
     num_cpu_blocks: int
     iters: int
     warmup: int
-    atol: float
+    rtol: float  # max |got - want| over max |want|
 
 
 # Llama-3-8B KV shape (32 layers, 8 KV heads of 128, bf16): one block is 2 MiB.
@@ -118,7 +118,7 @@ GPU_SETUP = Setup(
     num_cpu_blocks=512,
     iters=50,
     warmup=5,
-    atol=3e-2,
+    rtol=2e-2,
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
@@ -134,7 +134,7 @@ SMALL_SETUP = Setup(
     num_cpu_blocks=64,
     iters=20,
     warmup=3,
-    atol=1e-4,
+    rtol=1e-4,
 )
 
 
@@ -206,8 +206,10 @@ def reference(setup: Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     )  # type: ignore[return-value]
 
 
-def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max())
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to the largest value: attention outputs average many values
+    and are small, so an absolute tolerance would pass almost anything."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def run_checks(ray: Any, actor: Any, setup: Setup, decode: Batch, extend: Batch) -> dict[str, Any]:
@@ -218,8 +220,8 @@ def run_checks(ray: Any, actor: Any, setup: Setup, decode: Batch, extend: Batch)
             actor.attend.remote(0, batch.plan, batch.q, *batch.new_kv(), return_lse=True)
         )
         want_out, want_lse = reference(setup, batch)
-        errs = {"out_max_err": max_err(out, want_out), "lse_max_err": max_err(lse, want_lse)}
-        checks[name] = {**errs, "ok": max(errs.values()) <= setup.atol}
+        errs = {"out_rel_err": rel_err(out, want_out), "lse_rel_err": rel_err(lse, want_lse)}
+        checks[name] = {**errs, "ok": max(errs.values()) <= setup.rtol}
 
     # copy-on-write: the last blocks of the decode sequences into free blocks
     free = max(decode.end_block, extend.end_block)
@@ -231,7 +233,7 @@ def run_checks(ray: Any, actor: Any, setup: Setup, decode: Batch, extend: Batch)
     checks["copy_blocks"] = {"ok": bool(torch.equal(copies, sources))}
 
     # swap round trip: device blocks -> host tier -> other device blocks
-    n = setup.swap_blocks
+    n = min(setup.swap_blocks, 64)  # every block crosses Ray three times to be compared
     original = ray.get(actor.export_blocks.remote(Tier.GPU, list(range(n))))
     ray.get(actor.swap_out.remote([(b, b) for b in range(n)]))
     back = free + setup.cow_blocks
