@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvservice.core.errors import ResourceExhausted
-from kvservice.integrations.beam import BeamSearch
+from kvservice.integrations.beam import BeamSearch, Hypothesis
 from kvservice.integrations.hf import ServiceModel
 from kvservice.integrations.sampling import SamplingParams, make_generator, next_token
 
@@ -45,7 +45,9 @@ class GenerationResult:
     tokens: list[int]
     finish_reason: str  # "eos" or "length"
     num_cached_tokens: int
-    score: float | None = None  # beam search: the best hypothesis' normalized log-prob
+    # Beam search: the finished hypotheses, best first (tokens and normalized log-prob);
+    # ``tokens`` is the first one's.
+    hypotheses: list[Hypothesis] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -300,7 +302,7 @@ class Engine:
         if reason is not None:
             frees.append(branch.seq_id)
             request.branches = []
-            self._finish(request, reason, None)
+            self._finish(request, reason)
             return True
         branch.pending = [token]
         branch.length += 1
@@ -333,7 +335,7 @@ class Engine:
             best = beams.best()
             request.tokens = best.tokens
             reason = "eos" if best.tokens and best.tokens[-1] in params.eos_token_ids else "length"
-            self._finish(request, reason, best.score)
+            self._finish(request, reason, beams.finished)
             return True
         num_children = [0] * len(old)
         for parent in parents:
@@ -355,14 +357,16 @@ class Engine:
             appends[seq_id] = [token]
         return False
 
-    def _finish(self, request: _Request, reason: str, score: float | None) -> None:
+    def _finish(
+        self, request: _Request, reason: str, hypotheses: list[Hypothesis] | None = None
+    ) -> None:
         self._finished[request.request_id] = GenerationResult(
             request.request_id,
             request.prompt,
             list(request.tokens),
             reason,
             request.num_cached_tokens,
-            score,
+            list(hypotheses or []),
         )
 
 

@@ -6,6 +6,8 @@ the generated text varies (at the default scale a tiny model soon repeats two to
 ``reference_generate`` runs ``model.generate`` with its own cache: greedy over a
 left-padded batch, beam search one prompt at a time; it returns the generated tokens of
 each prompt, cut after the first EOS, comparable with ``GenerationResult.tokens``.
+``reference_beam_search`` returns every hypothesis of one beam search with its score,
+comparable with ``GenerationResult.hypotheses``.
 """
 
 from __future__ import annotations
@@ -73,29 +75,10 @@ def reference_generate(
     model: Any, prompts: Sequence[Sequence[int]], params: SamplingParams, *, pad_token_id: int = 0
 ) -> list[list[int]]:
     """Greedy or beam-search tokens of transformers' ``generate`` for each prompt."""
-    if params.do_sample:
-        raise ValueError("the reference is deterministic: do_sample must be False")
     device = next(model.parameters()).device
-    eos = list(params.eos_token_ids) or None
-    common: dict[str, Any] = dict(
-        max_new_tokens=params.max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=pad_token_id,
-    )
+    common = _generate_options(params, pad_token_id)
     if params.num_beams > 1:
-        outputs = []
-        for prompt in prompts:
-            ids = torch.tensor([list(prompt)], device=device)
-            out = model.generate(
-                ids,
-                num_beams=params.num_beams,
-                length_penalty=params.length_penalty,
-                early_stopping=params.early_stopping,
-                **common,
-            )
-            outputs.append(_cut(out[0, len(prompt) :].tolist(), params.eos_token_ids))
-        return outputs
+        return [reference_beam_search(model, prompt, params)[0][0] for prompt in prompts]
     width = max(len(prompt) for prompt in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
@@ -104,6 +87,40 @@ def reference_generate(
         mask[row, width - len(prompt) :] = 1
     out = model.generate(ids, attention_mask=mask, **common)
     return [_cut(row[width:].tolist(), params.eos_token_ids) for row in out]
+
+
+@torch.inference_mode()
+def reference_beam_search(
+    model: Any, prompt: Sequence[int], params: SamplingParams, *, pad_token_id: int = 0
+) -> list[tuple[list[int], float]]:
+    """All ``num_beams`` hypotheses of transformers' beam search, best first, with their
+    scores (sum of log-probs over length ** length_penalty)."""
+    device = next(model.parameters()).device
+    out = model.generate(
+        torch.tensor([list(prompt)], device=device),
+        num_beams=params.num_beams,
+        num_return_sequences=params.num_beams,
+        length_penalty=params.length_penalty,
+        early_stopping=params.early_stopping,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **_generate_options(params, pad_token_id),
+    )
+    return [
+        (_cut(row[len(prompt) :].tolist(), params.eos_token_ids), float(score))
+        for row, score in zip(out.sequences, out.sequences_scores, strict=True)
+    ]
+
+
+def _generate_options(params: SamplingParams, pad_token_id: int) -> dict[str, Any]:
+    if params.do_sample:
+        raise ValueError("the reference is deterministic: do_sample must be False")
+    return dict(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(params.eos_token_ids) or None,
+        pad_token_id=pad_token_id,
+    )
 
 
 def _cut(tokens: list[int], eos_token_ids: Sequence[int]) -> list[int]:
