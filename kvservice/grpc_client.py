@@ -52,17 +52,6 @@ def _attend_result(return_lse: bool) -> Callable[[pb.AttendResponse], Any]:
     return parse
 
 
-def _channel_args(
-    address: str, root_certificates: bytes | None, max_message_bytes: int
-) -> tuple[str, list[tuple[str, int]], grpc.ChannelCredentials | None]:
-    credentials = (
-        grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        if root_certificates is not None
-        else None
-    )
-    return address, message_options(max_message_bytes), credentials
-
-
 def _as_kvservice_error(exc: grpc.RpcError) -> BaseException:
     """The kvservice error a failed call stands for, or the RpcError itself."""
     # Sync calls raise a grpc.Call, grpc.aio an AioRpcError: both have these methods.
@@ -76,10 +65,28 @@ def _as_kvservice_error(exc: grpc.RpcError) -> BaseException:
 class _Calls:
     """Every service method, built on ``_invoke(rpc, request, tenant, parse)``."""
 
-    def __init__(self, token: str | None, timeout: float | None) -> None:
+    # The module that opens channels: grpc or grpc.aio (the same functions, blocking or asyncio).
+    _channels: Any = None
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         self._token = token
         self._timeout = timeout
         self._metadata_by_tenant: dict[str, Metadata] = {}
+        options = message_options(max_message_bytes)
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = self._channels.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = self._channels.insecure_channel(address, options=options)
+        self._stub = pb_grpc.KVServiceStub(self._channel)
 
     def _metadata(self, tenant: str | None) -> Metadata:
         # The default tenant is not named: the server then uses the caller's own tenant
@@ -189,23 +196,7 @@ class _Calls:
 class GrpcTransport(_Calls):
     """Synchronous client of a kvservice gRPC server (``kvservice.api.Service``)."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        timeout: float | None = None,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(token, timeout)
-        target, options, credentials = _channel_args(address, root_certificates, max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.insecure_channel(target, options=options)
-        )
-        self._stub = pb_grpc.KVServiceStub(self._channel)
+    _channels = grpc
 
     def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> T:
         try:
@@ -233,23 +224,7 @@ class GrpcTransport(_Calls):
 class AsyncGrpcTransport(_Calls):
     """asyncio client (grpc.aio); every method returns an awaitable. Use on one event loop."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        timeout: float | None = None,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(token, timeout)
-        target, options, credentials = _channel_args(address, root_certificates, max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
-        )
-        self._stub = pb_grpc.KVServiceStub(self._channel)
+    _channels = grpc.aio
 
     async def _invoke(  # type: ignore[override]
         self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]

@@ -40,7 +40,8 @@ from kvservice.wire import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+R = TypeVar("R")  # what a service method returns
+M = TypeVar("M")  # the reply message
 # Resolves a call's tenant from its invocation metadata; raises Unauthenticated or
 # PermissionDenied (the token check of kvservice.auth), or returns the tenant.
 TenantResolver = Callable[[Sequence[tuple[str, Any]]], str]
@@ -82,13 +83,18 @@ class KVServicer(pb_grpc.KVServiceServicer):
     def attach(self, service: Service) -> None:
         self._service = service
 
-    async def _run(self, context: grpc.aio.ServicerContext, job: Callable[[Service, str], T]) -> T:
-        """Runs ``job(service, tenant)`` on the pool; reports errors as statuses."""
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        job: Callable[[Service, str], R],
+        encode: Callable[[R], M],
+    ) -> M:
+        """``encode(job(service, tenant))`` on the pool; errors are reported as statuses."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             tenant = self._resolve_tenant(context.invocation_metadata() or ())
-            work = functools.partial(self._guarded, deadline, job, tenant)
+            work = functools.partial(self._guarded, deadline, job, encode, tenant)
             return await asyncio.get_running_loop().run_in_executor(self._executor, work)
         except KVServiceError as exc:
             code, details, trailing = status_of(exc)
@@ -102,66 +108,66 @@ class KVServicer(pb_grpc.KVServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         raise AssertionError("unreachable: abort raises")
 
-    def _guarded(self, deadline: float | None, job: Callable[[Service, str], T], tenant: str) -> T:
+    def _guarded(
+        self,
+        deadline: float | None,
+        job: Callable[[Service, str], R],
+        encode: Callable[[R], M],
+        tenant: str,
+    ) -> M:
         if deadline is not None and time.monotonic() >= deadline:
             raise _DeadlinePassed
         service = self._service
         if service is None:
             raise Unavailable("the service is starting: workers are not up yet")
-        return job(service, tenant)
+        return encode(job(service, tenant))
 
     async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
         tokens = list(request.tokens)
         return await self._run(
-            context, lambda s, tenant: sequence_info_to_proto(s.create_sequence(tokens, tenant=tenant))
+            context, lambda s, tenant: s.create_sequence(tokens, tenant=tenant), sequence_info_to_proto
         )
 
     async def AppendTokens(self, request: pb.AppendTokensRequest, context: Any) -> pb.AppendTokensResponse:
         seq_ids = list(request.seq_ids)
         tokens = [list(t.tokens) for t in request.tokens]
-
-        def job(s: Service, tenant: str) -> pb.AppendTokensResponse:
-            s.append_tokens(seq_ids, tokens, tenant=tenant)
-            return pb.AppendTokensResponse()
-
-        return await self._run(context, job)
+        return await self._run(
+            context,
+            lambda s, tenant: s.append_tokens(seq_ids, tokens, tenant=tenant),
+            _empty(pb.AppendTokensResponse),
+        )
 
     async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.ForkResponse:
         return await self._run(
             context,
-            lambda s, tenant: pb.ForkResponse(
-                child_ids=s.fork(request.seq_id, request.n, tenant=tenant)
-            ),
+            lambda s, tenant: s.fork(request.seq_id, request.n, tenant=tenant),
+            lambda child_ids: pb.ForkResponse(child_ids=child_ids),
         )
 
     async def Truncate(self, request: pb.TruncateRequest, context: Any) -> pb.TruncateResponse:
-        def job(s: Service, tenant: str) -> pb.TruncateResponse:
-            s.truncate(request.seq_id, request.length, tenant=tenant)
-            return pb.TruncateResponse()
-
-        return await self._run(context, job)
+        return await self._run(
+            context,
+            lambda s, tenant: s.truncate(request.seq_id, request.length, tenant=tenant),
+            _empty(pb.TruncateResponse),
+        )
 
     async def Free(self, request: pb.FreeRequest, context: Any) -> pb.FreeResponse:
         seq_ids = list(request.seq_ids)
-
-        def job(s: Service, tenant: str) -> pb.FreeResponse:
-            s.free(seq_ids, tenant=tenant)
-            return pb.FreeResponse()
-
-        return await self._run(context, job)
+        return await self._run(
+            context, lambda s, tenant: s.free(seq_ids, tenant=tenant), _empty(pb.FreeResponse)
+        )
 
     async def WriteKV(self, request: pb.WriteKVRequest, context: Any) -> pb.WriteKVResponse:
-        def job(s: Service, tenant: str) -> pb.WriteKVResponse:
+        def job(s: Service, tenant: str) -> None:
             k = decode_tensor(request.k, "k")
             v = decode_tensor(request.v, "v")
             s.write_kv(request.layer, list(request.seq_ids), list(request.q_lens), k, v, tenant=tenant)
-            return pb.WriteKVResponse()
 
-        return await self._run(context, job)
+        return await self._run(context, job, _empty(pb.WriteKVResponse))
 
     async def Attend(self, request: pb.AttendRequest, context: Any) -> pb.AttendResponse:
-        def job(s: Service, tenant: str) -> pb.AttendResponse:
-            result = s.attend(
+        def job(s: Service, tenant: str) -> Any:
+            return s.attend(
                 request.layer,
                 list(request.seq_ids),
                 list(request.q_lens),
@@ -175,55 +181,56 @@ class KVServicer(pb_grpc.KVServiceServicer):
                 return_lse=request.return_lse,
                 tenant=tenant,
             )
+
+        def encode(result: Any) -> pb.AttendResponse:
             reply = pb.AttendResponse()
-            if request.return_lse:
-                out, lse = result
-                encode_tensor(lse, reply.lse)
-            else:
-                out = result
+            out, lse = result if request.return_lse else (result, None)
             encode_tensor(out, reply.out)
+            if lse is not None:
+                encode_tensor(lse, reply.lse)
             return reply
 
-        return await self._run(context, job)
+        return await self._run(context, job, encode)
 
     async def LookupPrefix(self, request: pb.LookupPrefixRequest, context: Any) -> pb.LookupPrefixResponse:
         tokens = list(request.tokens)
         return await self._run(
             context,
-            lambda s, tenant: pb.LookupPrefixResponse(
-                num_cached_tokens=s.lookup_prefix(tokens, tenant=tenant)
-            ),
+            lambda s, tenant: s.lookup_prefix(tokens, tenant=tenant),
+            lambda found: pb.LookupPrefixResponse(num_cached_tokens=found),
         )
 
     async def Offload(self, request: pb.OffloadRequest, context: Any) -> pb.OffloadResponse:
         seq_ids = list(request.seq_ids)
-
-        def job(s: Service, tenant: str) -> pb.OffloadResponse:
-            s.offload(seq_ids, tenant=tenant)
-            return pb.OffloadResponse()
-
-        return await self._run(context, job)
+        return await self._run(
+            context, lambda s, tenant: s.offload(seq_ids, tenant=tenant), _empty(pb.OffloadResponse)
+        )
 
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchResponse:
         seq_ids = list(request.seq_ids)
-
-        def job(s: Service, tenant: str) -> pb.PrefetchResponse:
-            s.prefetch(seq_ids, tenant=tenant)
-            return pb.PrefetchResponse()
-
-        return await self._run(context, job)
+        return await self._run(
+            context, lambda s, tenant: s.prefetch(seq_ids, tenant=tenant), _empty(pb.PrefetchResponse)
+        )
 
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
         return await self._run(
             context,
-            lambda s, tenant: sequence_info_to_proto(s.get_sequence(request.seq_id, tenant=tenant)),
+            lambda s, tenant: s.get_sequence(request.seq_id, tenant=tenant),
+            sequence_info_to_proto,
         )
 
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
         # JSON turns int keys (worker ids) into strings; values keep int vs float.
         return await self._run(
-            context, lambda s, _tenant: pb.StatsResponse(json=json.dumps(s.stats(), default=str))
+            context,
+            lambda s, _tenant: s.stats(),
+            lambda stats: pb.StatsResponse(json=json.dumps(stats, default=str)),
         )
 
     async def GetLayout(self, request: pb.GetLayoutRequest, context: Any) -> pb.Layout:
-        return await self._run(context, lambda s, _tenant: layout_to_proto(s.layout()))
+        return await self._run(context, lambda s, _tenant: s.layout(), layout_to_proto)
+
+
+def _empty(reply_type: Callable[[], M]) -> Callable[[object], M]:
+    """An encoder for calls that answer nothing: the empty reply message."""
+    return lambda _result: reply_type()
