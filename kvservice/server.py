@@ -101,7 +101,7 @@ async def start_server(
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
-    auth = TokenAuth(tokens) if tokens else None
+    auth = TokenAuth(tokens) if tokens is not None else None  # an empty table is an error
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvservice-rpc")
     servicer = KVServicer(
         executor, resolve_tenant=auth.tenant_for if auth else tenant_from_metadata

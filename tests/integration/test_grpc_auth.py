@@ -101,3 +101,8 @@ def test_tls_with_a_self_signed_certificate(certificate: tuple[bytes, bytes]) ->
         with GrpcTransport(server.address, token="tok-alice", timeout=5) as plaintext:
             with pytest.raises(errors.Unavailable):
                 plaintext.create_sequence([1, 2, 3])
+
+
+def test_an_empty_token_table_does_not_turn_authentication_off() -> None:
+    with pytest.raises(errors.InvalidArgument, match="at least one token"):
+        ServerThread(make_coordinator(), port=0, tokens={})
