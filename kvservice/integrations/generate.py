@@ -13,10 +13,12 @@ Per request:
 - beam search keeps one service sequence per beam: a beam with several children is
   forked (the children share every block, copy-on-write), one with none is freed.
 
-Scheduling: requests are served round-robin within a token budget, a sequence budget and
-a block budget (the blocks a step's sequences span must fit the service's fast tier at
-once), so when more sequences are live than the fast tier holds, the service swaps the
-ones that sit out a step to its slow tier and back. A step the service refuses for lack
+Scheduling: each step serves, in queue order, the requests that fit a token budget, a
+sequence budget and a block budget (the blocks a step's sequences span must fit the
+service's fast tier at once). Every ``slice_steps`` steps the requests just served move
+to the back of the queue (round-robin in time slices), so when more sequences are live
+than the fast tier holds, the service swaps those that sit out a slice to its slow tier
+and back, once per slice rather than once per step. A step the service refuses for lack
 of memory is retried with fewer requests, and the step size stays reduced.
 """
 
@@ -98,9 +100,10 @@ class Engine:
         max_batch_blocks: int | None = None,
         max_prefill_chunk: int | None = None,
         max_live_seqs: int | None = None,
+        slice_steps: int = 8,
     ) -> None:
-        if max_batch_tokens < 1 or max_batch_seqs < 1:
-            raise ValueError("max_batch_tokens and max_batch_seqs must be >= 1")
+        if max_batch_tokens < 1 or max_batch_seqs < 1 or slice_steps < 1:
+            raise ValueError("max_batch_tokens, max_batch_seqs and slice_steps must be >= 1")
         if max_batch_blocks is not None and model.layout is None:
             raise ValueError("max_batch_blocks needs a client that reports its layout")
         self.model = model
@@ -110,6 +113,7 @@ class Engine:
         self.max_batch_blocks = max_batch_blocks
         self.max_prefill_chunk = min(max_prefill_chunk or max_batch_tokens, max_batch_tokens)
         self.max_live_seqs = max_live_seqs
+        self.slice_steps = slice_steps
         self.stats = EngineStats()
         self._waiting: deque[_Request] = deque()
         self._running: deque[_Request] = deque()
@@ -166,11 +170,14 @@ class Engine:
         logits, batch = self._forward(batch)
         done = self._advance(batch, logits)
         served = {request.request_id for request in batch}
-        # Round-robin: whoever sat this step out goes first next step.
-        rest = [r for r in self._running if r.request_id not in served]
-        again = [r for r in batch if r.request_id not in done]
-        self._running = deque(rest + again)
         self.stats.num_steps += 1
+        if self.stats.num_steps % self.slice_steps == 0:
+            # End of a time slice: whoever sat it out goes first.
+            rest = [r for r in self._running if r.request_id not in served]
+            again = [r for r in batch if r.request_id not in done]
+            self._running = deque(rest + again)
+        else:
+            self._running = deque(r for r in self._running if r.request_id not in done)
         self.stats.seconds += time.perf_counter() - start
         return sorted(done)
 
