@@ -24,8 +24,10 @@ Invariants:
   coordinator tracks, per sequence and layer, how many leading positions are written
   and calls ``mark_computed`` with the minimum over layers when it grows. Writes that
   would leave a hole, and attention over positions without K/V, are FAILED_PRECONDITION.
-- Each worker's ledger gets the manager's record changes after every call that made
-  some, so a restarted coordinator can ``recover`` from the ledgers.
+- Each worker's ledger gets the manager's record changes after every call that allocates,
+  frees or moves blocks, so a restarted coordinator can ``recover`` from the ledgers.
+  Changes that move nothing (computed counts, prefix hashes) ride along with the next
+  such call: a crash before it loses prefix-cache entries, never data.
 - A worker found dead: the manager drops it, its sequences answer DATA_LOSS (naming
   them) until freed, and every other sequence carries on.
 """
@@ -74,6 +76,7 @@ class _SeqState:
 
     tenant: str
     worker_id: int
+    length: int
     # written[layer] = leading positions whose K/V is written in that layer.
     written: list[int]
     # min(written), as last passed to mark_computed.
@@ -81,8 +84,12 @@ class _SeqState:
     # False after recovery: the per-layer progress of the last step was not recorded,
     # so the "no holes, no reads of unwritten K/V" checks are skipped for it.
     tracked: bool = True
-    # Bumped by truncate: a data-plane call planned before it must not record writes.
+    # Bumped by every change of the sequence's tokens or sharing (append, fork,
+    # truncate): a data-plane call planned before a truncate records no writes, and a
+    # write range made writable (copied on write) under one version stays so.
     version: int = 0
+    # (version, start, end) of the last range prepare_write made writable.
+    writable: tuple[int, int, int] | None = None
     lost: bool = False
 
 
@@ -172,6 +179,7 @@ class Coordinator:
                 coordinator._seqs[int(sid)] = _SeqState(
                     tenant=record.tenant,
                     worker_id=wid,
+                    length=len(record.tokens),
                     written=[computed] * layout.num_layers,
                     computed=computed,
                     tracked=False,
@@ -220,6 +228,7 @@ class Coordinator:
                 self._seqs[result.seq_id] = _SeqState(
                     tenant=tenant,
                     worker_id=result.worker_id,
+                    length=len(tokens),
                     written=[cached] * self._layout.num_layers,
                     computed=cached,
                 )
@@ -249,25 +258,28 @@ class Coordinator:
                 for i, t in enumerate(tokens)
             ]
             with self._planning() as batch:
-                for sid in seq_ids:
-                    self._own(sid, tenant)
+                states = [self._own(sid, tenant) for sid in seq_ids]
                 commands: list[Any] = []
-                done: list[tuple[int, int]] = []  # (seq_id, length before)
+                done: list[int] = []
                 try:
                     for sid, new in zip(seq_ids, token_lists, strict=True):
                         if not new:
                             continue
-                        before = self._manager.sequence(sid).num_tokens
                         result = self._manager.append(sid, new)
                         if isinstance(result, OutOfMemory):
                             # All or nothing: give back what the earlier sequences took.
-                            for done_sid, length in reversed(done):
+                            for done_sid in reversed(done):
+                                length = self._seqs[done_sid].length
                                 commands.extend(self._manager.truncate(done_sid, length))
                             raise errors.ResourceExhausted(
                                 f"append_tokens: sequence {sid}: {result.reason}"
                             )
-                        done.append((sid, before))
+                        done.append(sid)
                         commands.extend(result.commands)
+                    for state, new in zip(states, token_lists, strict=True):
+                        if new:
+                            state.length += len(new)
+                            state.version += 1
                 finally:
                     self._submit(commands, batch.calls)
 
@@ -279,10 +291,12 @@ class Coordinator:
             with self._planning() as batch:
                 parent = self._own(seq_id, tenant)
                 children = [int(c) for c in self._manager.fork(seq_id, n)]
+                parent.version += 1  # its blocks are shared now
                 for child in children:
                     self._seqs[child] = _SeqState(
                         tenant=parent.tenant,
                         worker_id=parent.worker_id,
+                        length=parent.length,
                         written=list(parent.written),
                         computed=parent.computed,
                         tracked=parent.tracked,
@@ -297,7 +311,7 @@ class Coordinator:
             length = _check_int("length", length, low=0)
             with self._planning() as batch:
                 state = self._own(seq_id, tenant)
-                current = self._manager.sequence(seq_id).num_tokens
+                current = state.length
                 if length > current:
                     raise errors.FailedPrecondition(
                         f"cannot truncate sequence {seq_id} of {current} tokens to {length}"
@@ -305,6 +319,7 @@ class Coordinator:
                 commands = self._manager.truncate(seq_id, length)
                 state.written = [min(w, length) for w in state.written]
                 state.computed = min(state.computed, length)
+                state.length = length
                 state.version += 1
                 self._submit(commands, batch.calls)
 
@@ -450,7 +465,10 @@ class Coordinator:
                     for _wid, _rows, idx in groups
                 ]
             finally:
-                self._submit(commands, batch.calls)
+                # Ledger records change here only through block moves (COW, swap-in);
+                # without any, the pending updates (computed counts) wait for the next
+                # call that moves or allocates, keeping the per-layer path free of them.
+                self._submit(commands, batch.calls, ledger=bool(commands))
             first_data = len(batch.calls)
             for (wid, rows, idx), (tables, seq_lens) in zip(groups, plans, strict=True):
                 handle = self._handles[wid]
@@ -487,10 +505,18 @@ class Coordinator:
         """
         if starts is not None:
             for sid, start, q_len in zip(seq_ids, starts, q_lens, strict=True):
+                state = self._seqs[sid]
+                key = (state.version, start, start + q_len)
+                # The layers of one step write the same range: once it is writable (its
+                # shared blocks copied), it stays so until the sequence changes. A range
+                # reaching into computed positions may touch cached, shared blocks: ask.
+                if state.writable == key and start >= state.computed:
+                    continue
                 wp = self._manager.prepare_write(sid, start, start + q_len)
                 if isinstance(wp, OutOfMemory):
                     raise errors.ResourceExhausted(f"sequence {sid}: {wp.reason}")
                 commands.extend(wp.commands)
+                state.writable = key
         plan = self._manager.prepare_attention(seq_ids)
         if isinstance(plan, OutOfMemory):
             raise errors.ResourceExhausted(f"attention over {seq_ids}: {plan.reason}")
@@ -505,7 +531,7 @@ class Coordinator:
         versions: list[int] = []
         for sid, q_len in zip(seq_ids, q_lens, strict=True):
             state = self._own(sid, tenant)
-            length = self._manager.sequence(sid).num_tokens
+            length = state.length
             if q_len > length:
                 raise errors.FailedPrecondition(
                     f"sequence {sid} has {length} tokens; q_len {q_len} is past its start"
@@ -535,7 +561,7 @@ class Coordinator:
         versions: list[int],
     ) -> None:
         """After a successful write: advance written[layer], feed the prefix cache."""
-        with self._planning(check_open=False) as batch:
+        with self._lock:
             for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
                 state = self._seqs.get(sid)
                 if state is None or state.lost or state.version != version:
@@ -546,7 +572,8 @@ class Coordinator:
                 if computed > state.computed:
                     self._manager.mark_computed(sid, computed)
                     state.computed = computed
-            self._submit_ledger(batch.calls)
+            # New prefix hashes reach the ledgers with the next call that moves blocks: a
+            # crash before that loses cache entries, never data.
 
     # ------------------------------------------------------------------ stats
 
@@ -625,6 +652,7 @@ class Coordinator:
                 assert view.worker_id == state.worker_id, (sid, view.worker_id, state.worker_id)
                 assert state.computed <= min(state.written), (sid, state)
                 assert max(state.written) <= view.num_tokens, (sid, state, view.num_tokens)
+                assert state.length == view.num_tokens, (sid, state, view.num_tokens)
 
     # ------------------------------------------------------------------ internals
 
@@ -697,7 +725,7 @@ class Coordinator:
                 calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
 
     @contextmanager
-    def _planning(self, *, check_open: bool = True) -> Iterator[_Batch]:
+    def _planning(self) -> Iterator[_Batch]:
         """Plan under the table lock; await the submitted worker calls after releasing it.
 
         Every submitted call is awaited even when planning fails (a local worker would
@@ -707,8 +735,7 @@ class Coordinator:
         batch = _Batch()
         try:
             with self._lock:
-                if check_open:
-                    self._check_open()
+                self._check_open()
                 yield batch
         except BaseException:
             try:

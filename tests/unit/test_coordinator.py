@@ -3,6 +3,8 @@ prefix caching, copy on write, swapping, tenants, and state left unchanged by fa
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from service_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_coordinator, make_handles
@@ -355,3 +357,53 @@ def test_recover_rebuilds_every_sequence_from_the_worker_ledgers() -> None:
         for layer in range(LAYOUT.num_layers):
             close(*shadow.attend(again, layer, [sid], [1], [11], tenant=tenant))
     again.check_invariants()
+
+
+def test_fork_between_layers_of_a_step_copies_before_the_next_write() -> None:
+    coord = make_coordinator()
+    shadow = Shadow()
+    parent = coord.create_sequence(list(range(5)))
+    shadow.prefill(coord, parent.seq_id, 5, 0)
+    coord.append_tokens([parent.seq_id], [[9]])
+    close(*shadow.attend(coord, 0, [parent.seq_id], [1], [6]))  # layer 0 of the step
+    (child,) = coord.fork(parent.seq_id, 1)  # shares the half-written last block
+    shadow.fork(parent.seq_id, [child])
+    close(*shadow.attend(coord, 1, [parent.seq_id], [1], [6]))  # must copy first
+    close(*shadow.attend(coord, 1, [child], [1], [6]))
+    close(*shadow.attend(coord, 0, [child, parent.seq_id], [2, 2], [6, 6], write=False))
+    close(*shadow.attend(coord, 1, [child, parent.seq_id], [6, 6], [6, 6], write=False))
+    coord.check_invariants()
+
+
+def test_many_threads_with_constant_swapping_all_get_exact_results() -> None:
+    # 12 device blocks for 6 threads of 2-3 blocks each: every step swaps someone.
+    coord = make_coordinator(num_gpu_blocks=12, num_cpu_blocks=64)
+    failures: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            shadow = Shadow(seed=index)
+            prompt = [index] * (6 + index)
+            info = coord.create_sequence(prompt)
+            shadow.prefill(coord, info.seq_id, len(prompt), 0)
+            length = len(prompt)
+            for step in range(4):
+                coord.append_tokens([info.seq_id], [[step]])
+                length += 1
+                for layer in range(LAYOUT.num_layers):
+                    close(*shadow.attend(coord, layer, [info.seq_id], [1], [length]))
+                if step == 1:
+                    coord.offload([info.seq_id])
+            coord.free([info.seq_id])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures
+    coord.check_invariants()
+    assert coord.stats()["swaps"]["in"]["blocks"] > 0
+    assert all(u[Tier.GPU].used == 0 for u in coord.manager.usage().values())
