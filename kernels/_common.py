@@ -15,20 +15,50 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Triton reads the variable when kernels are decorated, so it is read once here too.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return INTERPRET
 
 
-def require(cond: bool, message: str) -> None:
+def fallback_configs(config: dict[str, int], tile_keys: tuple[str, ...]) -> Iterator[dict[str, int]]:
+    """The config, then ever smaller ones (one pipeline stage, then halved tiles), for GPUs
+    whose shared memory cannot hold the preferred tiles."""
+    yield config
+    cfg = dict(config)
+    while True:
+        if cfg["num_stages"] > 1:
+            cfg["num_stages"] = 1
+        else:
+            key = max(tile_keys, key=lambda k: cfg[k])
+            if cfg[key] <= 16:
+                return
+            cfg[key] //= 2
+        yield dict(cfg)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep fp32 accuracy (three tf32 products); half types use tensor cores."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if interpreting() else "tf32x3"
+
+
+def require(cond: bool, message: str | Callable[[], str]) -> None:
+    """Raise ValueError unless ``cond``; a callable message is only formatted on failure
+    (these checks run on every decode step, so the happy path must stay cheap)."""
     if not cond:
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def use_triton_for(use_triton: bool | None, *tensors: torch.Tensor) -> bool:
@@ -50,17 +80,17 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     for name, t in items[1:]:
         require(
             t.device == device,
-            f"{name} is on {t.device} but {items[0][0]} is on {device}; all must share a device",
+            lambda name=name, t=t: f"{name} is on {t.device} but {items[0][0]} is on {device}; all must share a device",
         )
     return device
 
 
 def check_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
-    require(t.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    require(t.dtype in dtypes, lambda: f"{name} must have dtype in {dtypes}, got {t.dtype}")
 
 
 def check_ndim(name: str, t: torch.Tensor, ndim: int, what: str) -> None:
-    require(t.dim() == ndim, f"{name} must be {what} ({ndim}-D), got shape {tuple(t.shape)}")
+    require(t.dim() == ndim, lambda: f"{name} must be {what} ({ndim}-D), got shape {tuple(t.shape)}")
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
@@ -69,19 +99,19 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
     check_ndim("v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     require(
         k_cache.shape == v_cache.shape,
-        f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape",
+        lambda: f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape",
     )
     check_dtype("k_cache", k_cache, SUPPORTED_DTYPES)
-    require(k_cache.dtype == v_cache.dtype, f"k_cache is {k_cache.dtype}, v_cache {v_cache.dtype}")
+    require(k_cache.dtype == v_cache.dtype, lambda: f"k_cache is {k_cache.dtype}, v_cache {v_cache.dtype}")
     require(
         k_cache.stride() == v_cache.stride(),
-        f"k_cache strides {k_cache.stride()} differ from v_cache strides {v_cache.stride()}",
+        lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides {v_cache.stride()}",
     )
     require(
         k_cache.stride(-1) == 1 or k_cache.shape[-1] == 1,
-        f"the head dimension of the caches must be contiguous, strides {k_cache.stride()}",
+        lambda: f"the head dimension of the caches must be contiguous, strides {k_cache.stride()}",
     )
-    require(min(k_cache.stride()) >= 0, f"negative cache strides {k_cache.stride()}")
+    require(min(k_cache.stride()) >= 0, lambda: f"negative cache strides {k_cache.stride()}")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     require(block_size > 0 and num_kv_heads > 0 and head_dim > 0, "empty cache dimensions")
     return num_blocks, block_size, num_kv_heads, head_dim
@@ -90,16 +120,16 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
 def check_query(q: torch.Tensor, k_cache: torch.Tensor, name: str = "q") -> tuple[int, int]:
     """Validate q [rows, Hq, D] against the cache; returns (num_q_heads, group size)."""
     check_ndim(name, q, 3, "[rows, num_q_heads, head_dim]")
-    require(q.dtype == k_cache.dtype, f"{name} is {q.dtype} but the cache is {k_cache.dtype}")
+    require(q.dtype == k_cache.dtype, lambda: f"{name} is {q.dtype} but the cache is {k_cache.dtype}")
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     require(
         head_dim == k_cache.shape[3],
-        f"{name} head_dim {head_dim} != cache head_dim {k_cache.shape[3]}",
+        lambda: f"{name} head_dim {head_dim} != cache head_dim {k_cache.shape[3]}",
     )
     require(
         num_q_heads > 0 and num_q_heads % num_kv_heads == 0,
-        f"num_q_heads {num_q_heads} must be a positive multiple of num_kv_heads {num_kv_heads}",
+        lambda: f"num_q_heads {num_q_heads} must be a positive multiple of num_kv_heads {num_kv_heads}",
     )
     return num_q_heads, num_q_heads // num_kv_heads
 
@@ -115,11 +145,11 @@ def check_page_tables(
     """Shapes of the page tables always; their values (one sync on CUDA) when asked."""
     check_ndim("block_tables", block_tables, 2, "[batch, max_blocks]")
     check_ndim("seq_lens", seq_lens, 1, "[batch]")
-    require(block_tables.dtype == torch.int32, f"block_tables must be int32, got {block_tables.dtype}")
-    require(seq_lens.dtype == torch.int32, f"seq_lens must be int32, got {seq_lens.dtype}")
+    require(block_tables.dtype == torch.int32, lambda: f"block_tables must be int32, got {block_tables.dtype}")
+    require(seq_lens.dtype == torch.int32, lambda: f"seq_lens must be int32, got {seq_lens.dtype}")
     require(
         block_tables.shape[0] == batch and seq_lens.shape[0] == batch,
-        f"batch mismatch: q has {batch} rows/sequences, block_tables {tuple(block_tables.shape)}, "
+        lambda: f"batch mismatch: q has {batch} rows/sequences, block_tables {tuple(block_tables.shape)}, "
         f"seq_lens {tuple(seq_lens.shape)}",
     )
     require(
@@ -138,15 +168,15 @@ def check_page_tables(
     require(not flags[0], "every seq_len must be >= 1")
     require(
         not flags[1],
-        f"a seq_len exceeds the block table capacity ({max_blocks} blocks of {block_size})",
+        lambda: f"a seq_len exceeds the block table capacity ({max_blocks} blocks of {block_size})",
     )
-    require(not flags[2], f"block_tables holds block ids outside [0, {num_blocks}) in used entries")
+    require(not flags[2], lambda: f"block_tables holds block ids outside [0, {num_blocks}) in used entries")
 
 
 def default_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    require(math.isfinite(scale), f"scale must be finite, got {scale}")
+    require(math.isfinite(scale), lambda: f"scale must be finite, got {scale}")
     return float(scale)
 
 
@@ -184,8 +214,8 @@ def check_out(
     """Use a caller's output buffer (checked) or allocate one."""
     if out is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    require(tuple(out.shape) == shape, f"{name} must have shape {shape}, got {tuple(out.shape)}")
-    require(out.dtype == like.dtype, f"{name} must be {like.dtype}, got {out.dtype}")
-    require(out.device == like.device, f"{name} must be on {like.device}, got {out.device}")
-    require(out.is_contiguous(), f"{name} must be contiguous")
+    require(tuple(out.shape) == shape, lambda: f"{name} must have shape {shape}, got {tuple(out.shape)}")
+    require(out.dtype == like.dtype, lambda: f"{name} must be {like.dtype}, got {out.dtype}")
+    require(out.device == like.device, lambda: f"{name} must be on {like.device}, got {out.device}")
+    require(out.is_contiguous(), lambda: f"{name} must be contiguous")
     return out

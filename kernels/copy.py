@@ -58,15 +58,15 @@ def launch_block_copy(src_words: torch.Tensor, dst_words: torch.Tensor, pairs: t
 def check_pairs(
     pairs: torch.Tensor, num_src: int, num_dst: int, check_indices: bool, same_pool: bool
 ) -> None:
-    require(pairs.dim() == 2 and pairs.shape[1] == 2, f"pairs must be [P, 2], got {tuple(pairs.shape)}")
-    require(pairs.dtype == torch.int64, f"pairs must be int64, got {pairs.dtype}")
+    require(pairs.dim() == 2 and pairs.shape[1] == 2, lambda: f"pairs must be [P, 2], got {tuple(pairs.shape)}")
+    require(pairs.dtype == torch.int64, lambda: f"pairs must be int64, got {pairs.dtype}")
     require(pairs.stride(1) == 1 or pairs.shape[0] == 0, "pairs rows must be contiguous")
     if not check_indices or pairs.shape[0] == 0:
         return
     host = pairs.cpu()
     src, dst = host[:, 0], host[:, 1]
-    require(bool(((src >= 0) & (src < num_src)).all()), f"source block ids must be in [0, {num_src})")
-    require(bool(((dst >= 0) & (dst < num_dst)).all()), f"destination block ids must be in [0, {num_dst})")
+    require(bool(((src >= 0) & (src < num_src)).all()), lambda: f"source block ids must be in [0, {num_src})")
+    require(bool(((dst >= 0) & (dst < num_dst)).all()), lambda: f"destination block ids must be in [0, {num_dst})")
     require(dst.unique().numel() == dst.numel(), "a destination block appears twice in pairs")
     if same_pool:
         require(

@@ -16,8 +16,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._common import (
+    INTERPRET,
     attention_ref,
     check_cache_pair,
     check_out,
@@ -25,8 +27,9 @@ from ._common import (
     check_query,
     check_same_device,
     default_scale,
+    dot_precision,
+    fallback_configs,
     gather_tokens,
-    interpreting,
     require,
     use_triton_for,
 )
@@ -118,12 +121,20 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int) -> int:
-    """Splits so that (batch, head, split) programs number about four per SM, which keeps
-    the last wave short; no split shorter than ``_MIN_TOKENS_PER_SPLIT`` tokens."""
-    programs = batch * num_kv_heads
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, max(programs, 1))
+    """Split count for ``batch * num_kv_heads`` (sequence, KV head) programs.
+
+    Few programs: split each so that about four per SM run in one wave (a fifth program on
+    some SMs would double their time). A partial wave or more: one extra split evens the
+    last wave out for sequences of 1K tokens and up. Several waves: no split. Splits stay
+    at least ``_MIN_TOKENS_PER_SPLIT`` long.
+    """
+    programs = max(batch * num_kv_heads, 1)
     cap = max(1, max_tokens // _MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, cap, _MAX_SPLITS))
+    if programs >= _PROGRAMS_PER_SM * num_sms:
+        return 1
+    if programs >= num_sms:
+        return min(2, cap) if max_tokens >= 1024 else 1
+    return max(1, min((_PROGRAMS_PER_SM * num_sms) // programs, cap, _MAX_SPLITS))
 
 
 def paged_decode_ref(
@@ -182,7 +193,7 @@ def paged_decode(
     batch = q.shape[0]
     check_page_tables(block_tables, seq_lens, batch, num_blocks, block_size, check_indices)
     require(q.stride(-1) == 1, "q must be contiguous in its head dim")
-    require(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
+    require(num_splits is None or num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
     scale = default_scale(scale, head_dim)
     out = check_out(out, tuple(q.shape), q)
     triton_path = use_triton_for(use_triton, q)
@@ -200,11 +211,14 @@ def paged_decode(
     return (out, lse) if return_lse else out
 
 
-def decode_config(head_dim: int) -> dict[str, int]:
-    """Tile and launch settings: tokens per step, warps, pipeline depth."""
-    if head_dim <= 128:
-        return {"block_n": 64, "num_warps": 4, "num_stages": 2}
-    return {"block_n": 32, "num_warps": 4, "num_stages": 2}
+def decode_config(head_dim: int, itemsize: int, num_splits: int) -> dict[str, int]:
+    """Tile and launch settings (tokens per step, warps, pipeline depth).
+
+    Measured on an H100 (benchmarks/NOTES-kernels.md): while few programs carry long
+    splits, 32-token steps keep more programs resident; full-batch launches prefer 64.
+    """
+    block_n = 32 if num_splits > 2 or head_dim * itemsize > 256 else 64
+    return {"block_n": block_n, "num_warps": 4, "num_stages": 3}
 
 
 def launch_decode(
@@ -223,26 +237,14 @@ def launch_decode(
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    config = config or decode_config(head_dim)
-    block_n = config["block_n"]
     max_tokens = max(block_tables.shape[1] * block_size, 1)
     if num_splits is None:
         num_sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
         num_splits = choose_num_splits(batch, num_kv_heads, max_tokens, num_sms)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
+    config = config or decode_config(head_dim, q.element_size(), num_splits)
+    tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), config["block_n"])
+    tokens_per_split *= config["block_n"]
     num_splits = triton.cdiv(max_tokens, tokens_per_split)
-    meta = dict(
-        GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        BLOCK_N=block_n,
-        UPCAST=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
     grid = (batch, num_kv_heads, num_splits)
     if num_splits == 1:
         part_out, part_lse, stride_os = out, lse, 0
@@ -252,16 +254,33 @@ def launch_decode(
         )
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         stride_os = part_out.stride(2)
-    _paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), stride_os,
-        part_lse.stride(0), part_lse.stride(1),
-        scale * _LOG2E, tokens_per_split,
-        **meta,
-    )
+    error: OutOfResources | None = None
+    for cfg in fallback_configs(config, ("block_n",)):
+        try:
+            _paged_decode_kernel[grid](
+                q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse,
+                q.stride(0), q.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                block_tables.stride(0),
+                part_out.stride(0), part_out.stride(1), stride_os,
+                part_lse.stride(0), part_lse.stride(1),
+                scale * _LOG2E, tokens_per_split,
+                GROUP=group,
+                G_PAD=max(16, triton.next_power_of_2(group)),
+                HEAD_DIM=head_dim,
+                D_PAD=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=block_size,
+                BLOCK_N=cfg["block_n"],
+                UPCAST=INTERPRET and q.dtype != torch.float32,
+                DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            break
+        except OutOfResources as exc:
+            error = exc
+    else:
+        raise error or RuntimeError("no decode config to launch")
     if num_splits > 1:
         merge_splits(part_out, part_lse, out, lse)
     return num_splits

@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._common import (
+    INTERPRET,
     attention_ref,
     check_cache_pair,
     check_out,
@@ -26,8 +28,9 @@ from ._common import (
     check_query,
     check_same_device,
     default_scale,
+    dot_precision,
+    fallback_configs,
     gather_tokens,
-    interpreting,
     require,
     use_triton_for,
 )
@@ -215,11 +218,11 @@ def paged_extend_ref(
 def _check_cu_q_lens(
     cu_q_lens: torch.Tensor, seq_lens: torch.Tensor, batch: int, total: int, check_indices: bool
 ) -> None:
-    require(cu_q_lens.dim() == 1, f"cu_q_lens must be [B+1], got shape {tuple(cu_q_lens.shape)}")
-    require(cu_q_lens.dtype == torch.int32, f"cu_q_lens must be int32, got {cu_q_lens.dtype}")
+    require(cu_q_lens.dim() == 1, lambda: f"cu_q_lens must be [B+1], got shape {tuple(cu_q_lens.shape)}")
+    require(cu_q_lens.dtype == torch.int32, lambda: f"cu_q_lens must be int32, got {cu_q_lens.dtype}")
     require(
         cu_q_lens.shape[0] == batch + 1,
-        f"cu_q_lens has {cu_q_lens.shape[0]} entries, expected B+1 = {batch + 1}",
+        lambda: f"cu_q_lens has {cu_q_lens.shape[0]} entries, expected B+1 = {batch + 1}",
     )
     require(cu_q_lens.stride(0) == 1 or batch == 0, "cu_q_lens must be contiguous")
     if not check_indices:
@@ -234,7 +237,7 @@ def _check_cu_q_lens(
         ]
     ).tolist()
     require(not flags[0], "cu_q_lens[0] must be 0")
-    require(not flags[1], f"cu_q_lens[-1] must equal the number of q rows ({total})")
+    require(not flags[1], lambda: f"cu_q_lens[-1] must equal the number of q rows ({total})")
     require(not flags[2], "cu_q_lens must be non-decreasing")
     require(not flags[3], "a sequence's q_len exceeds its seq_len")
 
@@ -277,7 +280,7 @@ def paged_extend(
     require(q.stride(-1) == 1, "q must be contiguous in its head dim")
     require(
         sliding_window is None or (isinstance(sliding_window, int) and sliding_window >= 1),
-        f"sliding_window must be None or an int >= 1, got {sliding_window!r}",
+        lambda: f"sliding_window must be None or an int >= 1, got {sliding_window!r}",
     )
     scale = default_scale(scale, head_dim)
     out = check_out(out, tuple(q.shape), q)
@@ -298,14 +301,16 @@ def paged_extend(
     return (out, lse) if return_lse else out
 
 
-def extend_config(head_dim: int) -> dict[str, int]:
-    """Query rows and keys per tile, warps and pipeline depth for the extend kernel."""
-    if interpreting():
+def extend_config(head_dim: int, itemsize: int) -> dict[str, int]:
+    """Query rows and keys per tile, warps and pipeline depth (H100 sweep in the notes)."""
+    if INTERPRET:
         return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    if itemsize == 4:  # fp32 tiles take twice the shared memory
+        return {"block_m": 64, "block_n": 32 if head_dim <= 128 else 16, "num_warps": 4, "num_stages": 2}
     if head_dim <= 64:
         return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 128:
-        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+        return {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 4}
     return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
@@ -326,29 +331,36 @@ def launch_extend(
     total, num_q_heads, head_dim = q.shape
     batch = seq_lens.shape[0]
     block_size = k_cache.shape[1]
-    config = config or extend_config(head_dim)
-    block_m = config["block_m"]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    cu_tiles = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum((q_lens + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=cu_tiles[1:])
-    grid = (triton.cdiv(total, block_m) + batch, num_q_heads)
-    _paged_extend_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, cu_q_lens, cu_tiles, out, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        lse.stride(0), lse.stride(1),
-        scale * _LOG2E, sliding_window or 0, batch,
-        GROUP=num_q_heads // k_cache.shape[2],
-        HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
-        BLOCK_N=config["block_n"],
-        HAS_WINDOW=sliding_window is not None,
-        UPCAST=interpreting() and q.dtype != torch.float32,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
+    config = config or extend_config(head_dim, q.element_size())
+    error: OutOfResources | None = None
+    for cfg in fallback_configs(config, ("block_n", "block_m")):
+        block_m = cfg["block_m"]
+        q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+        cu_tiles = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+        torch.cumsum((q_lens + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=cu_tiles[1:])
+        grid = (triton.cdiv(total, block_m) + batch, num_q_heads)
+        try:
+            _paged_extend_kernel[grid](
+                q, k_cache, v_cache, block_tables, seq_lens, cu_q_lens, cu_tiles, out, lse,
+                q.stride(0), q.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                block_tables.stride(0),
+                out.stride(0), out.stride(1),
+                lse.stride(0), lse.stride(1),
+                scale * _LOG2E, sliding_window or 0, batch,
+                GROUP=num_q_heads // k_cache.shape[2],
+                HEAD_DIM=head_dim,
+                D_PAD=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=block_size,
+                BLOCK_M=block_m,
+                BLOCK_N=cfg["block_n"],
+                HAS_WINDOW=sliding_window is not None,
+                UPCAST=INTERPRET and q.dtype != torch.float32,
+                DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            return
+        except OutOfResources as exc:
+            error = exc
+    raise error or RuntimeError("no extend config to launch")

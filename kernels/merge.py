@@ -97,18 +97,18 @@ def _check_merge(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> None:
     for name, t in (("out_a", out_a), ("out_b", out_b)):
-        require(t.dim() == 3, f"{name} must be [N, H, D], got shape {tuple(t.shape)}")
+        require(t.dim() == 3, lambda name=name, t=t: f"{name} must be [N, H, D], got shape {tuple(t.shape)}")
         check_dtype(name, t, SUPPORTED_DTYPES)
-        require(t.stride(-1) == 1 or t.shape[-1] == 1, f"{name} must be contiguous in its last dim")
+        require(t.stride(-1) == 1 or t.shape[-1] == 1, lambda name=name, t=t: f"{name} must be contiguous in its last dim")
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        require(t.dim() == 2, f"{name} must be [N, H], got shape {tuple(t.shape)}")
-        require(t.dtype == torch.float32, f"{name} must be float32, got {t.dtype}")
-        require(t.stride(-1) == 1 or t.shape[-1] == 1, f"{name} must be contiguous in its last dim")
-    require(out_a.shape == out_b.shape, f"out_a {tuple(out_a.shape)} != out_b {tuple(out_b.shape)}")
-    require(out_a.dtype == out_b.dtype, f"out_a is {out_a.dtype}, out_b {out_b.dtype}")
+        require(t.dim() == 2, lambda name=name, t=t: f"{name} must be [N, H], got shape {tuple(t.shape)}")
+        require(t.dtype == torch.float32, lambda name=name, t=t: f"{name} must be float32, got {t.dtype}")
+        require(t.stride(-1) == 1 or t.shape[-1] == 1, lambda name=name, t=t: f"{name} must be contiguous in its last dim")
+    require(out_a.shape == out_b.shape, lambda: f"out_a {tuple(out_a.shape)} != out_b {tuple(out_b.shape)}")
+    require(out_a.dtype == out_b.dtype, lambda: f"out_a is {out_a.dtype}, out_b {out_b.dtype}")
     require(
         lse_a.shape == out_a.shape[:2] and lse_b.shape == out_a.shape[:2],
-        f"lse shapes {tuple(lse_a.shape)}, {tuple(lse_b.shape)} must be {tuple(out_a.shape[:2])}",
+        lambda: f"lse shapes {tuple(lse_a.shape)}, {tuple(lse_b.shape)} must be {tuple(out_a.shape[:2])}",
     )
     check_same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
 

@@ -58,9 +58,9 @@ def _check_swap(
     require(src_pool.dim() >= 1 and dst_pool.dim() >= 1, "pools must have a block dimension")
     require(
         tuple(src_pool.shape[1:]) == tuple(dst_pool.shape[1:]),
-        f"block shapes differ: {tuple(src_pool.shape[1:])} vs {tuple(dst_pool.shape[1:])}",
+        lambda: f"block shapes differ: {tuple(src_pool.shape[1:])} vs {tuple(dst_pool.shape[1:])}",
     )
-    require(src_pool.dtype == dst_pool.dtype, f"pool dtypes differ: {src_pool.dtype}, {dst_pool.dtype}")
+    require(src_pool.dtype == dst_pool.dtype, lambda: f"pool dtypes differ: {src_pool.dtype}, {dst_pool.dtype}")
     require(src_pool.is_contiguous() and dst_pool.is_contiguous(), "pools must be contiguous")
     require(
         not (src_pool.is_cuda and dst_pool.is_cuda),
@@ -68,7 +68,7 @@ def _check_swap(
     )
     for name, pool, other in (("src_pool", src_pool, dst_pool), ("dst_pool", dst_pool, src_pool)):
         if other.is_cuda:
-            require(pool.is_pinned(), f"{name} must be pinned host memory to swap with a GPU pool")
+            require(pool.is_pinned(), lambda name=name: f"{name} must be pinned host memory to swap with a GPU pool")
     require(
         src_pool.data_ptr() != dst_pool.data_ptr() or src_pool.numel() == 0,
         "src_pool and dst_pool are the same tensor; use copy_blocks",

@@ -63,19 +63,19 @@ def _check_write(
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = check_cache_pair(k_cache, v_cache)
     for name, t in (("k", k), ("v", v)):
-        require(t.dim() == 3, f"{name} must be [T, Hkv, D], got shape {tuple(t.shape)}")
+        require(t.dim() == 3, lambda name=name, t=t: f"{name} must be [T, Hkv, D], got shape {tuple(t.shape)}")
         require(
             tuple(t.shape[1:]) == (num_kv_heads, head_dim),
-            f"{name} rows are {tuple(t.shape[1:])}, the cache holds ({num_kv_heads}, {head_dim})",
+            lambda name=name, t=t: f"{name} rows are {tuple(t.shape[1:])}, the cache holds ({num_kv_heads}, {head_dim})",
         )
-        require(t.dtype == k_cache.dtype, f"{name} is {t.dtype} but the cache is {k_cache.dtype}")
-        require(t.stride(-1) == 1 or head_dim == 1, f"{name} must be contiguous in its head dim")
-    require(k.shape[0] == v.shape[0], f"k has {k.shape[0]} rows, v {v.shape[0]}")
-    require(slot_mapping.dim() == 1, f"slot_mapping must be [T], got {tuple(slot_mapping.shape)}")
-    require(slot_mapping.dtype == torch.int64, f"slot_mapping must be int64, got {slot_mapping.dtype}")
+        require(t.dtype == k_cache.dtype, lambda name=name, t=t: f"{name} is {t.dtype} but the cache is {k_cache.dtype}")
+        require(t.stride(-1) == 1 or head_dim == 1, lambda name=name, t=t: f"{name} must be contiguous in its head dim")
+    require(k.shape[0] == v.shape[0], lambda: f"k has {k.shape[0]} rows, v {v.shape[0]}")
+    require(slot_mapping.dim() == 1, lambda: f"slot_mapping must be [T], got {tuple(slot_mapping.shape)}")
+    require(slot_mapping.dtype == torch.int64, lambda: f"slot_mapping must be int64, got {slot_mapping.dtype}")
     require(
         slot_mapping.shape[0] == k.shape[0],
-        f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} rows",
+        lambda: f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} rows",
     )
     check_same_device(k_cache=k_cache, v_cache=v_cache, k=k, v=v, slot_mapping=slot_mapping)
     if not check_indices or slot_mapping.numel() == 0:
@@ -89,7 +89,7 @@ def _check_write(
             torch.tensor(valid.unique().numel() != valid.numel(), device=valid.device),
         ]
     ).tolist()
-    require(not flags[0] and not flags[1], f"slot_mapping values must be -1 or in [0, {num_slots})")
+    require(not flags[0] and not flags[1], lambda: f"slot_mapping values must be -1 or in [0, {num_slots})")
     require(not flags[2], "slot_mapping holds a slot twice")
 
 

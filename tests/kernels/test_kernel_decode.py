@@ -131,11 +131,12 @@ def test_decode_block_offsets_past_int32():
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(256, 8, 2048, 132) == 1
-    assert choose_num_splits(64, 8, 4096, 132) == 2
-    assert choose_num_splits(16, 8, 4096, 132) == 5
+    assert choose_num_splits(256, 8, 2048, 132) == 1  # several waves already
+    assert choose_num_splits(64, 8, 4096, 132) == 2  # a partial last wave, evened out
+    assert choose_num_splits(64, 8, 512, 132) == 1  # too short to be worth it
+    assert choose_num_splits(16, 8, 4096, 132) == 4  # 512 programs: one wave of 4 per SM
     assert choose_num_splits(1, 8, 32768, 132) == 66
-    assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
+    assert choose_num_splits(1, 8, 300, 132) == 1  # no split shorter than 256 tokens
 
 
 def _valid_inputs(device=DEVICE):
@@ -186,3 +187,24 @@ def test_decode_rejects_bad_split_count(monkeypatch):
     monkeypatch.setattr(decode, "_paged_decode_kernel", LaunchGuard())
     with pytest.raises(ValueError):
         paged_decode(**_valid_inputs(), num_splits=0, use_triton=True)
+
+
+def test_launch_falls_back_to_smaller_tiles_when_shared_memory_runs_out(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+    real = decode._paged_decode_kernel
+
+    class SmallSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["num_stages"] > 1:
+                    raise OutOfResources(300_000, 200_000, "shared memory")
+                launched.append(meta)
+                return real[grid](*args, **meta)
+
+            return launch
+
+    monkeypatch.setattr(decode, "_paged_decode_kernel", SmallSharedMemory())
+    _run(FP16, 4, 2, 64, 16, [5, 40], num_splits=2)
+    assert launched and all(m["num_stages"] == 1 for m in launched)
