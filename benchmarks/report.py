@@ -39,6 +39,7 @@ END = "<!-- report:end -->"
 PROVENANCE = (
     "benchmark", "name", "card", "device", "gpu", "gpus", "cpu", "host", "date", "timestamp",
     "versions", "version", "git", "commit", "python", "torch", "triton", "ray", "cuda", "notes",
+    "sms", "l2_mib",
 )
 MAX_ROWS = 40
 
@@ -79,6 +80,8 @@ def unit_of(name: str) -> str | None:
         if lower.endswith(suffix):
             return unit
     words = lower.split("_")
+    if "over" in words[1:-1]:  # "ours_over_sdpa": a ratio
+        return "x"
     if words[-1] in _LAST_WORD_UNITS and len(words) > 1:
         return _LAST_WORD_UNITS[words[-1]]
     for word in reversed(words):
@@ -199,9 +202,19 @@ def draw(table: Table, image: Path, heading: str) -> None:
 
     units = list(table.series)
     num_rows = len(table.labels)
-    height = max(2.5, 0.35 * num_rows * max(len(s) for s in table.series.values()) + 1.2)
-    fig, axes = plt.subplots(len(units), 1, figsize=(9, height * len(units)), squeeze=False)
-    for ax, unit in zip(axes[:, 0], units, strict=True):
+    # Two charts side by side; each row of charts as tall as its bars need.
+    num_cols = min(2, len(units))
+    grid = [units[i : i + num_cols] for i in range(0, len(units), num_cols)]
+    heights = [
+        max(1.8, 0.16 * num_rows * max(len(table.series[u]) for u in row) + 1.0) for row in grid
+    ]
+    fig, axes = plt.subplots(
+        len(grid), num_cols, figsize=(7 * num_cols, sum(heights)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
+    for ax in axes.flat[len(units) :]:
+        ax.set_visible(False)
+    for ax, unit in zip(axes.flat, units, strict=False):
         fields = table.series[unit]
         bar = 0.8 / len(fields)
         values_seen: list[float] = []
@@ -219,7 +232,7 @@ def draw(table: Table, image: Path, heading: str) -> None:
         ax.grid(axis="x", alpha=0.3)
         if len(fields) > 1 or len(units) > 1:
             ax.legend(fontsize=8, loc="best")
-    axes[0, 0].set_title(heading, fontsize=10)
+    fig.suptitle(heading, fontsize=10)
     fig.tight_layout()
     image.parent.mkdir(parents=True, exist_ok=True)
     # No "Software" stamp: the same results give byte-identical images.

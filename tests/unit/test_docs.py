@@ -107,6 +107,7 @@ def test_comment_layout_keeps_lists_and_tables() -> None:
         ("swap_gbps", "GB/s"),
         ("elapsed_s", "s"),
         ("peak_gib", "GiB"),
+        ("ours_over_sdpa", "x"),
         ("max_concurrent_paged", None),
         ("num_blocks", None),
         ("B", None),
