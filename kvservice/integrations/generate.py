@@ -35,7 +35,7 @@ import torch
 from kvservice.core.errors import ResourceExhausted
 from kvservice.integrations.beam import BeamSearch, Hypothesis
 from kvservice.integrations.hf import ServiceModel
-from kvservice.integrations.sampling import SamplingParams, make_generator, next_token
+from kvservice.integrations.sampling import SamplingParams, make_generator, sample_token
 
 logger = logging.getLogger(__name__)
 
@@ -262,19 +262,25 @@ class Engine:
         appends: dict[int, list[int]] = {}
         frees: list[int] = []
         done: set[int] = set()
+        greedy = logits.argmax(dim=-1).tolist()  # one device sync for the whole step
         row = 0
         for request in batch:
-            rows = logits[row : row + len(request.branches)]
+            first = row
             row += len(request.branches)
             for branch in request.branches:
                 branch.pending = []
             if request.prompt_rest:
                 self._next_chunk(request, appends)
             elif request.params.num_beams > 1:
-                if self._advance_beams(request, rows, appends, frees):
+                if self._advance_beams(request, logits[first:row], appends, frees):
                     done.add(request.request_id)
-            elif self._advance_one(request, rows[0], appends, frees):
-                done.add(request.request_id)
+            else:
+                if request.params.do_sample:
+                    token = sample_token(logits[first], request.params, request.generator)
+                else:
+                    token = greedy[first]
+                if self._advance_one(request, token, appends, frees):
+                    done.add(request.request_id)
         if frees:
             self.client.free(frees)
         if appends:
@@ -290,14 +296,9 @@ class Engine:
         appends[branch.seq_id] = chunk
 
     def _advance_one(
-        self,
-        request: _Request,
-        logits: torch.Tensor,
-        appends: dict[int, list[int]],
-        frees: list[int],
+        self, request: _Request, token: int, appends: dict[int, list[int]], frees: list[int]
     ) -> bool:
         params = request.params
-        token = next_token(logits, params, request.generator)
         request.tokens.append(token)
         self.stats.num_generated += 1
         reason = None

@@ -1,4 +1,4 @@
-"""How one request picks its next tokens: the parameters, greedy and sampled choice.
+"""How one request picks its next tokens: the parameters and the sampled choice.
 
 The filters run in transformers' order (temperature, then top-k, then top-p) so that a
 seeded run means the same thing here as in ``model.generate``.
@@ -74,11 +74,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def next_token(
+def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """Pick one token from one row of logits [V]."""
-    if not params.do_sample:
-        return int(torch.argmax(logits))
+    """Sample one token from one row of logits [V] (greedy choice is the caller's argmax)."""
     probs = filter_logits(logits[None], params).softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
