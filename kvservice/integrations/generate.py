@@ -184,11 +184,12 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting:
             request = self._waiting[0]
-            live = self.num_live_seqs()
+            # A beam search holds one sequence now and num_beams after its prefill.
+            reserved = sum(r.params.num_beams for r in self._running)
             if (
                 self.max_live_seqs is not None
-                and live
-                and (live + request.params.num_beams > self.max_live_seqs)
+                and reserved
+                and reserved + request.params.num_beams > self.max_live_seqs
             ):
                 return
             self._waiting.popleft()

@@ -223,3 +223,46 @@ def test_a_model_that_does_not_fit_the_layout_is_refused(llama: Any) -> None:
     other = random_model("llama", num_kv_heads=4)
     with service_for(llama) as client, pytest.raises(ValueError, match="does not fit"):
         wrap_model(copy.deepcopy(other), client)
+
+
+def test_a_step_refused_for_memory_is_retried_smaller(llama: Any) -> None:
+    # No block budget: the first step asks for all four prompts (3 blocks each) on a
+    # device tier of 8 blocks, the service refuses, and the engine halves the step.
+    prompts = [tokens(40, 600 + i) for i in range(4)]
+    expected = reference_generate(llama, prompts, GREEDY)
+    with service_for(llama, num_gpu_blocks=8, num_cpu_blocks=64) as client:
+        engine = Engine(wrap_model(copy.deepcopy(llama), client))
+        request_ids = [engine.add_request(p, GREEDY) for p in prompts]
+        results = engine.run()
+    assert [results[r].tokens for r in request_ids] == expected
+    assert engine.stats.num_retries > 0
+    assert engine.max_batch_seqs < len(prompts)
+
+
+def test_admission_keeps_live_sequences_bounded(llama: Any) -> None:
+    prompts = [tokens(n, 700 + n) for n in (5, 9, 14, 20, 3)]
+    params = [GREEDY, GREEDY, SamplingParams(max_new_tokens=6, num_beams=3), GREEDY, GREEDY]
+    with service_for(llama) as client:
+        engine = Engine(wrap_model(copy.deepcopy(llama), client), max_live_seqs=3)
+        for prompt, p in zip(prompts, params, strict=True):
+            engine.add_request(prompt, p)
+        most = 0
+        while engine.has_unfinished():
+            engine.step()
+            most = max(most, engine.num_live_seqs())
+            assert client.stats()["sequences_live"] == engine.num_live_seqs()
+    assert most == 3
+
+
+def test_abort_frees_every_live_sequence(llama: Any) -> None:
+    with service_for(llama) as client:
+        engine = Engine(wrap_model(copy.deepcopy(llama), client))
+        engine.add_request(tokens(9, 800), SamplingParams(max_new_tokens=6, num_beams=3))
+        engine.add_request(tokens(12, 801), GREEDY)
+        engine.add_request(tokens(5, 802), GREEDY)
+        engine.step()
+        engine.step()
+        assert client.stats()["sequences_live"] == 3 + 1 + 1
+        engine.abort()
+        assert client.stats()["sequences_live"] == 0
+        assert not engine.has_unfinished()
