@@ -31,12 +31,16 @@ class AttendPlan:
     One entry per sequence; the batch's q rows are the sequences' new tokens, in order.
     ``new_slots`` (one per q row, ``-1`` = skip) is optional: the worker derives the
     slots from the block tables and, when given, checks they agree.
+    ``block_tiers`` (optional, shaped like ``block_tables``) names each block's tier:
+    0 = an id in the GPU pool, 1 = an id in the CPU pool; None = all GPU. A plan with
+    CPU-tier blocks takes the tiered path (``kvservice.workers.tiered``).
     """
 
     block_tables: Sequence[Sequence[int]] | torch.Tensor
     seq_lens: IntList
     q_lens: IntList
     new_slots: IntList | None = None
+    block_tiers: Sequence[Sequence[int]] | torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +114,9 @@ def _used_table(
     return table, flat
 
 
-def prepare_plan(
-    plan: AttendPlan, *, block_size: int, num_blocks: int, num_q_rows: int, writes: bool
-) -> PreparedPlan:
-    """Check ``plan`` against a pool of ``num_blocks`` and build the kernels' tensors (on CPU).
-
-    ``writes``: the new tokens' K/V will be written, so no two of them may share a slot
-    (reading one shared block from several sequences is fine).
-    """
+def plan_lengths(plan: AttendPlan, num_q_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's ``seq_lens`` and ``q_lens`` (int64, on CPU), checked against each other
+    and against the ``num_q_rows`` rows of q."""
     if not isinstance(plan, AttendPlan):
         raise InvalidArgument(f"plan must be an AttendPlan, got {type(plan).__name__}")
     seq_lens = as_int_tensor("seq_lens", plan.seq_lens)
@@ -137,7 +136,19 @@ def prepare_plan(
     num_tokens = int(q_lens.sum())
     if num_tokens != num_q_rows:
         raise InvalidArgument(f"q has {num_q_rows} rows but the plan's q_lens sum to {num_tokens}")
+    return seq_lens, q_lens
 
+
+def prepare_plan(
+    plan: AttendPlan, *, block_size: int, num_blocks: int, num_q_rows: int, writes: bool
+) -> PreparedPlan:
+    """Check ``plan`` against a pool of ``num_blocks`` and build the kernels' tensors (on CPU).
+
+    ``writes``: the new tokens' K/V will be written, so no two of them may share a slot
+    (reading one shared block from several sequences is fine).
+    """
+    seq_lens, q_lens = plan_lengths(plan, num_q_rows)
+    batch, num_tokens = seq_lens.numel(), num_q_rows
     needed = (seq_lens + block_size - 1) // block_size
     width = int(needed.max())
     table, used = _used_table(plan.block_tables, needed, width)

@@ -48,6 +48,7 @@ from kvservice.workers.pools import (
     torch_dtype,
 )
 from kvservice.workers.records import Ledger, LedgerBook, WorkerInfo, new_epoch
+from kvservice.workers.tiered import TieredAttention, has_cold_blocks
 from kvservice.workers.timing import KernelTimer
 
 from kvservice.core.errors import InvalidArgument
@@ -86,6 +87,7 @@ class Worker:
             self.cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin_memory=is_cuda)
             self._swap_stream = torch.cuda.Stream(self.device) if is_cuda else None
         self._dtype = torch_dtype(layout)
+        self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
@@ -214,6 +216,11 @@ class Worker:
                     raise InvalidArgument("sliding_window must be >= 1")
             if not isinstance(return_lse, bool):
                 raise InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
+            if has_cold_blocks(plan):
+                return self.tiered.attend(
+                    layer, plan, q, k_new, v_new,
+                    scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+                )  # fmt: skip
             prepared = prepare_plan(
                 plan,
                 block_size=self.layout.block_size,
@@ -395,6 +402,7 @@ class Worker:
             "blocks_copied": counters.get("blocks_copied", 0),
             "blocks_exported": counters.get("blocks_exported", 0),
             "blocks_imported": counters.get("blocks_imported", 0),
+            "tiered": self.tiered.stats(),
             "kernel_time": self._timer.totals(),
             "call_time": {
                 name: {"calls": self._call_calls[name], "seconds": self._call_seconds[name]}

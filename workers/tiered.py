@@ -1,0 +1,505 @@
+"""Attention over sequences whose pages are split between the GPU tier and the CPU tier.
+
+A plan entry may name a tier per block (``AttendPlan.block_tiers``: 0 = an id in the GPU
+pool, 1 = an id in the CPU pool). Attention over such a batch never swaps the cold pages
+in; it runs in two parts whose (out, lse) are merged by log-sum-exp:
+- hot: each entry's GPU blocks, in order, as one shorter *virtual* sequence, through the
+  worker's ordinary attention path (the fused write of the new K/V included);
+- cold: the batch's distinct CPU blocks, this layer's slice only, streamed in chunks into
+  two GPU staging buffers on the worker's copy stream. While chunk i+1 (and the hot part)
+  runs, the decode kernel attends over chunk i; each chunk's result is merged into an fp32
+  accumulator. On a CPU worker the staging copy is a plain copy and the same code runs.
+
+Why it is exact:
+- an entry's cold keys are all older than its queries, so they are unmasked; dropping them
+  from the entry's table shifts every later position by the same amount, so the causal
+  mask of the hot part is unchanged (its queries stay its last positions);
+- attention over a union of disjoint key sets is the LSE-weighted mix of the attention
+  over each set, in any order, so a CPU block is streamed once per call (ascending ids:
+  runs of consecutive blocks stay consecutive) even when several entries share it.
+
+Rules, else InvalidArgument: an entry with several queries keeps every block at or after
+its first query position hot; a token being written lies in a GPU block; with a sliding
+window, blocks inside any query's window are hot (cold blocks outside every window are
+skipped, never streamed).
+
+Ordering: the staging copies run on the worker's swap stream, after the swaps already
+queued there (which may be filling the cold blocks) and after the compute work already
+queued (an earlier call may still read the staging buffers); each chunk's attention waits
+for its copy's event, and the copies are recorded as pending reads of their CPU blocks, so
+a later host write of those blocks waits for them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import kvservice.kernels as kernels
+import torch
+from kvservice.workers.plan import AttendPlan, _used_table, as_int_tensor, plan_lengths
+
+from kvservice.core.errors import InvalidArgument
+from kvservice.core.ids import Tier
+
+if TYPE_CHECKING:
+    from kvservice.workers.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# Bytes of one staging buffer (two are used). 64 MiB moves in ~1.2 ms over PCIe 5: long
+# enough to hide the per-chunk launches, small beside a GPU's memory.
+DEFAULT_STAGING_BYTES = 64 << 20
+COPY_MODES = ("auto", "kernel", "memcpy2d")
+# "auto" uses the copy engine (2-D memcpy per run of consecutive CPU blocks) when a chunk's
+# runs average at least this many blocks; shorter runs cost a call each, and the gather
+# kernel (one launch, reading host memory directly) wins.
+_MIN_MEAN_RUN = 8
+
+
+def has_cold_blocks(plan: object) -> bool:
+    """Whether ``plan`` names any CPU-tier block (cheap: no plan checks)."""
+    tiers = getattr(plan, "block_tiers", None)
+    if tiers is None:
+        return False
+    if isinstance(tiers, torch.Tensor):
+        return bool((tiers != int(Tier.GPU)).any())
+    return any(any(t != Tier.GPU for t in row) for row in tiers)
+
+
+@dataclass(slots=True)
+class TieredSplit:
+    """A tiered plan cut into its hot plan and its cold references (host tensors)."""
+
+    hot_plan: AttendPlan | None  # entries with at least one hot key; GPU block ids
+    hot_rows: torch.Tensor  # [T_hot] q rows of hot_plan, in its order
+    cold_ids: torch.Tensor  # [N] distinct CPU blocks, ascending: the stream order
+    cold_entry: torch.Tensor  # [M] entry of each (entry, cold block) reference
+    cold_index: torch.Tensor  # [M] its block's index in cold_ids
+    cold_valid: torch.Tensor  # [M] tokens of that block the entry reads (< bs: its last)
+    q_lens: torch.Tensor  # [B]
+    cu_q_lens: torch.Tensor  # [B + 1]
+    window_plan: AttendPlan | None = None  # sliding window: the visible, all-hot suffix
+
+
+@dataclass(slots=True)
+class ChunkPlan:
+    """Decode over one staged chunk: one table row per q row that reads the chunk."""
+
+    ids: torch.Tensor  # [n] CPU blocks staged, in staging-slot order
+    rows: torch.Tensor  # [R] q rows
+    block_tables: torch.Tensor  # [R, width] int32 staging slots
+    seq_lens: torch.Tensor  # [R] int32 keys of the chunk each row reads
+
+
+def split_plan(
+    plan: AttendPlan,
+    *,
+    block_size: int,
+    num_gpu_blocks: int,
+    num_cpu_blocks: int,
+    num_q_rows: int,
+    writes: bool,
+    sliding_window: int | None,
+) -> TieredSplit:
+    """Check a plan with block tiers and cut it into its hot and cold parts."""
+    seq_lens, q_lens = plan_lengths(plan, num_q_rows)
+    batch = seq_lens.numel()
+    bs = block_size
+    needed = (seq_lens + bs - 1) // bs
+    width = int(needed.max())
+    table, _ = _used_table(plan.block_tables, needed, width)
+    tiers, _ = _used_table(plan.block_tiers, needed, width)
+    used = torch.arange(width)[None, :] < needed[:, None]
+    if bool(((tiers != int(Tier.GPU)) & (tiers != int(Tier.CPU)) & used).any()):
+        raise InvalidArgument("block_tiers entries must be 0 (GPU) or 1 (CPU)")
+    cold = used & (tiers == int(Tier.CPU))
+    hot = used & ~cold
+    for name, mask, limit in (("GPU", hot, num_gpu_blocks), ("CPU", cold, num_cpu_blocks)):
+        ids = table[mask]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+            bad = int(ids[(ids < 0) | (ids >= limit)][0])
+            raise InvalidArgument(f"{name} block id {bad} is outside [0, {limit})")
+
+    cu_q_lens = torch.zeros(batch + 1, dtype=torch.int64)
+    torch.cumsum(q_lens, 0, out=cu_q_lens[1:])
+    block_start = torch.arange(width)[None, :] * bs
+    first_query = (seq_lens - q_lens)[:, None]
+    if sliding_window is not None:
+        return _window_split(plan, table, cold, seq_lens, q_lens, cu_q_lens, bs, sliding_window)
+
+    # Several queries: cold keys must all precede the first query (they are then unmasked).
+    masked_cold = cold & (q_lens[:, None] > 1) & (block_start + bs > first_query)
+    if bool(masked_cold.any()):
+        entry = int(torch.nonzero(masked_cold)[0, 0])
+        raise InvalidArgument(
+            f"entry {entry}: a CPU-tier block holds a position at or after its first query; "
+            "blocks of an extend's query positions must be in the GPU tier"
+        )
+    written = _written_rows(plan, num_q_rows, writes)
+    if written is not None:
+        row_entry = torch.repeat_interleave(torch.arange(batch), q_lens)
+        row_pos = (
+            seq_lens[row_entry]
+            - q_lens[row_entry]
+            + torch.arange(num_q_rows)
+            - cu_q_lens[row_entry]
+        )
+        row_cold = cold[row_entry, row_pos // bs] & written
+        if bool(row_cold.any()):
+            row = int(torch.nonzero(row_cold)[0])
+            raise InvalidArgument(f"q row {row} is to be written into a CPU-tier block")
+
+    valid = (seq_lens[:, None] - block_start).clamp(0, bs)
+    hot_lens = (valid * hot).sum(1)
+    # Each row's hot blocks moved to its front, in order (a stable sort on "is cold").
+    order = torch.argsort((~hot).to(torch.int8), dim=1, stable=True)
+    hot_table = torch.where(
+        torch.arange(width)[None, :] < hot.sum(1, keepdim=True), table.gather(1, order), 0
+    )
+    has_hot = hot_lens > 0
+    hot_plan = None
+    hot_rows = torch.zeros(0, dtype=torch.int64)
+    if bool(has_hot.any()):
+        entries = torch.nonzero(has_hot).flatten()
+        row_entry = torch.repeat_interleave(torch.arange(batch), q_lens)
+        hot_rows = torch.nonzero(has_hot[row_entry]).flatten()
+        new_slots = None
+        if plan.new_slots is not None:
+            new_slots = as_int_tensor("new_slots", plan.new_slots, length=num_q_rows)[hot_rows]
+        hot_plan = AttendPlan(
+            block_tables=hot_table[entries, : int(hot.sum(1).max())],
+            seq_lens=hot_lens[entries],
+            q_lens=q_lens[entries],
+            new_slots=new_slots,
+        )
+    cold_entry, cold_col = torch.nonzero(cold, as_tuple=True)
+    cold_ids, cold_index = torch.unique(
+        table[cold_entry, cold_col], sorted=True, return_inverse=True
+    )
+    return TieredSplit(
+        hot_plan=hot_plan,
+        hot_rows=hot_rows,
+        cold_ids=cold_ids,
+        cold_entry=cold_entry,
+        cold_index=cold_index.flatten(),
+        cold_valid=valid[cold_entry, cold_col],
+        q_lens=q_lens,
+        cu_q_lens=cu_q_lens,
+    )
+
+
+def _written_rows(plan: AttendPlan, num_q_rows: int, writes: bool) -> torch.Tensor | None:
+    """Which q rows get their K/V written (None: none)."""
+    if not writes:
+        return None
+    if plan.new_slots is None:
+        return torch.ones(num_q_rows, dtype=torch.bool)
+    return as_int_tensor("new_slots", plan.new_slots, length=num_q_rows) != -1
+
+
+def _window_split(
+    plan: AttendPlan,
+    table: torch.Tensor,
+    cold: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_lens: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    bs: int,
+    window: int,
+) -> TieredSplit:
+    """Sliding window: drop the blocks no query sees; every block left must be hot.
+
+    The blocks left are a suffix of each entry, so positions shift uniformly and both the
+    causal mask and the window are unchanged.
+    """
+    width = table.shape[1]
+    first_visible = (seq_lens - q_lens - window + 1).clamp(min=0) // bs  # block index
+    visible = torch.arange(width)[None, :] >= first_visible[:, None]
+    if bool((cold & visible).any()):
+        entry = int(torch.nonzero(cold & visible)[0, 0])
+        raise InvalidArgument(
+            f"entry {entry}: a CPU-tier block lies inside the sliding window; "
+            "blocks a windowed query sees must be in the GPU tier"
+        )
+    index = (first_visible[:, None] + torch.arange(width)[None, :]).clamp(max=width - 1)
+    suffix = table.gather(1, index)
+    window_plan = AttendPlan(
+        block_tables=suffix,
+        seq_lens=seq_lens - first_visible * bs,
+        q_lens=q_lens,
+        new_slots=plan.new_slots,
+    )
+    empty = torch.zeros(0, dtype=torch.int64)
+    return TieredSplit(None, empty, empty, empty, empty, empty, q_lens, cu_q_lens, window_plan)
+
+
+def chunk_plans(split: TieredSplit, chunk_blocks: int, block_size: int) -> list[ChunkPlan]:
+    """Cut the cold references into chunks of at most ``chunk_blocks`` distinct blocks."""
+    plans: list[ChunkPlan] = []
+    chunk_of = split.cold_index // chunk_blocks
+    for c in range(-(-split.cold_ids.numel() // chunk_blocks)):
+        mask = chunk_of == c
+        entry = split.cold_entry[mask]
+        slot = split.cold_index[mask] - c * chunk_blocks
+        valid = split.cold_valid[mask]
+        # Group by entry; within an entry the one partial block goes last (attention over
+        # the chunk is unmasked, so the order of full blocks does not matter).
+        key = entry * 2 + (valid < block_size).to(torch.int64)
+        order = torch.argsort(key, stable=True)
+        entry, slot, valid = entry[order], slot[order], valid[order]
+        entries, counts = torch.unique_consecutive(entry, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        col = torch.arange(entry.numel()) - torch.repeat_interleave(starts, counts)
+        group = torch.repeat_interleave(torch.arange(entries.numel()), counts)
+        tables = torch.zeros((entries.numel(), int(counts.max())), dtype=torch.int32)
+        tables[group, col] = slot.to(torch.int32)
+        lens = torch.zeros(entries.numel(), dtype=torch.int64).index_add_(0, group, valid)
+        # One decode row per q row of each entry (all its queries see all of the chunk).
+        row_counts = split.q_lens[entries]
+        row_group = torch.repeat_interleave(torch.arange(entries.numel()), row_counts)
+        row_starts = torch.cumsum(row_counts, 0) - row_counts
+        rows = (
+            split.cu_q_lens[entries][row_group]
+            + torch.arange(row_group.numel())
+            - row_starts[row_group]
+        )
+        ids = split.cold_ids[c * chunk_blocks : (c + 1) * chunk_blocks]
+        plans.append(ChunkPlan(ids, rows, tables[row_group], lens[row_group].to(torch.int32)))
+    return plans
+
+
+class TieredAttention:
+    """The tiered attention path of one worker (see the module docstring).
+
+    ``staging_bytes``: size of each of the two staging buffers; ``copy_mode``: "kernel"
+    (the swap kernel gathers host blocks in one launch), "memcpy2d" (the copy engine, one
+    2-D copy per run of consecutive CPU blocks; CUDA only) or "auto".
+    """
+
+    def __init__(
+        self, worker: Worker, *, staging_bytes: int = DEFAULT_STAGING_BYTES, copy_mode: str = "auto"
+    ) -> None:
+        layout = worker.layout
+        self._worker = worker
+        self.block_bytes = layout.block_bytes // layout.num_layers  # one layer, K and V
+        self.chunk_blocks = max(1, staging_bytes // self.block_bytes)
+        self.copy_mode = copy_mode
+        self._staging: list[torch.Tensor] = []
+        self._counters: dict[str, float] = defaultdict(float)
+
+    @property
+    def copy_mode(self) -> str:
+        return self._copy_mode
+
+    @copy_mode.setter
+    def copy_mode(self, mode: str) -> None:
+        if mode not in COPY_MODES:
+            raise InvalidArgument(f"copy_mode must be one of {COPY_MODES}, got {mode!r}")
+        self._copy_mode = mode
+
+    def stats(self) -> dict[str, float]:
+        """Calls, blocks and bytes read per tier (one layer's slice of a block each)."""
+        return dict(self._counters)
+
+    def attend(
+        self,
+        layer: int,
+        plan: AttendPlan,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        *,
+        scale: float | None,
+        sliding_window: int | None,
+        return_lse: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Worker.attend for a plan with CPU-tier blocks (arguments already checked)."""
+        w = self._worker
+        split = split_plan(
+            plan,
+            block_size=w.layout.block_size,
+            num_gpu_blocks=w.num_gpu_blocks,
+            num_cpu_blocks=w.num_cpu_blocks,
+            num_q_rows=q.shape[0],
+            writes=k_new is not None,
+            sliding_window=sliding_window,
+        )
+        if split.window_plan is not None:
+            return w.attend(
+                layer, split.window_plan, q, k_new, v_new,
+                scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+            )  # fmt: skip
+        chunks = chunk_plans(split, self.chunk_blocks, w.layout.block_size)
+        copy_stream = w._swap_stream
+        if copy_stream is not None and len(w._pending):
+            w._pending.wait_on_stream(Tier.CPU, split.cold_ids.tolist(), copy_stream)
+        buffers = self._buffers(min(self.chunk_blocks, split.cold_ids.numel()), len(chunks))
+        handles = [
+            self._stage(layer, chunks[c].ids, buffers[c % 2]) for c in range(min(2, len(chunks)))
+        ]
+
+        upload = self._upload
+        q_dev = w._to_device(q)
+        num_rows, num_heads, head_dim = q.shape
+        acc_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=w.device)
+        acc_lse = torch.full(
+            (num_rows, num_heads), float("-inf"), dtype=torch.float32, device=w.device
+        )
+        if split.hot_plan is not None:
+            rows = upload(split.hot_rows)
+            hot_out, hot_lse = w.attend(
+                layer, split.hot_plan, q_dev[rows],
+                None if k_new is None else w._to_device(k_new)[rows],
+                None if v_new is None else w._to_device(v_new)[rows],
+                scale=scale, return_lse=True,
+            )  # fmt: skip
+            acc_out[rows] = hot_out.float()
+            acc_lse[rows] = hot_lse
+        compute_stream = w._compute_stream()
+        for c, chunk in enumerate(chunks):
+            staged = buffers[c % 2]
+            handle = handles[c]
+            if compute_stream is not None and handle.event is not None:
+                compute_stream.wait_event(handle.event)
+            rows = upload(chunk.rows)
+            with w._timer.region("tiered_cold_attention"):
+                out_c, lse_c = kernels.paged_decode(
+                    q_dev[rows], staged[:, 0], staged[:, 1],
+                    upload(chunk.block_tables), upload(chunk.seq_lens),
+                    scale=scale, return_lse=True, check_indices=False,
+                )  # fmt: skip
+                merged_out, merged_lse = kernels.merge_attn_states(
+                    acc_out[rows], acc_lse[rows], out_c.float(), lse_c
+                )
+                acc_out[rows] = merged_out
+                acc_lse[rows] = merged_lse
+            if c + 2 < len(chunks):
+                handles.append(self._stage(layer, chunks[c + 2].ids, staged))
+        self._count(split, plan)
+        out = acc_out.to(q.dtype).to(q.device)
+        return (out, acc_lse.to(q.device)) if return_lse else out
+
+    # ----------------------------------------------------------------- staging
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device without a host stall (pinned, asynchronous)."""
+        device = self._worker.device
+        if device.type != "cuda":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
+
+    def _buffers(self, num_blocks: int, num_chunks: int) -> list[torch.Tensor]:
+        """Two staging buffers of at least ``num_blocks`` layer-blocks (grown, never shrunk)."""
+        w = self._worker
+        count = min(2, num_chunks)
+        if len(self._staging) < count or self._staging[0].shape[0] < num_blocks:
+            size = max(num_blocks, self._staging[0].shape[0] if self._staging else 0)
+            shape = (size, 2, w.layout.block_size, w.layout.num_kv_heads, w.layout.head_dim)
+            self._staging = []  # the old buffers go back to the allocator first
+            if w._swap_stream is not None:
+                torch.cuda.current_stream(w.device).wait_stream(w._swap_stream)
+            self._staging = [
+                torch.empty(shape, dtype=w.gpu_pool.dtype, device=w.device) for _ in range(count)
+            ]
+        return self._staging
+
+    def _stage(self, layer: int, ids: torch.Tensor, buffer: torch.Tensor) -> Any:
+        """Start copying this layer's slice of CPU blocks ``ids`` into ``buffer[:n]``."""
+        w = self._worker
+        num_layers = w.layout.num_layers
+        n = ids.numel()
+        stream = w._swap_stream
+        mode = self._mode_for(ids)
+        with w._timer.region("tiered_stream", stream=stream):
+            if mode == "memcpy2d":
+                handle = _memcpy2d(w.cpu_pool, buffer, ids, layer, stream)
+            else:
+                layers = w.cpu_pool.view(w.num_cpu_blocks * num_layers, *buffer.shape[1:])
+                pairs = torch.stack([ids * num_layers + layer, torch.arange(n)], dim=1)
+                pairs = self._upload(pairs)
+                handle = kernels.swap_blocks(
+                    layers, buffer[:n], pairs, stream=stream, check_indices=False
+                )
+        w._pending.add(handle, (), ids.tolist())
+        self._counters[f"chunks_{mode}"] += 1
+        return handle
+
+    def _mode_for(self, ids: torch.Tensor) -> str:
+        if self._worker.device.type != "cuda":
+            return "kernel"  # host to host: one indexed copy
+        mode = self._copy_mode
+        if mode == "auto":
+            runs = 1 + int((ids[1:] != ids[:-1] + 1).sum()) if ids.numel() else 1
+            mode = "memcpy2d" if ids.numel() >= _MIN_MEAN_RUN * runs and _cudart() else "kernel"
+        return mode
+
+    def _count(self, split: TieredSplit, plan: AttendPlan) -> None:
+        c = self._counters
+        c["calls"] += 1
+        num_hot = 0
+        if split.hot_plan is not None:
+            bs = self._worker.layout.block_size
+            lens = torch.as_tensor(split.hot_plan.seq_lens)
+            num_hot = int(((lens + bs - 1) // bs).sum())
+        c["hot_blocks"] += num_hot
+        c["hot_bytes"] += num_hot * self.block_bytes
+        c["cold_blocks"] += split.cold_ids.numel()
+        c["cold_bytes"] += split.cold_ids.numel() * self.block_bytes
+
+
+# --------------------------------------------------------------------- copy engine path
+@functools.cache
+def _cudart() -> Any:
+    """The CUDA runtime torch loaded (ctypes), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            lib.cudaMemcpy2DAsync.restype = ctypes.c_int
+            lib.cudaMemcpy2DAsync.argtypes = [
+                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+            ]  # fmt: skip
+            lib.cudaGetErrorString.restype = ctypes.c_char_p
+            lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+            return lib
+    except (OSError, AttributeError) as exc:
+        logger.warning("no CUDA runtime for 2-D copies, using the gather kernel: %s", exc)
+    return None
+
+
+_HOST_TO_DEVICE = 1
+
+
+def _memcpy2d(
+    cpu_pool: torch.Tensor, buffer: torch.Tensor, ids: torch.Tensor, layer: int, stream: Any
+) -> kernels.SwapHandle:
+    """One strided copy-engine transfer per run of consecutive CPU blocks (ids ascending)."""
+    lib = _cudart()
+    if lib is None:
+        raise RuntimeError("memcpy2d copy mode needs the CUDA runtime library")
+    stream.wait_stream(torch.cuda.current_stream(buffer.device))  # staging reuse
+    num_layers = cpu_pool.shape[1]
+    row = buffer[0].numel() * buffer.element_size()
+    pitch = row * num_layers
+    src0 = cpu_pool.data_ptr() + layer * row
+    dst0 = buffer.data_ptr()
+    breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*starts[1:], ids.numel()]
+    first_ids = ids[starts].tolist() if ids.numel() else []
+    for start, end, block in zip(starts, ends, first_ids, strict=True):
+        err = lib.cudaMemcpy2DAsync(
+            dst0 + start * row, row, src0 + block * pitch, pitch, row, end - start,
+            _HOST_TO_DEVICE, stream.cuda_stream,
+        )  # fmt: skip
+        if err:
+            raise RuntimeError(f"cudaMemcpy2DAsync failed: {lib.cudaGetErrorString(err).decode()}")
+    event = torch.cuda.Event()
+    event.record(stream)
+    return kernels.SwapHandle(event=event, _keep_alive=(cpu_pool, buffer))
