@@ -316,6 +316,47 @@ def bench_write_and_copy(ceiling: float) -> dict[str, Any]:
     return row
 
 
+def decode_host_costs(batch: int, length: int) -> dict[str, float]:
+    pages = length // BS
+    num_blocks = batch * pages + 16
+    pool = random_pool(num_blocks, 2)
+    k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
+    tables = torch.randperm(num_blocks, device="cuda")[: batch * pages].view(batch, pages).int()
+    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda").to(DTYPE)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, HQ, dtype=torch.float32, device="cuda")
+
+    def public() -> torch.Tensor:
+        return paged_decode(q, k_cache, v_cache, tables, lens, check_indices=False)
+
+    def launch_only() -> int:
+        return launch_decode(q, k_cache, v_cache, tables, lens, out, lse, 0.088)
+
+    key = f"decode_B{batch}_L{length}"
+    return {
+        key + "_gpu_us": graph_us(public),
+        key + "_public_us": back_to_back_us(public),
+        key + "_launch_only_us": back_to_back_us(launch_only),
+    }
+
+
+def host_costs() -> dict[str, Any]:
+    """Per-call wall time of back-to-back calls whose GPU work is short, so host cost shows."""
+    rows: dict[str, Any] = {}
+    for batch, length in ((1, 32768), (16, 4096)):
+        rows.update(decode_host_costs(batch, length))
+    pool = random_pool(1024, 4)
+    k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
+    k = torch.randn(256, HKV, D, device="cuda").to(DTYPE)
+    slots = torch.randperm(1024 * BS, device="cuda")[:256]
+    rows["write_kv_public_us"] = back_to_back_us(
+        lambda: write_kv(k_cache, v_cache, k, k, slots, check_indices=False))
+    x = torch.empty(1, device="cuda")
+    rows["torch_add_us"] = back_to_back_us(lambda: x.add_(1))
+    return rows
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"card {result['card']}, torch {result['torch']}, triton {result['triton']}, "
@@ -370,10 +411,19 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print the JSON result")
     parser.add_argument("--out", help="write the JSON result to this file")
     parser.add_argument("--quick", action="store_true", help="skip the tuning sweeps")
+    parser.add_argument("--host-only", action="store_true", help="only the host launch costs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks.attention needs a CUDA GPU")
     torch.manual_seed(0)
+    if args.host_only:
+        host = {"benchmark": "attention_host", **provenance(), **host_costs()}
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(host, indent=2) + "\n")
+        for key, value in host.items():
+            print(f"{key}: {value:.1f}" if isinstance(value, float) else f"{key}: {value}")
+        return
     result: dict[str, Any] = {"benchmark": "attention", **provenance()}
     result["ceiling_gbps"] = copy_ceiling_gbps()
     result["decode"] = []

@@ -8,20 +8,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 
-# Import kvservice.kernels from the working tree without installing: a throwaway package
-# folder whose kernels/ and workers/ point at the top-level folders, as pyproject maps them.
-SHIM=$(mktemp -d)
-cp -r kvservice "$SHIM/"
-ln -s "$PWD/kernels" "$SHIM/kvservice/kernels"
-ln -s "$PWD/workers" "$SHIM/kvservice/workers"
-export PYTHONPATH="$SHIM:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Import kvservice.kernels from this throwaway copy of the tree without installing (no
+# package index there): link the top-level folders where pyproject maps them.
+[ -e kvservice/kernels ] || ln -s ../kernels kvservice/kernels
+[ -e kvservice/workers ] || ln -s ../workers kvservice/workers
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
   --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 300 $PY -m pytest tests/kernels -q -x --durations=10 -p no:cacheprovider \
+  timeout 300 $PY -m pytest tests/kernels -q --durations=10 -p no:cacheprovider \
     >"$OUT/tests.log" 2>&1
   echo "kernel tests rc=$?"; tail -15 "$OUT/tests.log"
 fi

@@ -76,7 +76,13 @@ def use_triton_for(use_triton: bool | None, *tensors: torch.Tensor) -> bool:
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     items = list(tensors.items())
-    device = items[0][1].device
+    first = items[0][1]
+    # Cheap path for the per-step case: all on one CUDA device (ints, no device objects).
+    if first.is_cuda:
+        index = first.get_device()
+        if all(t.is_cuda and t.get_device() == index for _, t in items):
+            return first.device
+    device = first.device
     for name, t in items[1:]:
         require(
             t.device == device,
@@ -95,6 +101,19 @@ def check_ndim(name: str, t: torch.Tensor, ndim: int, what: str) -> None:
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """Validate a layer's K and V views; returns (num_blocks, block_size, num_kv_heads, head_dim)."""
+    # Fast path first: these checks run on every decode step; the messages come below.
+    shape, stride = k_cache.shape, k_cache.stride()
+    if (
+        len(shape) == 4
+        and shape == v_cache.shape
+        and stride == v_cache.stride()
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in SUPPORTED_DTYPES
+        and stride[3] == 1
+        and min(stride) >= 0
+        and min(shape[1:]) > 0
+    ):
+        return shape[0], shape[1], shape[2], shape[3]
     check_ndim("k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     check_ndim("v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
     require(
@@ -119,6 +138,15 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int,
 
 def check_query(q: torch.Tensor, k_cache: torch.Tensor, name: str = "q") -> tuple[int, int]:
     """Validate q [rows, Hq, D] against the cache; returns (num_q_heads, group size)."""
+    q_shape, cache_shape = q.shape, k_cache.shape
+    if (
+        len(q_shape) == 3
+        and q.dtype == k_cache.dtype
+        and q_shape[2] == cache_shape[3]
+        and q_shape[1] > 0
+        and q_shape[1] % cache_shape[2] == 0
+    ):
+        return q_shape[1], q_shape[1] // cache_shape[2]
     check_ndim(name, q, 3, "[rows, num_q_heads, head_dim]")
     require(q.dtype == k_cache.dtype, lambda: f"{name} is {q.dtype} but the cache is {k_cache.dtype}")
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -143,6 +171,17 @@ def check_page_tables(
     check_indices: bool,
 ) -> None:
     """Shapes of the page tables always; their values (one sync on CUDA) when asked."""
+    fast_ok = (
+        block_tables.dim() == 2
+        and seq_lens.dim() == 1
+        and block_tables.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_tables.shape[0] == batch
+        and seq_lens.shape[0] == batch
+        and (block_tables.stride(1) == 1 or block_tables.shape[1] <= 1)
+    )
+    if fast_ok and (not check_indices or batch == 0):
+        return
     check_ndim("block_tables", block_tables, 2, "[batch, max_blocks]")
     check_ndim("seq_lens", seq_lens, 1, "[batch]")
     require(block_tables.dtype == torch.int32, lambda: f"block_tables must be int32, got {block_tables.dtype}")

@@ -62,6 +62,24 @@ def _check_write(
     check_indices: bool,
 ) -> None:
     num_blocks, block_size, num_kv_heads, head_dim = check_cache_pair(k_cache, v_cache)
+    row_shape = (num_kv_heads, head_dim)
+    fast_ok = (
+        k.dim() == 3
+        and v.dim() == 3
+        and k.shape[1:] == row_shape
+        and v.shape[1:] == row_shape
+        and k.dtype == k_cache.dtype
+        and v.dtype == k_cache.dtype
+        and k.stride(2) == 1
+        and v.stride(2) == 1
+        and k.shape[0] == v.shape[0]
+        and slot_mapping.dim() == 1
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.shape[0] == k.shape[0]
+        and k_cache.device == k.device == v.device == slot_mapping.device
+    )
+    if fast_ok and (not check_indices or slot_mapping.numel() == 0):
+        return
     for name, t in (("k", k), ("v", v)):
         require(t.dim() == 3, lambda name=name, t=t: f"{name} must be [T, Hkv, D], got shape {tuple(t.shape)}")
         require(
