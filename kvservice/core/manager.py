@@ -41,6 +41,7 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
     pin(seq_id, *, hard=True, ttl_s=None) -> list[Command]   (hard: no ttl; soft: ttl_s > 0)
         holds the sequence's current blocks (even past free) and keeps it from swapping.
     unpin(seq_id) -> list[Command]
+    expire_pins() -> list[Command]        (end soft pins whose ttl has passed; housekeeping)
     sequence(seq_id) -> SeqView(seq_id, tenant, worker_id, num_tokens, tokens, block_ids,
         tiers, num_computed_tokens, pinned)
     add_worker(worker_id, sizes: PoolSizes) -> None

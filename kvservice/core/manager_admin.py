@@ -42,6 +42,10 @@ class ManagerAdmin(ManagerBase):
         self._upserts.add(seq_id)
         return self._release(ws, old.blocks) if old is not None else []
 
+    def expire_pins(self) -> list[Command]:
+        """End the soft pins whose time is up (calls that allocate do this first)."""
+        return self._expire_pins()
+
     def unpin(self, seq_id: int) -> list[Command]:
         if seq_id not in self._pins:
             self._seq(seq_id)  # NotFound / DataLoss for ids that are not live

@@ -90,6 +90,7 @@ class ManagerBase:
             BlockPool(wid, Tier.CPU, cpu, index),
             index,
             EVICTION_POLICIES[self._eviction_name](),
+            dirty=self._upserts,
         )
         self._workers[worker_id] = ws
         return ws
@@ -151,9 +152,11 @@ class ManagerBase:
 
     # -- shared steps -------------------------------------------------------------------
 
-    def _expire_pins(self) -> None:
+    def _expire_pins(self) -> list[Command]:
+        commands: list[Command] = []
         for seq_id in self._pins.due(self._clock()):
-            self._drop_pin(seq_id)
+            commands += self._drop_pin(seq_id)
+        return commands
 
     def _drop_pin(self, seq_id: int) -> list[Command]:
         pin = self._pins.pop(seq_id)

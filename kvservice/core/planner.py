@@ -31,6 +31,8 @@ class WorkerState:
     index: dict[BlockHash, BlockMeta]
     eviction: EvictionPolicy
     seqs: dict[int, SeqState] = field(default_factory=dict)
+    # Sequences whose ledger record changed; the manager's set, shared by all workers.
+    dirty: set[int] = field(default_factory=set)
 
     def pool(self, tier: Tier) -> BlockPool:
         return self.gpu if tier is Tier.GPU else self.cpu
@@ -132,6 +134,7 @@ def _move(ws: WorkerState, seqs: list[SeqState], src: Tier, copy_shared: bool) -
                 new = mapping.get(meta)
                 if new is not None:
                     seq.set_block(i, new)
+                    ws.dirty.add(seq.seq_id)
     return pairs
 
 
