@@ -114,8 +114,9 @@ def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def bench_decode(batch: int, length: int, ceiling: float, quick: bool) -> dict[str, Any]:
-    group = HQ // HKV
+def decode_inputs(batch: int, length: int) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, block_tables, seq_lens, out, lse): random pages, in random order,
+    of a two-layer pool (so the layer views are strided like a real pool's)."""
     pages = length // BS
     num_blocks = batch * pages + 16
     pool = random_pool(num_blocks, 2)
@@ -123,9 +124,15 @@ def bench_decode(batch: int, length: int, ceiling: float, quick: bool) -> dict[s
     tables = torch.randperm(num_blocks, device="cuda")[: batch * pages].view(batch, pages).int()
     lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HQ, D, device="cuda").to(DTYPE)
-    scale = 1 / math.sqrt(D)
     out = torch.empty_like(q)
     lse = torch.empty(batch, HQ, dtype=torch.float32, device="cuda")
+    return q, k_cache, v_cache, tables, lens, out, lse
+
+
+def bench_decode(batch: int, length: int, ceiling: float, quick: bool) -> dict[str, Any]:
+    group = HQ // HKV
+    q, k_cache, v_cache, tables, lens, out, lse = decode_inputs(batch, length)
+    scale = 1 / math.sqrt(D)
     kv_bytes = 2 * batch * length * HKV * D * 2
 
     def ours() -> torch.Tensor:
@@ -317,15 +324,7 @@ def bench_write_and_copy(ceiling: float) -> dict[str, Any]:
 
 
 def decode_host_costs(batch: int, length: int) -> dict[str, float]:
-    pages = length // BS
-    num_blocks = batch * pages + 16
-    pool = random_pool(num_blocks, 2)
-    k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
-    tables = torch.randperm(num_blocks, device="cuda")[: batch * pages].view(batch, pages).int()
-    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HQ, D, device="cuda").to(DTYPE)
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, HQ, dtype=torch.float32, device="cuda")
+    q, k_cache, v_cache, tables, lens, out, lse = decode_inputs(batch, length)
 
     def public() -> torch.Tensor:
         return paged_decode(q, k_cache, v_cache, tables, lens, check_indices=False)
