@@ -27,6 +27,7 @@ script works end to end, not a measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -257,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = SMALL if args.small else FULL
     if args.num_requests:
-        setup = Setup(**{**setup.__dict__, "num_requests": args.num_requests})  # type: ignore[arg-type]
+        setup = dataclasses.replace(setup, num_requests=args.num_requests)
     if args.max_new_tokens:
-        setup = Setup(**{**setup.__dict__, "max_new_tokens": args.max_new_tokens})  # type: ignore[arg-type]
+        setup = dataclasses.replace(setup, max_new_tokens=args.max_new_tokens)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)

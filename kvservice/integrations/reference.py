@@ -66,8 +66,11 @@ def random_model(
         raise ValueError("llama has no sliding window; use mistral or qwen2")
     config = AutoConfig.for_model(model_type, **options)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(seed)
+    with torch.device(device):  # initialize in place: a 1B model is slow to fill on a CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
 
 
 @torch.inference_mode()
