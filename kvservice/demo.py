@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from kvservice.integrations import Engine, SamplingParams, layout_for, wrap_model
+from kvservice import Client
+from kvservice.integrations import (
+    Engine,
+    GenerationResult,
+    SamplingParams,
+    layout_for,
+    wrap_model,
+)
 from kvservice.integrations.reference import random_model, reference_generate
 
 EOS = 2
@@ -57,31 +64,112 @@ def make_workload(vocab_size: int, *, seed: int = 0, num_chats: int = 24) -> Wor
     return Workload(prompts, params, arrivals)
 
 
-def start_service(layout: Any, device: str, num_gpu_blocks: int, num_cpu_blocks: int) -> Any:
-    from kvservice import Client
+@dataclass(slots=True)
+class Served:
+    """What serving the workload produced and measured."""
 
-    return Client.embedded(
-        layout, device=device, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks
-    )
+    results: list[GenerationResult]  # in workload order
+    seconds: float
+    peak_paged_bytes: int  # blocks in use (both tiers) times block bytes
+    peak_contiguous_bytes: int  # what per-request max-length caches would reserve
 
 
 def used_blocks(stats: dict[str, Any]) -> int:
     return sum(
-        tier.get("used", 0)
-        for worker in stats.get("workers", {}).values()
-        for tier in worker.get("tiers", {}).values()
+        tier["used"] for worker in stats["workers"].values() for tier in worker["tiers"].values()
     )
 
 
-def swap_counts(stats: dict[str, Any]) -> tuple[int, int]:
-    swaps = stats.get("swaps", {})
-    return swaps.get("out", {}).get("blocks", 0), swaps.get("in", {}).get("blocks", 0)
+def serve(engine: Engine, client: Client, workload: Workload, progress: Any) -> Served:
+    """Feed the requests in at their arrival steps and step until all have finished."""
+    layout = client.layout
+    task = progress.add_task("generating", total=len(workload.prompts), detail="")
+    request_ids: dict[int, int] = {}  # workload index -> request id
+    reserved: dict[int, int] = {}  # live request -> tokens a contiguous cache reserves
+    results: dict[int, GenerationResult] = {}
+    peak_paged = peak_contiguous = 0
+    start = time.perf_counter()
+    step = 0
+    while len(request_ids) < len(workload.prompts) or engine.has_unfinished():
+        for i, arrival in enumerate(workload.arrival_steps):
+            if arrival == step:
+                prompt, params = workload.prompts[i], workload.params[i]
+                request_ids[i] = engine.add_request(prompt, params)
+                reserved[request_ids[i]] = params.num_beams * (len(prompt) + params.max_new_tokens)
+        for request_id in engine.step():
+            del reserved[request_id]
+        results.update(engine.pop_finished())
+        stats = client.stats()
+        peak_paged = max(peak_paged, used_blocks(stats) * layout.block_bytes)
+        peak_contiguous = max(peak_contiguous, sum(reserved.values()) * layout.token_bytes)
+        swaps = stats["swaps"]
+        progress.update(
+            task,
+            completed=len(results),
+            detail=f"{engine.stats.num_generated} tokens, "
+            f"{swaps['out']['blocks']}/{swaps['in']['blocks']} blocks swapped out/in",
+        )
+        step += 1
+    seconds = time.perf_counter() - start
+    ordered = [results[request_ids[i]] for i in range(len(workload.prompts))]
+    return Served(ordered, seconds, peak_paged, peak_contiguous)
+
+
+def check(reference: Any, workload: Workload, results: list[GenerationResult], console: Any) -> int:
+    """Count requests whose tokens differ from transformers' generate on the same weights."""
+    mismatches = 0
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, params in enumerate(workload.params):
+        groups.setdefault(params, []).append(i)
+    for params, indices in groups.items():
+        expected = reference_generate(reference, [workload.prompts[i] for i in indices], params)
+        for i, tokens in zip(indices, expected, strict=True):
+            if results[i].tokens != tokens:
+                mismatches += 1
+                console.print(f"[red]request {i}[/]: got {results[i].tokens}, expected {tokens}")
+    return mismatches
+
+
+def report(served: Served, engine: Engine, stats: dict[str, Any], mismatches: int) -> Any:
+    from rich.table import Table
+
+    s = engine.stats
+    swaps = stats["swaps"]
+    saved = 1 - served.peak_paged_bytes / max(1, served.peak_contiguous_bytes)
+    num_requests = len(served.results)
+    table = Table(title="kvservice demo", show_header=False)
+    table.add_row("tokens generated", f"{s.num_generated} (beam candidates included)")
+    table.add_row(
+        "tokens/s",
+        f"{s.num_generated / served.seconds:.1f} ({s.num_steps} steps, {served.seconds:.1f} s)",
+    )
+    table.add_row(
+        "prefix hit rate",
+        f"{s.num_cached_tokens / max(1, s.num_prompt_tokens):.0%} of prompt tokens "
+        f"({s.num_cached_tokens} of {s.num_prompt_tokens} not recomputed)",
+    )
+    table.add_row(
+        "KV memory (peak)",
+        f"paged {served.peak_paged_bytes / 2**20:.2f} MiB vs contiguous "
+        f"{served.peak_contiguous_bytes / 2**20:.2f} MiB: {saved:.0%} saved",
+    )
+    table.add_row(
+        "swaps",
+        f"{swaps['out']['blocks']} blocks out, {swaps['in']['blocks']} blocks in "
+        f"({swaps['out']['count']} + {swaps['in']['count']} batched copies)",
+    )
+    table.add_row("copy-on-write blocks", f"{stats['cow_blocks']}")
+    table.add_row(
+        "matches transformers",
+        f"{num_requests - mismatches}/{num_requests} requests"
+        + ("" if mismatches == 0 else " [red]MISMATCH[/]"),
+    )
+    return table
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     console = Console()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
     )
     layout = layout_for(reference.config, dtype="float32", block_size=BLOCK_SIZE)
     workload = make_workload(reference.config.vocab_size, num_chats=args.num_chats)
-    client = start_service(layout, device, args.gpu_blocks, args.cpu_blocks)
     num_params = sum(p.numel() for p in reference.parameters())
     console.print(
         f"[bold]kvservice demo[/] on {device}: a Llama of {num_params / 1e6:.1f}M random weights, "
@@ -111,108 +198,29 @@ def run(args: argparse.Namespace) -> int:
         f"({args.gpu_blocks * layout.block_bytes / 2**20:.1f} MiB, too few for the workload: "
         f"sequences swap), host tier {args.cpu_blocks} blocks"
     )
-    model = wrap_model(copy.deepcopy(reference), client)
-    engine = Engine(
-        model,
-        max_batch_tokens=256,
-        max_batch_seqs=16,
-        max_batch_blocks=args.gpu_blocks - 4,
-        max_prefill_chunk=128,
-    )
-
-    results: dict[int, Any] = {}
-    request_ids: dict[int, int] = {}  # workload index -> request id
-    live: dict[int, int] = {}  # request -> tokens a contiguous cache would reserve for it
-    peak_paged = peak_contiguous = 0
-    start = time.perf_counter()
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("generating", total=len(workload.prompts), detail="")
-        step = 0
-        while len(request_ids) < len(workload.prompts) or engine.has_unfinished():
-            for i, arrival in enumerate(workload.arrival_steps):
-                if arrival == step:
-                    params = workload.params[i]
-                    request_id = engine.add_request(workload.prompts[i], params)
-                    request_ids[i] = request_id
-                    live[request_id] = params.num_beams * (
-                        len(workload.prompts[i]) + params.max_new_tokens
-                    )
-            for request_id in engine.step():
-                live.pop(request_id)
-            results.update(engine.pop_finished())
-            stats = client.stats()
-            peak_paged = max(peak_paged, used_blocks(stats) * layout.block_bytes)
-            peak_contiguous = max(peak_contiguous, sum(live.values()) * layout.token_bytes)
-            swapped_out, swapped_in = swap_counts(stats)
-            progress.update(
-                task,
-                completed=len(results),
-                detail=f"{engine.stats.num_generated} tokens, "
-                f"{swapped_out}/{swapped_in} blocks swapped out/in",
-            )
-            step += 1
-    elapsed = time.perf_counter() - start
-
-    console.print("checking against transformers generate ...")
-    outputs = [results[request_ids[i]] for i in range(len(workload.prompts))]
-    mismatches = check(reference, workload, outputs, console)
-    stats = client.stats()
-    swapped_out, swapped_in = swap_counts(stats)
-    s = engine.stats
-    table = Table(title="kvservice demo", show_header=False)
-    table.add_row("tokens generated", f"{s.num_generated} (beam candidates included)")
-    table.add_row(
-        "tokens/s", f"{s.num_generated / elapsed:.1f} ({s.num_steps} steps, {elapsed:.1f} s)"
-    )
-    table.add_row(
-        "prefix hit rate",
-        f"{s.num_cached_tokens / max(1, s.num_prompt_tokens):.0%} of prompt tokens "
-        f"({s.num_cached_tokens} of {s.num_prompt_tokens} not recomputed)",
-    )
-    saved = 1 - peak_paged / peak_contiguous if peak_contiguous else 0.0
-    table.add_row(
-        "KV memory (peak)",
-        f"paged {peak_paged / 2**20:.2f} MiB vs contiguous {peak_contiguous / 2**20:.2f} MiB: "
-        f"{saved:.0%} saved",
-    )
-    table.add_row(
-        "swaps",
-        f"{swapped_out} blocks out, {swapped_in} blocks in "
-        f"({stats.get('swaps', {}).get('out', {}).get('count', 0)} + "
-        f"{stats.get('swaps', {}).get('in', {}).get('count', 0)} batched copies)",
-    )
-    table.add_row("copy-on-write blocks", f"{stats.get('cow_blocks', 0)}")
-    table.add_row(
-        "matches transformers",
-        f"{len(request_ids) - mismatches}/{len(request_ids)} requests"
-        + ("" if mismatches == 0 else " [red]MISMATCH[/]"),
-    )
-    console.print(table)
-    client.close()
+    with Client.embedded(
+        layout, device=device, num_gpu_blocks=args.gpu_blocks, num_cpu_blocks=args.cpu_blocks
+    ) as client:
+        engine = Engine(
+            wrap_model(copy.deepcopy(reference), client),
+            max_batch_tokens=256,
+            max_batch_seqs=16,
+            max_batch_blocks=args.gpu_blocks - 4,
+            max_prefill_chunk=128,
+        )
+        columns = (
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            served = serve(engine, client, workload, progress)
+        console.print("checking against transformers generate ...")
+        mismatches = check(reference, workload, served.results, console)
+        console.print(report(served, engine, client.stats(), mismatches))
     return 0 if mismatches == 0 else 1
-
-
-def check(reference: Any, workload: Workload, results: list[Any], console: Any) -> int:
-    """Count requests whose tokens differ from transformers' generate on the same weights."""
-    mismatches = 0
-    groups: dict[SamplingParams, list[int]] = {}
-    for i, params in enumerate(workload.params):
-        groups.setdefault(params, []).append(i)
-    for params, indices in groups.items():
-        expected = reference_generate(reference, [workload.prompts[i] for i in indices], params)
-        for i, tokens in zip(indices, expected, strict=True):
-            if results[i].tokens != tokens:
-                mismatches += 1
-                console.print(f"[red]request {i}[/]: got {results[i].tokens}, expected {tokens}")
-    return mismatches
 
 
 def main(argv: list[str] | None = None) -> int:
