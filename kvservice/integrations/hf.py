@@ -127,10 +127,6 @@ class ServiceModel:
         self.kv_dtype = torch_dtype(layout) if layout is not None else None
         self.device = next(model.parameters()).device
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
-
     @torch.inference_mode()
     def step(
         self,

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from kvservice import Client
-from kvservice.integrations import Engine, SamplingParams, generate, layout_for, wrap_model
+from kvservice.integrations import (
+    Engine,
+    SamplingParams,
+    generate,
+    layout_for,
+    load_model,
+    wrap_model,
+)
 from kvservice.integrations.reference import (
     random_model,
     reference_beam_search,
@@ -266,3 +273,13 @@ def test_abort_frees_every_live_sequence(llama: Any) -> None:
         engine.abort()
         assert client.stats()["sequences_live"] == 0
         assert not engine.has_unfinished()
+
+
+def test_load_model_from_a_saved_checkpoint(llama: Any, tmp_path: Any) -> None:
+    llama.save_pretrained(tmp_path)
+    prompts = RAGGED[:3]
+    with service_for(llama) as client:
+        model = load_model(str(tmp_path), client, dtype=torch.float32)
+        assert model.model.config._attn_implementation == "kvservice"
+        results = generate(model, prompts, GREEDY)
+    assert [r.tokens for r in results] == reference_generate(llama, prompts, GREEDY)
