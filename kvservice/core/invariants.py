@@ -94,7 +94,7 @@ def _check_seq(
         assert held.block_hash in (None, block_hash), f"block {held.block_id}: foreign hash"
     for i, meta in enumerate(seq.blocks):
         if meta.block_hash is not None:
-            chunk = array("q", seq.tokens[i * block_size : (i + 1) * block_size]).tobytes()
+            chunk = array("Q", seq.tokens[i * block_size : (i + 1) * block_size]).tobytes()
             assert meta.token_bytes is not None and meta.token_bytes.startswith(chunk), (
                 f"cached block {meta.block_id} holds other tokens than sequence {seq.seq_id}"
             )

@@ -44,6 +44,7 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
     expire_pins() -> list[Command]        (end soft pins whose ttl has passed; housekeeping)
     sequence(seq_id) -> SeqView(seq_id, tenant, worker_id, num_tokens, tokens, block_ids,
         tiers, num_computed_tokens, pinned)
+    length(seq_id) -> int                          (token count; no copies, for hot paths)
     add_worker(worker_id, sizes: PoolSizes) -> None
     remove_worker(worker_id) -> list[SeqId]        (the sequences lost; later use -> DataLoss)
     usage() -> dict[WorkerId, dict[Tier, TierUsage(total, used, cached, free)]]
@@ -330,9 +331,9 @@ class KVCacheManager(ManagerAdmin):
     def lookup_prefix(self, tenant: str | None, tokens: Sequence[int]) -> dict[int, int]:
         """Tokens of this prompt each worker could serve from cache (as create would)."""
         tenant_id = self._tenant(tenant)
-        token_list, data = self._tokens(tokens)
-        chain = HashChain(data, self._salt(tenant_id), self.block_size)
-        max_shared = max(len(token_list) - 1, 0) // self.block_size
+        arr = self._token_array(tokens)
+        chain = HashChain(arr.tobytes(), self._salt(tenant_id), self.block_size)
+        max_shared = max(len(arr) - 1, 0) // self.block_size
         out: dict[int, int] = {}
         for worker_id, ws in self._workers.items():
             hits = match_prefix(ws.index, chain, tenant_id, max_shared)

@@ -134,6 +134,10 @@ class ManagerAdmin(ManagerBase):
             None if pin is None else ("hard" if pin.hard else "soft"),
         )
 
+    def length(self, seq_id: int) -> int:
+        """The sequence's token count, without the copies ``sequence`` makes."""
+        return len(self._seq(seq_id).tokens)
+
     def usage(self) -> dict[int, dict[Tier, TierUsage]]:
         return {
             w: {

@@ -133,17 +133,20 @@ class ManagerBase:
 
     def _tokens(self, tokens: Sequence[int]) -> tuple[list[int], bytes]:
         """Validated token ids and their int64 bytes (the prefix-hash input)."""
+        arr = self._token_array(tokens)
+        return arr.tolist(), arr.tobytes()
+
+    def _token_array(self, tokens: Sequence[int]) -> array[int]:
         if isinstance(tokens, (str, bytes)):
             raise InvalidArgument("tokens must be a sequence of ints")
         try:
-            arr = array("q", tokens)
+            # Unsigned: the conversion itself refuses negative ids, with no Python-level scan.
+            arr = array("Q", tokens)
         except (TypeError, OverflowError) as exc:
-            raise InvalidArgument(f"token ids must be ints in [0, 2**63): {exc}") from None
-        if arr and min(arr) < 0:
-            raise InvalidArgument("token ids must be >= 0")
+            raise InvalidArgument(f"token ids must be ints in [0, 2**64): {exc}") from None
         if arr and self.vocab_size is not None and max(arr) >= self.vocab_size:
             raise InvalidArgument(f"token id {max(arr)} outside the vocabulary ({self.vocab_size})")
-        return arr.tolist(), arr.tobytes()
+        return arr
 
     def _new_seq_id(self) -> SeqId:
         seq_id = SeqId(self._next_seq_id)
@@ -200,8 +203,9 @@ class ManagerBase:
     ) -> list[Command]:
         """Swap victims out, make the sequences GPU-resident, copy shared blocks in the
         write ranges and take written blocks out of the prefix cache."""
-        commands = swap_out(ws, victims)
-        commands += swap_in(ws, seqs)
+        commands = swap_out(ws, victims) if victims else []
+        if any(s.num_cpu_blocks for s in seqs):
+            commands += swap_in(ws, seqs)
         pairs: list[tuple[BlockId, BlockId]] = []
         gpu = ws.gpu
         for seq, lo, hi in writes:

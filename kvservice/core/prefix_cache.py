@@ -1,6 +1,6 @@
 """Prefix cache: chained block hashes and the per-worker index of full, computed blocks.
 
-h_i = xxh3_64(tokens of block i as int64 bytes, seed = h_{i-1}), h_{-1} = xxh3_64(tenant,
+h_i = xxh3_64(tokens of block i as uint64 bytes, seed = h_{i-1}), h_{-1} = xxh3_64(tenant,
 layout key): a block's hash names its whole prefix, its tenant and the layout. A hash is
 only a lookup key. On a hit the block's tokens and tenant are compared, and its parent
 must be the very registration hit one block earlier (``parent_cache_id``), so a
@@ -28,8 +28,8 @@ def tenant_salt(tenant: TenantId, layout_key: str) -> BlockHash:
 
 
 def encode_tokens(tokens: Sequence[int]) -> bytes:
-    """Token ids as int64 bytes (raises TypeError/OverflowError on non-int64 values)."""
-    return array("q", tokens).tobytes()
+    """Token ids as uint64 bytes (TypeError/OverflowError on anything else)."""
+    return array("Q", tokens).tobytes()
 
 
 def chain_hash(parent: BlockHash, block_bytes: bytes) -> BlockHash:
@@ -37,40 +37,39 @@ def chain_hash(parent: BlockHash, block_bytes: bytes) -> BlockHash:
 
 
 class HashChain:
-    """The chain hashes of one prompt, computed lazily and shared by all workers' lookups."""
+    """One prompt's bytes and chain hashes; ``match_prefix`` extends ``hashes`` as far as
+    it walks, so several workers' lookups hash each block once."""
 
     def __init__(self, token_bytes: bytes, salt: BlockHash, block_size: int) -> None:
         self.data = token_bytes
         self.stride = block_size * _INT64_BYTES
         self.num_full_blocks = len(token_bytes) // self.stride
         self.hashes: list[BlockHash] = []
-        self._salt = salt
-
-    def block_bytes(self, i: int) -> bytes:
-        return self.data[i * self.stride : (i + 1) * self.stride]
-
-    def hash(self, i: int) -> BlockHash:
-        hashes = self.hashes
-        while len(hashes) <= i:
-            j = len(hashes)
-            parent = hashes[j - 1] if j else self._salt
-            hashes.append(chain_hash(parent, self.block_bytes(j)))
-        return hashes[i]
+        self.salt = salt
 
 
 def match_prefix(
     index: dict[BlockHash, BlockMeta], chain: HashChain, tenant: TenantId, max_blocks: int
 ) -> list[BlockMeta]:
     """The longest run of indexed blocks holding exactly this prompt's first blocks."""
+    # The hot loop of a long-prompt lookup: locals only, one slice and one hash per block.
     hits: list[BlockMeta] = []
     parent_cache_id = 0
+    data, stride, hashes, get, hash_block = chain.data, chain.stride, chain.hashes, index.get, chain_hash
+    block_hash = chain.salt
     for i in range(min(max_blocks, chain.num_full_blocks)):
-        meta = index.get(chain.hash(i))
+        block_bytes = data[i * stride : (i + 1) * stride]
+        if i < len(hashes):
+            block_hash = hashes[i]
+        else:
+            block_hash = hash_block(block_hash, block_bytes)
+            hashes.append(block_hash)
+        meta = get(block_hash)
         if (
             meta is None
             or meta.parent_cache_id != parent_cache_id
+            or meta.token_bytes != block_bytes
             or meta.tenant != tenant
-            or meta.token_bytes != chain.block_bytes(i)
         ):
             break
         hits.append(meta)
