@@ -47,6 +47,18 @@ class HashChain:
         self.hashes: list[BlockHash] = []
         self.salt = salt
 
+    def block_bytes(self, i: int) -> bytes:
+        return self.data[i * self.stride : (i + 1) * self.stride]
+
+    def hash(self, i: int) -> BlockHash:
+        """The chain hash of block i (and of every block before it, once)."""
+        hashes = self.hashes
+        while len(hashes) <= i:
+            j = len(hashes)
+            parent = hashes[j - 1] if j else self.salt
+            hashes.append(chain_hash(parent, self.block_bytes(j)))
+        return hashes[i]
+
 
 def match_prefix(
     index: dict[BlockHash, BlockMeta], chain: HashChain, tenant: TenantId, max_blocks: int
