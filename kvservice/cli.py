@@ -5,6 +5,7 @@
                       [--gpu-mem-fraction F] [--cpu-pool-gib G] [--num-workers N] ...
     kvservice status  [--address 127.0.0.1:50051] [--token T] [--json]
     kvservice demo    [demo options]
+    kvservice bench   fuzz|load [--address HOST:PORT] [--json] ...   (see kvservice.bench)
 
 ``serve`` joins a Ray cluster (``auto``: the running one; ``local``: start one in this
 process), binds the gRPC port at once (health NOT_SERVING), starts one worker actor per
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvservice.bench import add_parser as add_bench_parser
 from kvservice.layouts import DEFAULT_BLOCK_SIZE, layout_names, parse_layout
 from kvservice.metrics import DEFAULT_METRICS_PORT
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=run_status)
 
     commands.add_parser("demo", help="a small model generating through the service", add_help=False)
+    add_bench_parser(commands)
     return parser
 
 

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvservice.api import Service
 from kvservice.auth import AuthInterceptor, TokenAuth
+from kvservice.decode_guard import DecodeGuard
 from kvservice.servicer import KVServicer, tenant_from_metadata
 from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
@@ -107,7 +108,9 @@ async def start_server(
         executor, resolve_tenant=auth.tenant_for if auth else tenant_from_metadata
     )
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)] if auth else None,
+        # Tokens are checked before a request is parsed; a request that does not parse
+        # is INVALID_ARGUMENT (grpc itself would say UNKNOWN).
+        interceptors=[*([AuthInterceptor(auth)] if auth else []), DecodeGuard()],
         options=message_options(max_message_bytes),
     )
     pb_grpc.add_KVServiceServicer_to_server(servicer, server)
