@@ -152,18 +152,17 @@ class KVCacheManager(ManagerAdmin):
 
     def append(self, seq_id: int, tokens: Sequence[int]) -> StepResult | OutOfMemory:
         seq = self._seq(seq_id)
-        token_list, _ = self._tokens(tokens)
+        token_list = self._token_array(tokens).tolist()
         if not token_list:
             return StepResult([])
         ws = self._workers[seq.worker_id]
         self._expire_pins()
         old_len = len(seq.tokens)
         num_new = self.layout.num_blocks_for(old_len + len(token_list)) - len(seq.blocks)
-        writes: list[Write] = [(seq, old_len // self.block_size, len(seq.blocks))]
-        victims = self._plan_room(ws, [seq], writes, num_new)
-        if victims is None:
+        write: Write = (seq, old_len // self.block_size, len(seq.blocks))
+        commands = self._make_writable(ws, [seq], [write], num_new)
+        if commands is None:
             return OutOfMemory(f"no room to grow sequence {seq_id}", ws.worker_id)
-        commands = self._commit_room(ws, [seq], writes, victims)
         for _ in range(num_new):
             meta = ws.gpu.allocate()
             assert meta is not None, "planned room is missing"
@@ -278,10 +277,9 @@ class KVCacheManager(ManagerAdmin):
         self._expire_pins()
         bs = self.block_size
         writes: list[Write] = [(seq, start // bs, -(-end // bs))] if end > start else []
-        victims = self._plan_room(ws, [seq], writes, 0)
-        if victims is None:
+        commands = self._make_writable(ws, [seq], writes, 0)
+        if commands is None:
             return OutOfMemory(f"no room to make sequence {seq_id} writable", ws.worker_id)
-        commands = self._commit_room(ws, [seq], writes, victims)
         if end > start:
             seq.num_computed = min(seq.num_computed, start)
         ids = seq.block_ids

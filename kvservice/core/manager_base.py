@@ -178,6 +178,23 @@ class ManagerBase:
                 freed.setdefault(meta.tier, []).append(meta.block_id)
         return [FreeBlocks(ws.worker_id, t, tuple(ids)) for t, ids in sorted(freed.items())]
 
+    def _make_writable(
+        self, ws: WorkerState, seqs: list[SeqState], writes: list[Write], num_new: int
+    ) -> list[Command] | None:
+        """Plan and commit (below); None if out of memory. Skips both when the write
+        ranges are already private, uncached and on the GPU, as on most decode steps."""
+        if num_new <= ws.gpu.num_queued and not any(s.num_cpu_blocks for s in seqs):
+            if all(
+                m.ref_cnt == 1 and m.block_hash is None for s, lo, hi in writes for m in s.blocks[lo:hi]
+            ):
+                for seq, lo, _ in writes:
+                    del seq.hashes[lo:]
+                return []
+        victims = self._plan_room(ws, seqs, writes, num_new)
+        if victims is None:
+            return None
+        return self._commit_room(ws, seqs, writes, victims)
+
     def _plan_room(
         self, ws: WorkerState, seqs: list[SeqState], writes: list[Write], num_new: int
     ) -> list[SeqState] | None:

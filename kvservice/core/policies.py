@@ -20,6 +20,7 @@ class WorkerCandidate:
     worker_id: WorkerId
     num_cached_tokens: int  # of the new prompt, on this worker
     num_available_blocks: int  # GPU blocks free or cached
+    num_blocks: int = 0  # GPU blocks in all (0: unknown, load is not compared)
 
 
 class PlacementPolicy(ABC):
@@ -46,8 +47,30 @@ class MostFree(PlacementPolicy):
         return max(candidates, key=lambda c: (c.num_available_blocks, -c.worker_id)).worker_id
 
 
+class PrefixAffinityLoad(PlacementPolicy):
+    """Prefix affinity among the workers not much busier than the least busy one.
+
+    Load is the share of a worker's GPU tier in use. A worker more than ``slack`` busier
+    than the least busy never wins on its cached prefix, so a popular prefix cannot pile
+    every sequence onto one worker; the coordinator may copy that prefix to the chosen
+    worker instead (``kvservice.core.migration.place``). Without pool sizes it is
+    ``PrefixAffinity``.
+    """
+
+    def __init__(self, slack: float = 0.1) -> None:
+        self.slack = slack
+
+    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerId:
+        if all(c.num_blocks > 0 for c in candidates):
+            loads = {c.worker_id: 1 - c.num_available_blocks / c.num_blocks for c in candidates}
+            ceiling = min(loads.values()) + self.slack
+            candidates = [c for c in candidates if loads[c.worker_id] <= ceiling]
+        return PrefixAffinity().choose(candidates)
+
+
 PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
     "prefix_affinity": PrefixAffinity,
+    "affinity_load": PrefixAffinityLoad,
     "most_free": MostFree,
 }
 
