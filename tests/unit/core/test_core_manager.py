@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-import kvservice.core.manager as manager_module
+import kvservice.core.manager_steps as steps_module
 import kvservice.core.prefix_cache as prefix_module
 from kvservice.core.commands import (
     CopyBlocks,
@@ -85,7 +85,7 @@ def test_a_hash_collision_is_a_miss(make_manager: Make, monkeypatch: pytest.Monk
         return 1  # every block of every prompt gets the same hash
 
     monkeypatch.setattr(prefix_module, "chain_hash", collide)
-    monkeypatch.setattr(manager_module, "chain_hash", collide)
+    monkeypatch.setattr(steps_module, "chain_hash", collide)
     m = make_manager(gpu=16)
     computed(m, list(range(9)))
     assert m.lookup_prefix(None, [9, 9, 9, 9, 9]) == {}

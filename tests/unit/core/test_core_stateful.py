@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kvservice.core.ledger as ledger_module
-import kvservice.core.manager as manager_module
+import kvservice.core.manager_steps as steps_module
 import kvservice.core.prefix_cache as prefix_module
 from kvservice.core.commands import (
     Command,
@@ -359,7 +359,7 @@ class CollidingHashMachine(CoreMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self._patched = [(mod, mod.chain_hash) for mod in (prefix_module, manager_module, ledger_module)]
+        self._patched = [(mod, mod.chain_hash) for mod in (prefix_module, steps_module, ledger_module)]
 
         def weak(parent: int, data: bytes) -> int:
             return xxhash.xxh3_64_intdigest(data, parent) & 3
