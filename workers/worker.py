@@ -50,6 +50,7 @@ from kvservice.workers.pools import (
 from kvservice.workers.records import Ledger, LedgerBook, WorkerInfo, new_epoch
 from kvservice.workers.tiered import TieredAttention, has_cold_blocks
 from kvservice.workers.timing import KernelTimer
+from kvservice.workers.transfer import TransferMixin
 
 from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import Tier
@@ -59,7 +60,7 @@ from kvservice.core.records import SeqRecord
 logger = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(TransferMixin):
     def __init__(
         self,
         worker_id: int,
@@ -402,6 +403,8 @@ class Worker:
             "blocks_copied": counters.get("blocks_copied", 0),
             "blocks_exported": counters.get("blocks_exported", 0),
             "blocks_imported": counters.get("blocks_imported", 0),
+            "blocks_sent": counters.get("blocks_sent", 0),
+            "blocks_received": counters.get("blocks_received", 0),
             "tiered": self.tiered.stats(),
             "kernel_time": self._timer.totals(),
             "call_time": {

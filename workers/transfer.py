@@ -1,0 +1,275 @@
+"""Block transfers between workers over torch.distributed: NCCL between GPUs, gloo on CPUs.
+
+The coordinator forms one process group over its worker actors (``kvservice.transfers``
+hosts the TCP store and gives each worker its rank); ``transfer_join`` makes this
+process a member. A transfer is a ``send_blocks`` on the source worker and the matching
+``recv_blocks`` on the destination, naming the same number of blocks: the sender gathers
+the blocks into contiguous chunks on the transfer device and sends each; the receiver
+receives each chunk and scatters it into its own blocks. Chunks are pipelined (the next
+chunk is gathered, and the last one scattered, while one is on the wire), with at most
+``CHUNKS_IN_FLIGHT`` staging buffers per side. A run of consecutive blocks of one pool on
+the transfer device goes straight from and into the pool, with no staging copy.
+
+Invariants:
+- Both sides cut the same chunks from the block count alone, and the coordinator submits
+  the two halves of every transfer in one global order on all workers, so sends and
+  receives pair up with no handshake, and transfers cannot deadlock.
+- Blocks are read or written only after the swaps touching them are done (the rule of
+  every entry point), and a call returns once its data has left or landed.
+- ``TRANSFER_ENV`` (NVLS and multicast off) is in ``os.environ`` before any process
+  group is made; worker actors also get it in their runtime_env.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from kvservice.workers.checks import check_index
+
+from kvservice.core.errors import FailedPrecondition, InvalidArgument
+from kvservice.core.ids import Tier
+
+TRANSFER_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+CHUNK_BYTES = 64 << 20
+CHUNKS_IN_FLIGHT = 3
+DEFAULT_TIMEOUT_S = 120.0
+
+TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
+
+
+def apply_transfer_env() -> None:
+    os.environ.update(TRANSFER_ENV)
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+
+
+class TransferMixin:
+    """The transfer entry points of ``Worker`` (it provides the pools, the pending-copy
+    table, ``_entry`` and the counters)."""
+
+    device: torch.device
+    gpu_pool: torch.Tensor
+    cpu_pool: torch.Tensor
+    _pending: Any
+    _counters: Any
+    _transfer_rank: int | None = None
+    _transfer_device: torch.device | None = None
+    _probe_buffer: torch.Tensor | None = None
+
+    if TYPE_CHECKING:
+
+        def _entry(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+
+    # ----------------------------------------------------------------- membership
+    def transfer_join(
+        self,
+        host: str,
+        port: int,
+        group_key: str,
+        rank: int,
+        world_size: int,
+        backend: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
+        ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
+        every rank has joined."""
+        with self._entry("transfer_join"):
+            world_size = check_index("world_size", world_size, 1 << 16)
+            rank = check_index("rank", rank, world_size)
+            backend = backend or default_backend(self.device)
+            if backend not in ("nccl", "gloo"):
+                raise InvalidArgument(f"backend must be nccl or gloo, got {backend!r}")
+            apply_transfer_env()
+            self._leave_group()
+            timeout = timedelta(seconds=timeout_s)
+            store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(group_key, store),
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
+            self._transfer_rank = rank
+            self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
+            return self.transfer_info()
+
+    def transfer_leave(self) -> None:
+        with self._entry("transfer_leave"):
+            self._leave_group()
+
+    def _leave_group(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._transfer_rank = None
+        self._transfer_device = None
+        self._probe_buffer = None
+
+    def transfer_info(self) -> dict[str, Any]:
+        """This worker's rank and group, or rank None outside any group."""
+        joined = self._transfer_rank is not None
+        return {
+            "rank": self._transfer_rank,
+            "world_size": dist.get_world_size() if joined else 0,
+            "backend": dist.get_backend() if joined else None,
+            "device": str(self._transfer_device) if joined else None,
+        }
+
+    # ----------------------------------------------------------------- blocks
+    def send_blocks(self, dst_rank: int, blocks: TierBlocks) -> int:
+        """Send the blocks, in order, to the ``recv_blocks`` of rank ``dst_rank``; returns
+        the bytes sent."""
+        with self._entry("send_blocks"):
+            peer, runs = self._transfer_args(dst_rank, blocks)
+            in_flight: deque[tuple[Any, torch.Tensor]] = deque()
+            for run in runs:
+                if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                    in_flight.popleft()[0].wait()  # then its buffer may be reused
+                tensor = self._gather(run)
+                in_flight.append((dist.isend(tensor, peer), tensor))
+            while in_flight:
+                in_flight.popleft()[0].wait()
+            self._finish()
+            return self._count("blocks_sent", blocks)
+
+    def recv_blocks(self, src_rank: int, blocks: TierBlocks) -> int:
+        """Receive the blocks of the matching ``send_blocks`` of rank ``src_rank`` into
+        these blocks, in order; returns the bytes received."""
+        with self._entry("recv_blocks"):
+            peer, runs = self._transfer_args(src_rank, blocks)
+            posted: deque[tuple[Any, torch.Tensor, list[tuple[Tier, int]]]] = deque()
+            for run in runs:
+                tensor = self._landing(run)
+                posted.append((dist.irecv(tensor, peer), tensor, run))
+                if len(posted) >= CHUNKS_IN_FLIGHT:
+                    self._scatter(*posted.popleft())
+            while posted:
+                self._scatter(*posted.popleft())
+            self._finish()
+            return self._count("blocks_received", blocks)
+
+    def transfer_probe(self, peer_rank: int, num_bytes: int, send: bool, iters: int = 1) -> float:
+        """Plain send (or recv) of one contiguous ``num_bytes`` buffer to ``peer_rank``,
+        ``iters`` times: the link's baseline. Returns the seconds the loop took."""
+        with self._entry("transfer_probe"):
+            peer, _ = self._transfer_args(peer_rank, [])
+            num_bytes = check_index("num_bytes", num_bytes, 1 << 40)
+            buffer = self._probe_buffer
+            if buffer is None or buffer.numel() != num_bytes:
+                buffer = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+                buffer = self._probe_buffer = buffer.to(self._transfer_device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                (dist.send if send else dist.recv)(buffer, peer)
+            self._finish()
+            return time.perf_counter() - start
+
+    # ----------------------------------------------------------------- internals
+    def _transfer_args(
+        self, peer_rank: int, blocks: TierBlocks
+    ) -> tuple[int, list[list[tuple[Tier, int]]]]:
+        """The checked peer and the blocks cut into chunks (both sides cut alike)."""
+        if self._transfer_rank is None:
+            raise FailedPrecondition("this worker is in no transfer group")
+        peer = check_index("peer rank", peer_rank, dist.get_world_size())
+        if peer == self._transfer_rank:
+            raise InvalidArgument("a worker does not transfer to itself")
+        checked: list[tuple[Tier, int]] = []
+        for tier, block_id in blocks:
+            which = Tier(check_index("tier", tier, len(Tier)))
+            pool = self.gpu_pool if which is Tier.GPU else self.cpu_pool
+            checked.append((which, check_index("block id", block_id, pool.shape[0])))
+        per_chunk = max(1, CHUNK_BYTES // max(1, self._block_bytes()))
+        runs = [checked[i : i + per_chunk] for i in range(0, len(checked), per_chunk)]
+        for tier in Tier:
+            ids = [b for t, b in checked if t is tier]
+            if ids:
+                self._pending.wait_on_host(tier, ids)
+        return peer, runs
+
+    def _block_bytes(self) -> int:
+        return self.gpu_pool[0].numel() * self.gpu_pool.element_size()
+
+    def _direct_view(self, run: list[tuple[Tier, int]]) -> torch.Tensor | None:
+        """The pool slice itself when the run is consecutive blocks of one pool that lives
+        on the transfer device."""
+        tier, first = run[0]
+        pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        if pool.device != self._transfer_device:
+            return None
+        if any(t is not tier or b != first + i for i, (t, b) in enumerate(run)):
+            return None
+        return pool[first : first + len(run)]
+
+    def _gather(self, run: list[tuple[Tier, int]]) -> torch.Tensor:
+        direct = self._direct_view(run)
+        if direct is not None:
+            return direct
+        out = self._staging(len(run))
+        for tier, positions, ids in _by_tier(run):
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            index = torch.tensor(ids, dtype=torch.int64, device=pool.device)
+            if len(positions) == len(run) and pool.device == out.device:
+                torch.index_select(pool, 0, index, out=out)
+            elif len(positions) == len(run):
+                out.copy_(pool.index_select(0, index))
+            else:
+                where = torch.tensor(positions, device=out.device)
+                out[where] = pool.index_select(0, index).to(out.device)
+        return out
+
+    def _landing(self, run: list[tuple[Tier, int]]) -> torch.Tensor:
+        direct = self._direct_view(run)
+        return direct if direct is not None else self._staging(len(run))
+
+    def _staging(self, num_blocks: int) -> torch.Tensor:
+        shape = (num_blocks, *self.gpu_pool.shape[1:])
+        return torch.empty(shape, dtype=self.gpu_pool.dtype, device=self._transfer_device)
+
+    def _scatter(self, work: Any, tensor: torch.Tensor, run: list[tuple[Tier, int]]) -> None:
+        work.wait()
+        if self._direct_view(run) is not None:
+            return  # received in place
+        for tier, positions, ids in _by_tier(run):
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            part = tensor
+            if len(positions) != len(run):
+                part = tensor[torch.tensor(positions, device=tensor.device)]
+            index = torch.tensor(ids, dtype=torch.int64, device=pool.device)
+            pool.index_copy_(0, index, part.to(pool.device))
+
+    def _finish(self) -> None:
+        """Return only once the data has left (sender) or landed (receiver)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _count(self, counter: str, blocks: TierBlocks) -> int:
+        self._counters[counter] += len(blocks)
+        return len(blocks) * self._block_bytes()
+
+
+def _by_tier(run: list[tuple[Tier, int]]) -> list[tuple[Tier, list[int], list[int]]]:
+    """(tier, positions in the run, block ids) for each tier present."""
+    out = []
+    for tier in Tier:
+        positions = [i for i, (t, _) in enumerate(run) if t is tier]
+        if positions:
+            out.append((tier, positions, [run[i][1] for i in positions]))
+    return out
