@@ -3,7 +3,8 @@
 A rebuild trusts block placement (the workers hold the data) but not hashes: every
 prefix hash is recomputed from the recorded tokens and tenant, and a record whose hashes
 disagree (another layout, a corrupted ledger) is refused rather than cached wrongly.
-Cached blocks nobody holds are not recorded, so after a rebuild they are free.
+Cached blocks nobody holds are not recorded, so after a rebuild they are free. New
+sequence ids continue above any id issued before (see ``rebuild``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def rebuild(
                 _restore_seq(manager, ws, rec, tenant)
             if rec.pin is not None:
                 _restore_pin(manager, ws, seq_id, rec.pin, tenant)
-    manager._next_seq_id = max(seen, default=-1) + 1
+    # Freed sequences leave no record, so the ledgers cannot say which ids were issued.
+    # Numbering from the clock (ms << 12) stays above every id an earlier coordinator
+    # could have handed out, unless it issued over 4,096 ids per millisecond of its life.
+    manager._next_seq_id = max(max(seen, default=-1) + 1, int(manager._clock() * 1000) << 12)
     manager._upserts.clear()
     manager.check_invariants()
     return manager
