@@ -4,6 +4,9 @@
 runs embedded and as an actor. A group is one actor per GPU, each in its own bundle of
 one placement group ({"GPU": 1}, or {"CPU": 1} on a cluster without GPUs), with named
 actors in a namespace (``kvservice-worker-<id>``) so a restarted coordinator finds them.
+A stopped worker leaves its bundle vacant; ``start_worker_in_bundle`` puts a new worker
+there (scaling back up reuses the GPU). Actors run with ``TRANSFER_ENV`` set (NVLS and
+multicast off for NCCL transfers between workers).
 
 Restarts: Ray re-runs the constructor, so a restarted worker has a new epoch, zeroed
 pools and an empty ledger. Calls are never retried on a restarted worker
@@ -18,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvservice.workers.transfer import TRANSFER_ENV
 from kvservice.workers.worker import Worker
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -53,6 +57,15 @@ class WorkerGroup:
     namespace: str
     placement_group: PlacementGroup
     actors: dict[int, ActorHandle] = field(default_factory=dict)
+    # Worker id -> its bundle; a bundle whose worker was stopped can take a new worker.
+    bundles: dict[int, int] = field(default_factory=dict)
+    use_gpu: bool = False
+    detached: bool = True
+    max_restarts: int = 3
+
+    def vacant_bundles(self) -> list[int]:
+        taken = {self.bundles[w] for w in self.actors}
+        return [i for i in range(self.placement_group.bundle_count) if i not in taken]
 
 
 def start_worker_actors(
@@ -78,7 +91,6 @@ def start_worker_actors(
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise InvalidArgument(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -110,24 +122,9 @@ def start_worker_actors(
             f"within {ready_timeout_s}s (strategy {strategy})"
         ) from exc
 
-    actor_cls = make_worker_actor(
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=0 if use_gpu else 1,
-        max_restarts=max_restarts,
-        max_task_retries=0,
-    )
-    group = WorkerGroup(namespace=namespace, placement_group=pg)
-    device = "cuda" if use_gpu else "cpu"
+    group = WorkerGroup(namespace, pg, use_gpu=use_gpu, detached=detached, max_restarts=max_restarts)
     for index, worker_id in enumerate(worker_ids):
-        strategy_for_bundle = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=index
-        )
-        group.actors[worker_id] = actor_cls.options(
-            name=actor_name(worker_id),
-            namespace=namespace,
-            lifetime=lifetime,
-            scheduling_strategy=strategy_for_bundle,
-        ).remote(worker_id, layout, device=device, **worker_kwargs)  # type: ignore[assignment]
+        _launch(group, layout, worker_id, index, worker_kwargs)
     try:
         infos: list[Any] = ray.get(
             [a.info.remote() for a in group.actors.values()], timeout=ready_timeout_s
@@ -141,6 +138,59 @@ def start_worker_actors(
             info.worker_id, info.device, info.epoch, info.num_gpu_blocks, info.num_cpu_blocks,
         )  # fmt: skip
     return group
+
+
+def _launch(
+    group: WorkerGroup, layout: Layout, worker_id: int, bundle: int, worker_kwargs: dict[str, Any]
+) -> ActorHandle:
+    """One worker actor in one bundle of the group's placement group."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    actor_cls = make_worker_actor(
+        num_gpus=1 if group.use_gpu else 0,
+        num_cpus=0 if group.use_gpu else 1,
+        max_restarts=group.max_restarts,
+        max_task_retries=0,
+        # Transfers between workers may use NCCL: NVLS and multicast stay off.
+        runtime_env={"env_vars": dict(TRANSFER_ENV)},
+    )
+    actor = actor_cls.options(  # type: ignore[attr-defined]
+        name=actor_name(worker_id),
+        namespace=group.namespace,
+        lifetime="detached" if group.detached else None,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group.placement_group, placement_group_bundle_index=bundle
+        ),
+    ).remote(worker_id, layout, device="cuda" if group.use_gpu else "cpu", **worker_kwargs)
+    group.actors[worker_id] = actor
+    group.bundles[worker_id] = bundle
+    return actor
+
+
+def start_worker_in_bundle(
+    group: WorkerGroup,
+    layout: Layout,
+    worker_id: int,
+    bundle: int,
+    *,
+    ready_timeout_s: float = 120.0,
+    **worker_kwargs: Any,
+) -> ActorHandle:
+    """Start worker ``worker_id`` in a vacant bundle of ``group`` (one whose worker was
+    stopped); returns once its pools are up (raises Unavailable otherwise)."""
+    import ray
+
+    if bundle not in group.vacant_bundles():
+        raise FailedPrecondition(f"bundle {bundle} of the worker group is not vacant")
+    if worker_id in find_worker_actors(group.namespace):
+        raise FailedPrecondition(f"worker actor {worker_id} already runs in {group.namespace!r}")
+    actor = _launch(group, layout, worker_id, bundle, worker_kwargs)
+    try:
+        ray.get(actor.info.remote(), timeout=ready_timeout_s)
+    except Exception as exc:
+        stop_worker_actors(group, [worker_id])
+        raise Unavailable(f"worker actor {worker_id} failed to start: {exc}") from exc
+    return actor
 
 
 def find_worker_actors(namespace: str = DEFAULT_NAMESPACE) -> dict[int, ActorHandle]:
@@ -165,6 +215,7 @@ def stop_worker_actors(group: WorkerGroup, worker_ids: Iterable[int] | None = No
 
     for worker_id in list(group.actors if worker_ids is None else worker_ids):
         handle = group.actors.pop(worker_id, None)
+        group.bundles.pop(worker_id, None)
         if handle is not None:
             ray.kill(handle, no_restart=True)
     if not group.actors:
