@@ -113,7 +113,10 @@ class KVCacheManager(ManagerSteps):
         hits = {ws.worker_id: match_prefix(ws.index, chain, tenant_id, max_shared) for ws in order}
         if len(order) > 1:
             candidates = [
-                WorkerCandidate(ws.worker_id, len(hits[ws.worker_id]) * self.block_size, ws.gpu.num_queued)
+                WorkerCandidate(
+                    ws.worker_id, len(hits[ws.worker_id]) * self.block_size, ws.gpu.num_queued,
+                    ws.gpu.num_blocks,
+                )  # fmt: skip
                 for ws in order
             ]
             first = self._placement.choose(candidates)
