@@ -15,6 +15,7 @@ crash or a misread tensor further in.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -99,7 +100,8 @@ def sequence_info_to_proto(info: SequenceInfo) -> pb.SequenceInfo:
         num_cached_tokens=info.num_cached_tokens,
         worker_id=info.worker_id,
         num_blocks=info.num_blocks,
-        tiers=info.tiers,
+        # The proto enum's values are the core's Tier ints; only the stub's types differ.
+        tiers=cast("list[pb.Tier]", list(info.tiers)),
     )
 
 
