@@ -8,7 +8,9 @@ service sees ints, lists, torch tensors and a tenant string.
 Errors: a ``KVServiceError`` becomes its status through the one table in
 ``kvservice.status``; anything else is logged and reported as INTERNAL. A call whose
 deadline has passed before its turn on the pool is not started (DEADLINE_EXCEEDED), and
-a call the client cancels while it waits for the pool never runs.
+a call the client cancels while it waits for the pool never runs. A CreateSequence or Fork
+whose client is gone (cancelled, disconnected) by the time it ends frees what it made, so
+nobody is left holding blocks no client knows of.
 """
 
 from __future__ import annotations
@@ -88,14 +90,30 @@ class KVServicer(pb_grpc.KVServiceServicer):
         context: grpc.aio.ServicerContext,
         job: Callable[[Service, str], R],
         encode: Callable[[R], M],
+        undo: Callable[[Service, M, str], None] | None = None,
     ) -> M:
-        """``encode(job(service, tenant))`` on the pool; errors are reported as statuses."""
+        """``encode(job(service, tenant))`` on the pool; errors are reported as statuses.
+
+        ``undo(service, reply, tenant)`` takes back what a call made when its client is
+        gone before the reply (cancelled, disconnected): the job cannot be stopped once
+        it runs, so when it ends its result is undone instead of leaked.
+        """
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             tenant = self._resolve_tenant(context.invocation_metadata() or ())
+            ran_on: list[Service] = []
+            if undo is not None:
+                job = _noting_service(job, ran_on)
             work = functools.partial(self._guarded, deadline, job, encode, tenant)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+            future = asyncio.get_running_loop().run_in_executor(self._executor, work)
+            if undo is None:
+                return await future
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                future.add_done_callback(functools.partial(self._undo, undo, ran_on, tenant))
+                raise
         except KVServiceError as exc:
             code, details, trailing = status_of(exc)
             if trailing:
@@ -107,6 +125,28 @@ class KVServicer(pb_grpc.KVServiceServicer):
             log.exception("internal error serving a KVService call")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         raise AssertionError("unreachable: abort raises")
+
+    def _undo(
+        self,
+        undo: Callable[[Service, M, str], None],
+        ran_on: list[Service],
+        tenant: str,
+        future: asyncio.Future[M],
+    ) -> None:
+        if future.cancelled() or future.exception() is not None or not ran_on:
+            return  # nothing was made
+        reply = future.result()
+
+        def run() -> None:
+            try:
+                undo(ran_on[0], reply, tenant)
+            except Exception:
+                log.exception("could not undo the call of a client that went away")
+
+        try:
+            self._executor.submit(run)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            run()
 
     def _guarded(
         self,
@@ -125,7 +165,10 @@ class KVServicer(pb_grpc.KVServiceServicer):
     async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
         tokens = list(request.tokens)
         return await self._run(
-            context, lambda s, tenant: s.create_sequence(tokens, tenant=tenant), sequence_info_to_proto
+            context,
+            lambda s, tenant: s.create_sequence(tokens, tenant=tenant),
+            sequence_info_to_proto,
+            undo=lambda s, reply, tenant: s.free([reply.seq_id], tenant=tenant),
         )
 
     async def AppendTokens(self, request: pb.AppendTokensRequest, context: Any) -> pb.AppendTokensResponse:
@@ -142,6 +185,7 @@ class KVServicer(pb_grpc.KVServiceServicer):
             context,
             lambda s, tenant: s.fork(request.seq_id, request.n, tenant=tenant),
             lambda child_ids: pb.ForkResponse(child_ids=child_ids),
+            undo=lambda s, reply, tenant: s.free(list(reply.child_ids), tenant=tenant),
         )
 
     async def Truncate(self, request: pb.TruncateRequest, context: Any) -> pb.TruncateResponse:
@@ -229,6 +273,16 @@ class KVServicer(pb_grpc.KVServiceServicer):
 
     async def GetLayout(self, request: pb.GetLayoutRequest, context: Any) -> pb.Layout:
         return await self._run(context, lambda s, _tenant: s.layout(), layout_to_proto)
+
+
+def _noting_service(job: Callable[[Service, str], R], ran_on: list[Service]) -> Callable[[Service, str], R]:
+    """``job``, noting the service it ran on (an undo must go to that same service)."""
+
+    def noted(service: Service, tenant: str) -> R:
+        ran_on.append(service)
+        return job(service, tenant)
+
+    return noted
 
 
 def _empty(reply_type: Callable[[], M]) -> Callable[[object], M]:
