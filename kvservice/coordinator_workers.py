@@ -8,10 +8,9 @@ planned earlier that still reads that block.
 
 - A Ray actor gives that order itself (one caller, a sequential actor): ``submit`` is
   ``.remote`` and ``result`` is ``ray.get``.
-- A local ``Worker`` gets it from tickets: ``submit`` takes the next ticket, and
-  ``result()`` runs the call in the caller's own thread once every earlier ticket of that
-  worker has run (no thread hop, tensors passed as they are). Every submitted call must
-  be resolved with ``result()``: ``resolve_all`` does that even when one of them fails.
+- A local ``Worker`` gets it from a queue: ``submit`` appends the call, and ``result()``
+  runs queued calls oldest first, one at a time, in the waiting caller's own thread (no
+  thread hop, tensors passed as they are) until its own has run.
 
 A worker that is gone raises ``WorkerLost``; errors the worker raises on purpose
 (``KVServiceError``) come through unchanged.
@@ -20,6 +19,7 @@ A worker that is gone raises ``WorkerLost``; errors the worker raises on purpose
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -66,48 +66,54 @@ def resolve_all(pending: Iterable[PendingCall]) -> list[Any]:
 
 
 class _LocalPending:
-    __slots__ = ("_handle", "_ticket", "_method", "_args", "_kwargs", "_done", "_value", "_error")
+    __slots__ = ("_handle", "_method", "_args", "_kwargs", "done", "_value", "_error")
 
-    def __init__(self, handle: LocalWorkerHandle, ticket: int, method: str, args: Any, kwargs: Any):
+    def __init__(self, handle: LocalWorkerHandle, method: str, args: Any, kwargs: Any) -> None:
         self._handle = handle
-        self._ticket = ticket
         self._method = method
         self._args = args
         self._kwargs = kwargs
-        self._done = False
+        self.done = False
         self._value: Any = None
         self._error: BaseException | None = None
 
+    def run(self) -> None:
+        """Execute the call (the handle calls this in turn); never raises."""
+        try:
+            self._value = self._handle.execute(self._method, *self._args, **self._kwargs)
+        except BaseException as exc:  # noqa: BLE001 - delivered by result()
+            self._error = exc
+        self._args = self._kwargs = None  # drop tensor references
+        self.done = True
+
     def result(self) -> Any:
-        if not self._done:
-            self._done = True
-            try:
-                self._value = self._handle._run_in_turn(
-                    self._ticket, self._method, self._args, self._kwargs
-                )
-            except BaseException as exc:
-                self._error = exc
-            self._args = self._kwargs = None  # drop tensor references
+        if not self.done:
+            self._handle._run_until(self)
         if self._error is not None:
             raise self._error
         return self._value
 
 
 class LocalWorkerHandle:
-    """A ``Worker`` object in this process, called directly (zero copy), in ticket order."""
+    """A ``Worker`` object in this process, called directly (zero copy), in submission order.
+
+    ``result()`` runs queued calls one at a time, oldest first, in the waiting thread,
+    until its own is done; another thread's earlier call is run by whoever waits first.
+    So waiting in any order, or never waiting for some call, cannot stall the worker.
+    """
 
     def __init__(self, worker_id: int, worker: Any) -> None:
         self.worker_id = worker_id
         self.worker = worker
         self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
+        self._queue: deque[_LocalPending] = deque()
+        self._busy = False
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> PendingCall:
+        pending = _LocalPending(self, method, args, kwargs)
         with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-        return _LocalPending(self, ticket, method, args, kwargs)
+            self._queue.append(pending)
+        return pending
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.submit(method, *args, **kwargs).result()
@@ -116,16 +122,21 @@ class LocalWorkerHandle:
         """Run one call on the worker now (its turn has come); tests override it to fail."""
         return getattr(self.worker, method)(*args, **kwargs)
 
-    def _run_in_turn(self, ticket: int, method: str, args: Any, kwargs: Any) -> Any:
-        with self._cond:
-            while self._serving != ticket:
-                self._cond.wait()
-        try:
-            return self.execute(method, *args, **kwargs)
-        finally:
+    def _run_until(self, target: _LocalPending) -> None:
+        while True:
             with self._cond:
-                self._serving += 1
-                self._cond.notify_all()
+                while not target.done and (self._busy or not self._queue):
+                    self._cond.wait()
+                if target.done:
+                    return
+                pending = self._queue.popleft()
+                self._busy = True
+            try:
+                pending.run()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 class _RayPending:

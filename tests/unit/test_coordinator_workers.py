@@ -1,4 +1,4 @@
-"""Worker handles: a local worker runs calls in submission order, whoever waits first."""
+"""Worker handles: a local worker runs calls once each, in submission order, whoever waits."""
 
 from __future__ import annotations
 
@@ -26,30 +26,38 @@ def test_calls_run_in_submission_order_whatever_order_they_are_awaited_in() -> N
     worker = Recorder()
     handle = LocalWorkerHandle(0, worker)
     first, second, third = (handle.submit("note", n) for n in ("a", "b", "c"))
-    assert third.result() == "C"  # runs a and b first, in their own turn
+    assert third.result() == "C"  # runs a and b first, in this thread
     assert worker.calls == ["a", "b", "c"]
     assert (first.result(), second.result()) == ("A", "B")
     assert worker.calls == ["a", "b", "c"]  # each ran once
 
 
-def test_a_later_call_waits_for_an_earlier_one_awaited_by_another_thread() -> None:
-    worker = Recorder()
+def test_a_call_in_progress_is_waited_for_not_run_twice() -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    class Slow(Recorder):
+        def slow(self, name: str) -> str:
+            started.set()
+            gate.wait(5)
+            return self.note(name)
+
+    worker = Slow()
     handle = LocalWorkerHandle(0, worker)
-    early = handle.submit("note", "early")
+    early = handle.submit("slow", "early")
     late = handle.submit("note", "late")
-    done = threading.Event()
-
-    def wait_late() -> None:
-        late.result()
-        done.set()
-
-    thread = threading.Thread(target=wait_late)
-    thread.start()
-    assert not done.wait(0.2)  # its turn has not come
-    assert worker.calls == []
-    early.result()
-    thread.join(timeout=5)
-    assert done.is_set() and worker.calls == ["early", "late"]
+    runner = threading.Thread(target=early.result)
+    runner.start()
+    assert started.wait(5)
+    waiter = threading.Thread(target=late.result)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and worker.calls == []  # late waits for early to finish
+    gate.set()
+    runner.join(5)
+    waiter.join(5)
+    assert worker.calls == ["early", "late"]
+    assert (early.result(), late.result()) == ("EARLY", "LATE")
 
 
 def test_resolve_all_runs_everything_then_raises_the_first_error() -> None:
