@@ -14,8 +14,8 @@ either worker.
 - ``copy_prefix`` copies the cached blocks of a prompt's prefix from the worker that
   holds the longest one to another, where they become cached blocks that ``create``
   then hits (cross-worker prefix reuse).
-- ``place`` picks the worker of a new sequence by prefix affinity and load, and says
-  whether to copy a prefix there first; ``sharing_groups`` splits a worker's sequences
+- ``place`` says which worker ``create`` will pick (with the ``affinity_load`` policy:
+  prefix affinity within a load slack) and whether to copy a prefix there first; ``sharing_groups`` splits a worker's sequences
   into sets that share blocks (a drain moves each set whole); ``plan_rebalance`` picks
   sets to move from the busiest worker to the least busy one.
 
@@ -39,7 +39,7 @@ from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import BlockHash, BlockId, SeqId, TenantId, Tier, WorkerId
 from kvservice.core.pins import Pin
 from kvservice.core.planner import WorkerState
-from kvservice.core.policies import PrefixAffinityLoad, WorkerCandidate
+from kvservice.core.policies import WorkerCandidate
 from kvservice.core.prefix_cache import HashChain, encode_tokens, match_prefix, register
 from kvservice.core.sequence import SeqState
 
@@ -293,16 +293,14 @@ def copy_prefix(
 
 
 def place(
-    manager: KVCacheManager,
-    tenant: str | None,
-    tokens: Sequence[int],
-    *,
-    slack: float = 0.1,
-    min_copy_blocks: int = 4,
+    manager: KVCacheManager, tenant: str | None, tokens: Sequence[int], *, min_copy_blocks: int = 4
 ) -> Placement | None:
-    """The worker for a new sequence (``PrefixAffinityLoad``), and whether to copy its
-    prefix there from the worker caching the longest one: when that worker holds at least
-    ``min_copy_blocks`` more blocks of it. None with fewer than two workers."""
+    """The worker ``create`` would choose for a new sequence (the manager's own placement
+    policy), and whether to copy its prefix there first from the worker caching the
+    longest one: when that one holds at least ``min_copy_blocks`` more blocks of it.
+    After such a copy ``create`` still chooses the same worker (the copies are cached
+    blocks, so loads stay as they were, and that worker's prefix is now the longest).
+    None with fewer than two workers."""
     if len(manager._workers) < 2:
         return None
     hits = manager.lookup_prefix(tenant, tokens)
@@ -311,7 +309,7 @@ def place(
         WorkerCandidate(WorkerId(w), hits.get(w, 0), ws.gpu.num_queued, ws.gpu.num_blocks)
         for w, ws in sorted(manager._workers.items())
     ]
-    chosen = PrefixAffinityLoad(slack).choose(candidates)
+    chosen = manager._placement.choose(candidates)
     best = max(candidates, key=lambda c: (c.num_cached_tokens, c.num_available_blocks, -c.worker_id))
     extra = (best.num_cached_tokens - hits.get(chosen, 0)) // bs
     if best.worker_id != chosen and min_copy_blocks >= 1 and extra >= min_copy_blocks:

@@ -1,0 +1,157 @@
+"""Running the core's ``TransferBlocks`` between workers.
+
+- Between members of the transfer group, a transfer is one ``send_blocks`` on the source
+  and one ``recv_blocks`` on the destination (``kvservice.workers.transfer``): GPU to GPU
+  over NCCL, or over gloo between CPU workers.
+- Otherwise (a worker outside the group, local workers, no group at all) the blocks go
+  through host memory: ``export_blocks`` on the source, ``import_blocks`` on the
+  destination, one pair per (source tier, destination tier). Between Ray actors the
+  exported tensor goes from actor to actor as an object reference (the coordinator never
+  holds it); between local workers it is handed over in this process.
+
+``TransferGroup`` is the coordinator's side of the group: it hosts the TCP store the
+workers rendezvous on (this node's address, a free port) and makes every Ray worker join
+one torch.distributed group with its rank; ``form`` again after workers join or leave.
+Forming waits for every member's calls submitted before it (calls to a worker run in
+order), so no transfer of an old group is in flight when the new one starts.
+
+Ordering: both halves of a transfer are submitted together, under the coordinator's
+lock, so every worker meets its sends and receives in one global order (no deadlock),
+and each side runs its half after the calls planned before it and before those planned
+after it (no stale or half-written block is ever read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from kvservice.coordinator_workers import PendingCall, RayWorkerHandle, WorkerHandle, resolve_all
+from kvservice.core.migration import TransferBlocks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class _RefPending:
+    """A Ray object reference resolved as a call of ``handle`` (errors name its worker)."""
+
+    __slots__ = ("_handle", "_ref")
+
+    def __init__(self, handle: RayWorkerHandle, ref: Any) -> None:
+        self._handle = handle
+        self._ref = ref
+
+    def result(self) -> Any:
+        return self._handle.get(self._ref)
+
+
+class TransferGroup:
+    """A torch.distributed group over Ray worker actors, rendezvous on a store hosted here."""
+
+    def __init__(self, host: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        import torch.distributed as dist
+
+        from kvservice.workers.transfer import TRANSFER_ENV
+
+        for key, value in TRANSFER_ENV.items():
+            os.environ.setdefault(key, value)
+        self.host = host or _node_address()
+        self.timeout_s = timeout_s
+        self._store = dist.TCPStore(
+            self.host, 0, is_master=True, wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+        )  # fmt: skip
+        self.port = int(self._store.port)
+        self.generation = 0
+        self.ranks: dict[int, int] = {}  # worker id -> rank in the current group
+        self.backend: str | None = None
+
+    def form(self, handles: Mapping[int, WorkerHandle], devices: Mapping[int, str]) -> dict[int, int]:
+        """Every Ray worker of ``handles`` joins a new group (ranks in worker-id order);
+        with fewer than two there is no group. Returns the ranks."""
+        members = sorted(w for w, h in handles.items() if isinstance(h, RayWorkerHandle))
+        if len(members) < 2:
+            self.leave(handles)
+            return {}
+        self.generation += 1
+        backend = "nccl" if all(devices[w].startswith("cuda") for w in members) else "gloo"
+        key = f"kvservice-transfer-{self.generation}/"
+        calls = [
+            handles[w].submit(
+                "transfer_join", self.host, self.port, key, rank, len(members), backend,
+                self.timeout_s,
+            )  # fmt: skip
+            for rank, w in enumerate(members)
+        ]
+        try:
+            resolve_all(calls)
+        except BaseException:
+            self.ranks = {}
+            raise
+        self.ranks = {w: rank for rank, w in enumerate(members)}
+        self.backend = backend
+        log.info("transfer group %d: workers %s over %s", self.generation, members, backend)
+        return dict(self.ranks)
+
+    def leave(self, handles: Mapping[int, WorkerHandle]) -> None:
+        """Members still in ``handles`` leave the group (best effort: a gone one is gone)."""
+        calls = [handles[w].submit("transfer_leave") for w in self.ranks if w in handles]
+        self.ranks = {}
+        try:
+            resolve_all(calls)
+        except Exception:  # noqa: BLE001 - a worker that is gone has left
+            log.warning("a worker could not leave the transfer group", exc_info=True)
+
+    def joined(self, *worker_ids: int) -> bool:
+        return all(w in self.ranks for w in worker_ids)
+
+
+def submit_transfer(
+    transfer: TransferBlocks,
+    handles: Mapping[int, WorkerHandle],
+    group: TransferGroup | None,
+    calls: list[PendingCall],
+) -> str:
+    """Submit the calls that copy the blocks (appended to ``calls``, in order); returns
+    the path taken: "group", "host" or "none" (no blocks)."""
+    if not transfer.blocks:
+        return "none"
+    src_id, dst_id = transfer.src_worker_id, transfer.dst_worker_id
+    src, dst = handles[src_id], handles[dst_id]
+    if group is not None and group.joined(src_id, dst_id):
+        calls.append(src.submit("send_blocks", group.ranks[dst_id], [(int(t), int(b)) for t, b, _, _ in transfer.blocks]))
+        calls.append(dst.submit("recv_blocks", group.ranks[src_id], [(int(t), int(b)) for _, _, t, b in transfer.blocks]))
+        return "group"
+    by_tiers: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    for src_tier, src_block, dst_tier, dst_block in transfer.blocks:
+        ids = by_tiers.setdefault((int(src_tier), int(dst_tier)), ([], []))
+        ids[0].append(int(src_block))
+        ids[1].append(int(dst_block))
+    for (src_tier, dst_tier), (src_ids, dst_ids) in sorted(by_tiers.items()):
+        if isinstance(src, RayWorkerHandle) and isinstance(dst, RayWorkerHandle):
+            ref = src.actor.export_blocks.remote(src_tier, src_ids)
+            calls.append(_RefPending(src, ref))  # a lost source is named as such
+            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, ref))
+        else:
+            # A local export runs in this thread once the source's earlier calls have; the
+            # batch's own earlier calls must run first, or they would wait on this one.
+            resolve_all(calls)
+            data = src.call("export_blocks", src_tier, src_ids)
+            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, data))
+    return "host"
+
+
+def _node_address() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        pass
+    return "127.0.0.1"
