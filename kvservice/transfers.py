@@ -53,15 +53,22 @@ class _RefPending:
 class TransferGroup:
     """A torch.distributed group over Ray worker actors, rendezvous on a store hosted here."""
 
-    def __init__(self, host: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        chunk_bytes: int | None = None,
+    ) -> None:
         import torch.distributed as dist
 
-        from kvservice.workers.transfer import TRANSFER_ENV
+        from kvservice.workers.transfer import CHUNK_BYTES, TRANSFER_ENV
 
         for key, value in TRANSFER_ENV.items():
             os.environ.setdefault(key, value)
         self.host = host or _node_address()
         self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),
@@ -84,7 +91,7 @@ class TransferGroup:
         calls = [
             handles[w].submit(
                 "transfer_join", self.host, self.port, key, rank, len(members), backend,
-                self.timeout_s,
+                self.timeout_s, self.chunk_bytes,
             )  # fmt: skip
             for rank, w in enumerate(members)
         ]

@@ -67,6 +67,7 @@ class TransferMixin:
     _pending: Any
     _counters: Any
     _transfer_rank: int | None = None
+    _chunk_bytes: int = CHUNK_BYTES
     _transfer_device: torch.device | None = None
     _probe_buffer: torch.Tensor | None = None
 
@@ -84,12 +85,14 @@ class TransferMixin:
         world_size: int,
         backend: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> dict[str, Any]:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
-        every rank has joined."""
+        every rank has joined. Every member must get the same ``chunk_bytes``."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
+            chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
             rank = check_index("rank", rank, world_size)
             backend = backend or default_backend(self.device)
             if backend not in ("nccl", "gloo"):
@@ -108,6 +111,7 @@ class TransferMixin:
                 timeout=timeout,
             )
             self._transfer_rank = rank
+            self._chunk_bytes = chunk_bytes
             self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
             return self.transfer_info()
 
@@ -130,6 +134,7 @@ class TransferMixin:
             "world_size": dist.get_world_size() if joined else 0,
             "backend": dist.get_backend() if joined else None,
             "device": str(self._transfer_device) if joined else None,
+            "chunk_bytes": self._chunk_bytes,
         }
 
     # ----------------------------------------------------------------- blocks
@@ -196,7 +201,7 @@ class TransferMixin:
             which = Tier(check_index("tier", tier, len(Tier)))
             pool = self.gpu_pool if which is Tier.GPU else self.cpu_pool
             checked.append((which, check_index("block id", block_id, pool.shape[0])))
-        per_chunk = max(1, CHUNK_BYTES // max(1, self._block_bytes()))
+        per_chunk = max(1, self._chunk_bytes // self._block_bytes())
         runs = [checked[i : i + per_chunk] for i in range(0, len(checked), per_chunk)]
         for tier in Tier:
             ids = [b for t, b in checked if t is tier]

@@ -1,0 +1,123 @@
+"""Block transfers between two CPU worker actors: over a gloo process group (the same
+code NCCL runs between GPUs) and through host memory; mixed tiers, scattered and
+consecutive blocks, many pipelined chunks, the plain send/recv probe, and a group formed
+again (a new generation) still pairing sends with receives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from kvservice.workers import WorkerGroup, start_worker_actors, stop_worker_actors
+
+from kvservice.coordinator_workers import RayWorkerHandle, resolve_all
+from kvservice.core.ids import BlockId, Tier, WorkerId
+from kvservice.core.layout import Layout
+from kvservice.core.migration import TransferBlocks
+from kvservice.transfers import TransferGroup, submit_transfer
+
+pytestmark = pytest.mark.integration
+
+LAYOUT = Layout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=4)
+NAMESPACE = "kvservice-test-transfer"
+GPU, CPU = Tier.GPU, Tier.CPU
+
+
+@pytest.fixture(scope="module")
+def actors(ray_cluster: None) -> Iterator[WorkerGroup]:
+    group = start_worker_actors(
+        LAYOUT, 2, use_gpu=False, namespace=NAMESPACE, detached=False, max_restarts=0,
+        num_gpu_blocks=32, num_cpu_blocks=8,
+    )  # fmt: skip
+    try:
+        yield group
+    finally:
+        stop_worker_actors(group)
+
+
+@pytest.fixture(scope="module")
+def handles(actors: WorkerGroup) -> dict[int, RayWorkerHandle]:
+    return {w: RayWorkerHandle(w, a) for w, a in actors.actors.items()}
+
+
+def fill(handle: RayWorkerHandle, seed: int) -> dict[Tier, torch.Tensor]:
+    """Random contents in every block of both tiers; returns them."""
+    gen = torch.Generator().manual_seed(seed)
+    data = {}
+    for tier, count in ((GPU, 32), (CPU, 8)):
+        data[tier] = torch.randn((count, *LAYOUT.block_shape), generator=gen)
+        handle.call("import_blocks", tier, list(range(count)), data[tier])
+    return data
+
+
+def moves(*spec: tuple[Tier, int, Tier, int]) -> TransferBlocks:
+    blocks = tuple((st, BlockId(sb), dt, BlockId(db)) for st, sb, dt, db in spec)
+    return TransferBlocks(WorkerId(0), WorkerId(1), blocks)
+
+
+def run(transfer: TransferBlocks, handles: dict[int, RayWorkerHandle], group: TransferGroup | None) -> str:
+    calls: list = []
+    path = submit_transfer(transfer, handles, group, calls)
+    resolve_all(calls)
+    return path
+
+
+def check(handles: dict[int, RayWorkerHandle], transfer: TransferBlocks, sent: dict[Tier, torch.Tensor]) -> None:
+    for src_tier, src_block, dst_tier, dst_block in transfer.blocks:
+        got = handles[1].call("export_blocks", dst_tier, [dst_block])[0]
+        assert torch.equal(got, sent[src_tier][src_block]), (src_tier, src_block, dst_tier, dst_block)
+
+
+SCATTERED = moves(
+    *((GPU, b, GPU, d) for b, d in zip([9, 2, 30, 17, 4, 5, 6, 7], [1, 20, 3, 31, 10, 11, 12, 13], strict=True)),
+    (CPU, 3, GPU, 25),
+    (GPU, 0, CPU, 6),
+    (CPU, 7, CPU, 0),
+)
+
+
+def test_blocks_cross_the_group_in_pipelined_chunks(handles: dict[int, RayWorkerHandle]) -> None:
+    group = TransferGroup("127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes)
+    ranks = group.form(handles, {0: "cpu", 1: "cpu"})
+    assert ranks == {0: 0, 1: 1} and group.backend == "gloo"
+    info = handles[1].call("transfer_info")
+    assert (info["rank"], info["world_size"], info["backend"]) == (1, 2, "gloo")
+    sent = fill(handles[0], seed=1)
+    fill(handles[1], seed=2)
+    assert run(SCATTERED, handles, group) == "group"  # 11 blocks in 6 chunks of 2
+    check(handles, SCATTERED, sent)
+    consecutive = moves(*((GPU, b, GPU, 16 + b) for b in range(8)))  # sent from the pool itself
+    assert run(consecutive, handles, group) == "group"
+    check(handles, consecutive, sent)
+    stats = handles[1].call("stats")
+    assert stats["blocks_received"] == 19
+    # A new generation of the group (as after a worker joins) pairs up again.
+    assert group.form(handles, {0: "cpu", 1: "cpu"}) == {0: 0, 1: 1} and group.generation == 2
+    sent = fill(handles[0], seed=3)
+    assert run(SCATTERED, handles, group) == "group"
+    check(handles, SCATTERED, sent)
+    seconds = resolve_all(
+        [
+            handles[0].submit("transfer_probe", 1, 1 << 16, True, 3),
+            handles[1].submit("transfer_probe", 0, 1 << 16, False, 3),
+        ]
+    )
+    assert all(s > 0 for s in seconds)
+    group.leave(handles)
+    assert handles[0].call("transfer_info")["rank"] is None
+
+
+def test_without_a_group_blocks_go_through_host_memory(handles: dict[int, RayWorkerHandle]) -> None:
+    sent = fill(handles[0], seed=4)
+    fill(handles[1], seed=5)
+    assert run(SCATTERED, handles, None) == "host"
+    check(handles, SCATTERED, sent)
+    assert run(moves(), handles, None) == "none"
+
+
+def test_a_worker_outside_any_group_refuses_a_transfer(handles: dict[int, RayWorkerHandle]) -> None:
+    from kvservice.core.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="no transfer group"):
+        handles[0].call("send_blocks", 1, [(0, 1)])
