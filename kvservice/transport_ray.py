@@ -52,6 +52,10 @@ def start_ray_service(
     namespace: str | None = None,
     recover: bool = True,
     detached_workers: bool = True,
+    scaling: bool = False,
+    follow_gpus: bool = False,
+    scale_interval_s: float | None = None,
+    transfer_group: bool | None = None,
     **options: Any,
 ) -> Coordinator:
     """A coordinator in this process over worker actors; ``close()`` stops the workers.
@@ -60,6 +64,10 @@ def start_ray_service(
     cpu_pool_gib) and coordinator options (high_watermark, low_watermark, vocab_size,
     metrics).
     With ``recover`` and live workers in ``namespace``, their ledgers are the tables.
+    ``scaling``: a ``kvservice.scaling.ScaleController`` adds and drains workers on
+    request (``kvservice scale``), and with ``follow_gpus`` keeps one per GPU in the
+    cluster. ``transfer_group`` (default: with ``scaling``): the workers form a
+    torch.distributed group, so blocks move between them GPU to GPU.
     """
     from kvservice.workers import (
         DEFAULT_NAMESPACE,
@@ -96,8 +104,33 @@ def start_ray_service(
             stop_worker_actors(group)
             raise
         stop = lambda: stop_worker_actors(group)  # noqa: E731
+    controller = None
+    if scaling:
+        from kvservice.scaling import ScaleController
+
+        controller = ScaleController(
+            coordinator, layout, namespace=namespace, actors=found or group.actors,
+            groups=[] if found else [group], use_gpu=_uses_gpu(use_gpu),
+            follow_gpus=follow_gpus, detached=detached_workers, worker_kwargs=worker_kwargs,
+            **({"interval_s": scale_interval_s} if scale_interval_s else {}),
+        )  # fmt: skip
+        stop = controller.stop_workers  # the workers it added and left too
     coordinator.add_close_hook(stop)
+    if scaling if transfer_group is None else transfer_group:
+        try:
+            coordinator.form_transfer_group()
+        except Exception:  # noqa: BLE001 - blocks then move through host memory
+            log.warning("the workers could not form a transfer group", exc_info=True)
+    if controller is not None:
+        coordinator.add_close_hook(controller.stop)  # hooks run last first: before the workers go
+        controller.start()
     return coordinator
+
+
+def _uses_gpu(use_gpu: bool | None) -> bool:
+    import ray
+
+    return bool(use_gpu) if use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
 
 
 def _kill_actors(actors: Any) -> None:
