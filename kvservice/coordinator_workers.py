@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from kvservice.core.errors import KVServiceError
+from kvservice.workers.worker import StaleEpoch
 
 
 class WorkerLost(Exception):
@@ -140,25 +141,43 @@ class LocalWorkerHandle:
 
 
 class _RayPending:
-    __slots__ = ("_handle", "_ref")
+    __slots__ = ("_handle", "_ref", "_learns_epoch")
 
-    def __init__(self, handle: RayWorkerHandle, ref: Any) -> None:
+    def __init__(self, handle: RayWorkerHandle, ref: Any, learns_epoch: bool = False) -> None:
         self._handle = handle
         self._ref = ref
+        self._learns_epoch = learns_epoch
 
     def result(self) -> Any:
-        return self._handle.get(self._ref)
+        value = self._handle.get(self._ref)
+        if self._learns_epoch and self._handle.epoch is None:
+            self._handle.epoch = value.epoch
+        return value
 
 
 class RayWorkerHandle:
-    """A worker actor; calls go through ``.remote`` and ``ray.get``."""
+    """A worker actor; calls go through ``.remote`` and ``ray.get``.
 
-    def __init__(self, worker_id: int, actor: Any) -> None:
+    Ray restarts a dead actor behind the same handle, with empty pools. So once the
+    worker's epoch is known (from its first ``info``), every other call is fenced by it
+    (``Worker.fenced``): the restarted actor refuses calls meant for the dead one, and
+    that is WorkerLost, never a read of blocks that hold nothing. ``forget_epoch`` lets
+    the next ``info`` learn a new epoch (a restarted worker taken back, empty).
+    """
+
+    def __init__(self, worker_id: int, actor: Any, epoch: int | None = None) -> None:
         self.worker_id = worker_id
         self.actor = actor
+        self.epoch = epoch
+
+    def forget_epoch(self) -> None:
+        self.epoch = None
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> PendingCall:
-        return _RayPending(self, getattr(self.actor, method).remote(*args, **kwargs))
+        if self.epoch is None or method == "info":
+            ref = getattr(self.actor, method).remote(*args, **kwargs)
+            return _RayPending(self, ref, learns_epoch=method == "info")
+        return _RayPending(self, self.actor.fenced.remote(self.epoch, method, *args, **kwargs))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.submit(method, *args, **kwargs).result()
@@ -173,6 +192,8 @@ class RayWorkerHandle:
             raise WorkerLost(self.worker_id, exc) from exc
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, StaleEpoch):
+                raise WorkerLost(self.worker_id, cause) from None
             if isinstance(cause, KVServiceError | ValueError | TypeError):
                 raise cause from None
             raise

@@ -60,6 +60,18 @@ from kvservice.core.records import SeqRecord
 logger = logging.getLogger(__name__)
 
 
+class StaleEpoch(RuntimeError):
+    """A call fenced for an earlier incarnation of this worker (it restarted since)."""
+
+    def __init__(self, worker_id: int, expected: int, actual: int) -> None:
+        super().__init__(worker_id, expected, actual)
+        self.worker_id = worker_id
+
+    def __str__(self) -> str:
+        worker_id, expected, actual = self.args
+        return f"worker {worker_id} restarted: epoch {actual}, the call was for epoch {expected}"
+
+
 class Worker(TransferMixin):
     def __init__(
         self,
@@ -140,6 +152,19 @@ class Worker(TransferMixin):
         return (num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
 
     # ----------------------------------------------------------------- identity
+    def fenced(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``method(*args, **kwargs)``, if this is still the worker of ``epoch``.
+
+        A restarted actor (a new epoch: empty pools and ledger) must not serve calls
+        planned for the one that died: it raises StaleEpoch, and the caller learns the
+        worker was lost instead of reading or writing blocks that hold nothing.
+        """
+        if epoch != self.epoch:
+            raise StaleEpoch(self.worker_id, epoch, self.epoch)
+        if method.startswith("_"):
+            raise InvalidArgument(f"{method!r} is not a worker call")
+        return getattr(self, method)(*args, **kwargs)
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             worker_id=self.worker_id,
