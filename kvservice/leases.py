@@ -6,7 +6,7 @@ to ``create_sequence``; None: no lease, it lives until freed); fork children get
 parent's TTL. Every call that names a sequence renews its lease, for the tenant that
 owns it only (naming another tenant's id renews nothing, and is NOT_FOUND as before);
 free ends it. ``reap()`` frees the sequences whose lease ran out, and a reaper thread
-calls it every ``reap_interval_s``. So a client that crashed, lost its connection or
+(``kvservice.housekeeping``) calls it every ``reap_interval_s``. So a client that crashed, lost its connection or
 simply forgot never pins blocks forever.
 
 An expired lease is gone: the reaper takes it out of the table before freeing, and a
@@ -32,7 +32,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvservice.api import DEFAULT_TENANT, SequenceInfo
-from kvservice.core.errors import InvalidArgument, KVServiceError, NotFound
+from kvservice.core.errors import InvalidArgument, NotFound
+from kvservice.housekeeping import Housekeeper
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,9 @@ class LeasedService:
         self.active = Gauge("kvservice_leases_active", "Sequences holding a lease", registry=registry)
         self.active.set_function(lambda: len(self.leases))
         self._num_expired = 0
-        self._stop = threading.Event()
-        self._reaper: threading.Thread | None = None
+        self._reaper: Housekeeper | None = None
         if reap_interval_s is not None:
-            if not reap_interval_s > 0:
-                raise InvalidArgument(f"reap_interval_s must be > 0, got {reap_interval_s!r}")
-            self._reaper = threading.Thread(
-                target=self._reap_forever, args=(reap_interval_s,), name="kvservice-lease-reaper", daemon=True
-            )
+            self._reaper = Housekeeper(reap_interval_s, [self.reap], name="kvservice-lease-reaper")
             self._reaper.start()
 
     def __getattr__(self, name: str) -> Any:
@@ -164,19 +160,9 @@ class LeasedService:
             log.info("leases ran out: freed sequences %s", freed)
         return freed
 
-    def _reap_forever(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.reap()
-            except KVServiceError as exc:  # shutting down, say: try again next round
-                log.warning("lease reaper: %s", exc)
-            except Exception:
-                log.exception("lease reaper failed; it keeps running")
-
     def close(self) -> None:
-        self._stop.set()
-        if self._reaper is not None and self._reaper is not threading.current_thread():
-            self._reaper.join()
+        if self._reaper is not None:
+            self._reaper.stop()
         self._service.close()
 
     # ------------------------------------------------------------------ the service API

@@ -13,6 +13,7 @@ import torch
 from service_fixtures import ATOL, Shadow, make_coordinator
 
 from kvservice.core import errors
+from kvservice.housekeeping import Housekeeper
 from kvservice.leases import LeasedService
 
 
@@ -122,3 +123,23 @@ def test_the_reaper_thread_frees_abandoned_sequences() -> None:
         assert used_blocks(service) == 0 and expired_metric(service) == 3
     finally:
         service.close()
+
+
+def test_housekeeping_keeps_running_after_a_job_fails() -> None:
+    rounds: list[int] = []
+
+    def flaky() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) % 2:
+            raise RuntimeError("one bad round")
+
+    keeper = Housekeeper(0.01, [flaky]).start()
+    try:
+        deadline = time.monotonic() + 10.0
+        while len(rounds) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        keeper.stop()
+    assert len(rounds) >= 4
+    with pytest.raises(errors.InvalidArgument):
+        Housekeeper(0, [flaky])
