@@ -39,7 +39,7 @@ from kvservice.workers.checks import (
     check_tier,
 )
 from kvservice.workers.pending import PendingCopies
-from kvservice.workers.plan import AttendPlan, prepare_plan
+from kvservice.workers.plan import AttendPlan, DevicePlan, PlanCache, PreparedPlan, prepare_plan
 from kvservice.workers.pools import (
     allocate_pool,
     num_cpu_tier_blocks,
@@ -102,6 +102,7 @@ class Worker(TransferMixin):
         self._dtype = torch_dtype(layout)
         self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
+        self._plans = PlanCache()
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
         self._counters: dict[str, int] = defaultdict(int)
@@ -140,7 +141,34 @@ class Worker(TransferMixin):
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """On the worker's device, contiguous (the kernels want unit-stride rows)."""
+        if tensor.device == self.device:
+            return tensor.contiguous()
         return tensor.to(self.device, non_blocking=tensor.is_pinned()).contiguous()
+
+    def _upload(self, prepared: PreparedPlan) -> DevicePlan:
+        """The plan's kernel tensors on the device: one pinned, asynchronous copy of the
+        int32 metadata and one of the slots, so the host never waits for the device here
+        (a pageable copy would wait for every kernel queued before it)."""
+        if self.device.type != "cuda":
+            return DevicePlan(
+                prepared,
+                prepared.block_tables,
+                prepared.seq_lens,
+                prepared.cu_q_lens,
+                prepared.write_slots,
+            )
+        tables = prepared.block_tables
+        num_table, batch = tables.numel(), prepared.seq_lens.numel()
+        meta = torch.cat([tables.reshape(-1), prepared.seq_lens, prepared.cu_q_lens])
+        meta = meta.pin_memory().to(self.device, non_blocking=True)
+        slots = prepared.write_slots.pin_memory().to(self.device, non_blocking=True)
+        return DevicePlan(
+            prepared,
+            meta[:num_table].view(tables.shape),
+            meta[num_table : num_table + batch],
+            meta[num_table + batch :],
+            slots,
+        )
 
     def _pool(self, tier: Tier) -> torch.Tensor:
         return self.gpu_pool if tier is Tier.GPU else self.cpu_pool
@@ -247,24 +275,29 @@ class Worker(TransferMixin):
                     layer, plan, q, k_new, v_new,
                     scale=scale, sliding_window=sliding_window, return_lse=return_lse,
                 )  # fmt: skip
-            prepared = prepare_plan(
-                plan,
-                block_size=self.layout.block_size,
-                num_blocks=self.num_gpu_blocks,
-                num_q_rows=num_tokens,
-                writes=k_new is not None,
-            )
+            writes = k_new is not None
+            dev = self._plans.get(plan, num_tokens, writes)
+            if dev is None:
+                prepared = prepare_plan(
+                    plan,
+                    block_size=self.layout.block_size,
+                    num_blocks=self.num_gpu_blocks,
+                    num_q_rows=num_tokens,
+                    writes=writes,
+                )
+                dev = self._upload(prepared)
+                self._plans.put(plan, num_tokens, writes, dev)
+            prepared = dev.prepared
+            block_tables, seq_lens = dev.block_tables, dev.seq_lens
 
             self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, self._compute_stream())
             k_cache, v_cache = self._caches(layer)
-            block_tables = self._to_device(prepared.block_tables)
-            seq_lens = self._to_device(prepared.seq_lens)
             q_dev = self._to_device(q)
             if k_new is not None and v_new is not None:
                 with self._timer.region("write_kv"):
                     kernels.write_kv(
                         k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
-                        self._to_device(prepared.write_slots), check_indices=False,
+                        dev.write_slots, check_indices=False,
                     )  # fmt: skip
             if prepared.is_decode and sliding_window is None:
                 with self._timer.region("paged_decode"):
@@ -275,8 +308,7 @@ class Worker(TransferMixin):
             else:
                 with self._timer.region("paged_extend"):
                     result = kernels.paged_extend(
-                        q_dev, k_cache, v_cache, block_tables,
-                        self._to_device(prepared.cu_q_lens), seq_lens,
+                        q_dev, k_cache, v_cache, block_tables, dev.cu_q_lens, seq_lens,
                         scale=scale, sliding_window=sliding_window, return_lse=return_lse,
                         check_indices=False,
                     )  # fmt: skip
