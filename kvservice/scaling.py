@@ -9,7 +9,8 @@ waits until the controller reports it handled; nothing else needs to reach the s
 and anyone who can reach the Ray cluster may scale it (as anyone who can may start or
 kill actors there). Every ``interval_s`` the controller:
 
-1. drains the workers named by ``kvservice scale --drain ID``;
+1. drains the workers named by ``kvservice scale --drain ID`` (and from then on keeps
+   the count that leaves: a drained worker is not replaced);
 2. moves to the desired worker count: the one set by ``kvservice scale --workers N``,
    or, when following GPUs (``kvservice serve`` without ``--num-workers`` on a GPU
    cluster, or ``kvservice scale --auto``), one worker per GPU in the cluster, so GPUs
@@ -32,6 +33,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -68,14 +70,15 @@ class ScaleControl:
         return self._last_request
 
     def take(self) -> dict[str, Any]:
-        """What to do now: the target, whether to follow GPUs, and the drains (taken)."""
-        drains, self._drains = self._drains, []
-        return {
+        """The requests since the last take (each is handed out once)."""
+        taken = {
             "request": self._last_request,
             "target": self._target,
             "follow_gpus": self._follow_gpus,
-            "drain": drains,
+            "drain": self._drains,
         }
+        self._target, self._follow_gpus, self._drains = None, None, []
+        return taken
 
     def report(self, status: dict[str, Any]) -> None:
         self._status = status
@@ -98,7 +101,8 @@ class ScaleController:
     """Keeps a coordinator's workers at the requested count (see the module docstring).
 
     ``groups``: the worker groups the service started (their vacant bundles are reused);
-    ``actors``: every worker actor by id (those of ``groups`` and adopted ones).
+    ``actors``: every worker actor by id (those of ``groups`` and adopted ones);
+    ``cluster_gpus``: how many GPUs the cluster has now (default: Ray's resources).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class ScaleController:
         interval_s: float = DEFAULT_INTERVAL_S,
         ready_timeout_s: float = 120.0,
         worker_kwargs: dict[str, Any] | None = None,
+        cluster_gpus: Callable[[], int] | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.layout = layout
@@ -127,6 +132,7 @@ class ScaleController:
         self.interval_s = interval_s
         self.ready_timeout_s = ready_timeout_s
         self.worker_kwargs = dict(worker_kwargs or {})
+        self.cluster_gpus = cluster_gpus or _cluster_gpus
         self.target: int | None = None
         self.last_error: str | None = None
         self.last_changes: list[str] = []
@@ -139,21 +145,38 @@ class ScaleController:
     # ------------------------------------------------------------------ life cycle
     def start(self) -> ScaleController:
         """Create the scale control actor and reconcile every ``interval_s`` in a thread."""
-        from kvservice.core.errors import FailedPrecondition
-
-        try:
-            control_actor(self.namespace, create=False)
-        except ValueError:
-            pass
+        if self._previous_control_is_gone():
+            self._control = control_actor(self.namespace, create=True)
+            self._report(0)
         else:
-            raise FailedPrecondition(
-                f"another server's scale control runs in namespace {self.namespace!r}"
-            )
-        self._control = control_actor(self.namespace, create=True)
-        self._report(0)
+            log.error(
+                "another server's scale control answers in namespace %r: this server "
+                "scales only by following GPUs", self.namespace,
+            )  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="kvservice-scale", daemon=True)
         self._thread.start()
         return self
+
+    def _previous_control_is_gone(self, wait_s: float = 15.0) -> bool:
+        """No control actor in the namespace, or only that of a server that died (its
+        owner's death takes it down, which may take Ray a moment)."""
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                old = control_actor(self.namespace, create=False)
+            except ValueError:
+                return True
+            try:
+                ray.get(old.status.remote(), timeout=2.0)
+            except Exception:  # noqa: BLE001 - dead or dying: wait for its name to go
+                pass
+            else:
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
     def stop(self) -> None:
         self._stop.set()
@@ -204,8 +227,14 @@ class ScaleController:
             self.last_changes = []
             self.last_error = None
             try:
+                if request["drain"]:
+                    # The operator sizes the server now: the drained workers are not
+                    # replaced (until ``--workers`` or ``--auto`` says otherwise).
+                    self.target = len(self.coordinator.worker_ids)
+                    self.follow_gpus = False
                 for worker_id in request["drain"]:
                     self._drain(int(worker_id))
+                    self.target -= 1
                 desired = self.desired()
                 if desired is not None:
                     self._scale_to(desired)
@@ -222,10 +251,8 @@ class ScaleController:
         """The worker count to reach now (None: leave it as it is)."""
         if self.target is not None:
             return self.target
-        if self.follow_gpus and self.use_gpu:
-            import ray
-
-            return int(ray.cluster_resources().get("GPU", 0)) or None
+        if self.follow_gpus:
+            return self.cluster_gpus() or None
         return None
 
     def scale_to(self, num_workers: int) -> dict[str, Any]:
@@ -351,6 +378,12 @@ class ScaleController:
 
             ray.get(self._control.report.remote(status))
         return status
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 # -------------------------------------------------------------------- the command
