@@ -6,6 +6,7 @@
     kvservice status  [--address 127.0.0.1:50051] [--token T] [--json]
     kvservice demo    [demo options]
     kvservice bench   fuzz|load [--address HOST:PORT] [--json] ...   (see kvservice.bench)
+    kvservice scale   [--workers N | --drain ID... | --auto] [--ray-address auto] [--namespace NS]
 
 ``serve`` joins a Ray cluster (``auto``: the running one; ``local``: start one in this
 process), binds the gRPC port at once (health NOT_SERVING), starts one worker actor per
@@ -13,6 +14,9 @@ GPU (or ``--num-workers`` CPU workers on a cluster without GPUs), then serves; S
 drains in-flight calls and stops the workers. Live worker actors already registered in
 the namespace (a restarted server) are adopted and the tables rebuilt from their ledgers.
 Metrics are served over HTTP on ``--metrics-port`` (0 turns them off).
+``scale`` asks a running server (through its Ray cluster) to add or drain workers; a
+server without ``--num-workers`` on GPUs also adds one worker per GPU that joins
+(see ``kvservice.scaling``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 from kvservice.bench import add_parser as add_bench_parser
 from kvservice.layouts import DEFAULT_BLOCK_SIZE, layout_names, parse_layout
 from kvservice.metrics import DEFAULT_METRICS_PORT
+from kvservice.scaling import add_parser as add_scale_parser
 
 DEFAULT_PORT = 50051
 log = logging.getLogger("kvservice")
@@ -87,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="a small model generating through the service", add_help=False)
     add_bench_parser(commands)
+    add_scale_parser(commands)
     return parser
 
 
