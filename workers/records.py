@@ -91,7 +91,25 @@ def _check_record(key: object, record: object, num_blocks: tuple[int, int]) -> S
         raise InvalidArgument(f"ledger record {key!r} must be a SeqRecord, got {record!r}")
     if record.seq_id != key:
         raise InvalidArgument(f"ledger record under key {key!r} names seq_id {record.seq_id}")
-    for block in _blocks_of(record):
+    blocks = _blocks_of(record)
+    if _blocks_fit(blocks, num_blocks):
+        return record
+    for block in blocks:  # one is off: find it and say which
         tier: Tier = check_tier(block.tier)
         check_index(f"seq {key} {tier.name} block id", block.block_id, num_blocks[tier])
     return record
+
+
+def _blocks_fit(blocks: tuple[BlockRecord, ...], num_blocks: tuple[int, int]) -> bool:
+    """Every block a plain int id inside its tier's pool: the common case, checked in one
+    pass (a decode step re-sends the record of every sequence in the batch)."""
+    by_tier: tuple[list[object], list[object]] = ([], [])
+    for block in blocks:
+        tier = block.tier
+        if type(tier) not in (Tier, int) or tier not in (0, 1):
+            return False
+        by_tier[tier].append(block.block_id)
+    for ids, limit in zip(by_tier, num_blocks, strict=True):
+        if ids and (set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= limit):  # type: ignore[type-var, call-overload]
+            return False
+    return True
