@@ -1,0 +1,446 @@
+"""Scaling over workers: decode throughput and capacity with 1, 2 and 4 workers, and block
+transfers between two workers against a plain NCCL send/recv of the same bytes.
+
+    python -m benchmarks.scaling [--json] [--small] [--workers 1,2,4] [--out FILE]
+
+Starts Ray (``ray.init(num_gpus=<visible GPUs>)`` unless already connected) and, for each
+worker count (default 1, 2 and 4, as far as there are GPUs; 1 and 2 CPU workers without
+a GPU, where ``--small`` is implied), a service as ``kvservice serve`` runs it: a
+coordinator in this process over one worker actor per GPU in a placement group, with the
+transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``).
+
+- **Decode throughput** over one fixed workload: ``num_seqs`` sequences of ``context``
+  tokens, placed by the service, their K/V written through it; then ``steps`` decode
+  steps, each one attention call per group of up to ``batch`` sequences of one worker,
+  issued by one client thread per group (every worker always has work queued). Reported:
+  tokens/s (one token per sequence per step), the K/V bytes read per second, and the
+  speedup over one worker. Each sequence holds one K/V row repeated, so its attention
+  output is known exactly (its V row): checked.
+- **Maximum concurrent sequences**: sequences of ``max_context`` tokens created until the
+  service answers RESOURCE_EXHAUSTED (no CPU tier), against one worker.
+- **Block transfer** (two workers): ``transfer_blocks`` scattered blocks of the 8B-Llama
+  shape (2 MiB each) sent GPU to GPU by the service's transfer path (gather, send, recv,
+  scatter), against ``transfer_probe``: a plain send/recv of one buffer of the same bytes
+  between the same two processes, both timed alike (the two actor calls, from here;
+  median of ``iters``). Also the same transfer through host memory (the fallback) and a
+  whole migration of sequences through the coordinator. The moved blocks are checked.
+
+Writes the JSON to ``--out`` too; prints the table last. Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.worker import ROOT, install_checkout_finder, versions
+
+install_checkout_finder()
+
+from kvservice.workers.transfer import TRANSFER_ENV  # noqa: E402
+
+os.environ.update(TRANSFER_ENV)  # this process too, before anything starts NCCL
+
+from kvservice.coordinator import Coordinator  # noqa: E402
+from kvservice.coordinator_workers import resolve_all  # noqa: E402
+from kvservice.core.errors import ResourceExhausted  # noqa: E402
+from kvservice.core.ids import BlockId, Tier, WorkerId  # noqa: E402
+from kvservice.core.layout import Layout  # noqa: E402
+from kvservice.core.migration import TransferBlocks  # noqa: E402
+from kvservice.transfers import submit_transfer  # noqa: E402
+from kvservice.transport_ray import start_ray_service  # noqa: E402
+
+NAMESPACE = "kvservice-bench-scaling"
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    layout: Layout  # of the decode workload
+    num_q_heads: int
+    num_seqs: int
+    context: int
+    batch: int  # sequences per attention call
+    steps: int
+    warmup_steps: int
+    num_gpu_blocks: int  # per worker
+    max_context: int  # sequence length of the capacity count
+    transfer_layout: Layout
+    transfer_blocks: int
+    transfer_pool_blocks: int
+    iters: int
+
+
+# The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
+# 4 KiB per token): a call reads its sequences' whole context, as one layer of a decode
+# step does. 256 x 16,384 tokens = 16 GiB, which one 80 GB card holds.
+GPU_SETUP = Setup(
+    layout=Layout(num_layers=1, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16),
+    num_q_heads=32,
+    num_seqs=256,
+    context=16384,
+    batch=64,
+    steps=50,
+    warmup_steps=3,
+    num_gpu_blocks=300_000,  # 18.3 GiB per worker
+    max_context=16384,
+    transfer_layout=Layout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16),
+    transfer_blocks=512,  # 1 GiB
+    transfer_pool_blocks=2048,
+    iters=10,
+)
+SMALL_SETUP = Setup(
+    layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
+    num_q_heads=8,
+    num_seqs=16,
+    context=512,
+    batch=4,
+    steps=5,
+    warmup_steps=1,
+    num_gpu_blocks=640,
+    max_context=512,
+    transfer_layout=Layout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
+    transfer_blocks=64,
+    transfer_pool_blocks=128,
+    iters=5,
+)
+
+
+def start(layout: Layout, num_workers: int, num_gpu_blocks: int, use_gpu: bool, tag: str) -> Coordinator:
+    return start_ray_service(
+        layout,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        namespace=f"{NAMESPACE}-{tag}",
+        recover=False,
+        detached_workers=False,
+        transfer_group=True,
+        num_gpu_blocks=num_gpu_blocks,
+        num_cpu_blocks=0,
+    )
+
+
+def max_sequences(coord: Coordinator, setup: Setup) -> int:
+    """Sequences of ``max_context`` distinct tokens created until the service refuses."""
+    made: list[int] = []
+    try:
+        while True:
+            base = len(made) * setup.max_context
+            made.append(coord.create_sequence(range(base, base + setup.max_context)).seq_id)
+    except ResourceExhausted:
+        pass
+    for i in range(0, len(made), 256):
+        coord.free(made[i : i + 256])
+    return len(made)
+
+
+def fill(coord: Coordinator, setup: Setup) -> dict[int, tuple[int, torch.Tensor]]:
+    """The workload's sequences, each one random K/V row repeated over its context
+    (expanded tensors: a few bytes cross Ray, the worker materializes them); returns
+    sequence -> (worker, its V row)."""
+    layout = setup.layout
+    dtype = getattr(torch, layout.dtype)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[int, tuple[int, torch.Tensor]] = {}
+    for i in range(setup.num_seqs):
+        tokens = range(10**9 + i * setup.context, 10**9 + (i + 1) * setup.context)
+        info = coord.create_sequence(tokens)
+        k_row, v_row = (
+            torch.randn((1, layout.num_kv_heads, layout.head_dim), generator=gen).to(dtype)
+            for _ in range(2)
+        )
+        shape = (setup.context, layout.num_kv_heads, layout.head_dim)
+        coord.write_kv(0, [info.seq_id], [setup.context], k_row.expand(shape), v_row.expand(shape))
+        out[info.seq_id] = (info.worker_id, v_row[0])
+    return out
+
+
+def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]) -> dict[str, Any]:
+    """``steps`` decode steps over every sequence: one thread per call group."""
+    layout = setup.layout
+    dtype = getattr(torch, layout.dtype)
+    by_worker: dict[int, list[int]] = {}
+    for sid, (worker_id, _) in sorted(seqs.items()):
+        by_worker.setdefault(worker_id, []).append(sid)
+    groups = [ids[i : i + setup.batch] for ids in by_worker.values() for i in range(0, len(ids), setup.batch)]
+    errors: list[float] = []
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(len(groups) + 1)
+    group_size = setup.num_q_heads // layout.num_kv_heads
+
+    def client(ids: list[int]) -> None:
+        gen = torch.Generator().manual_seed(ids[0])
+        q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
+        ones = [1] * len(ids)
+        try:
+            out = coord.attend(0, ids, ones, q)
+            want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
+            errors.append(float((out.float() - want.float()).abs().max() / want.float().abs().max()))
+            for _ in range(setup.warmup_steps):
+                coord.attend(0, ids, ones, q)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+        barrier.wait()
+        barrier.wait()
+        try:
+            for _ in range(setup.steps):
+                coord.attend(0, ids, ones, q)
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+        barrier.wait()
+
+    threads = [threading.Thread(target=client, args=(g,), daemon=True) for g in groups]
+    for t in threads:
+        t.start()
+    barrier.wait()  # warmed up
+    started = time.perf_counter()
+    barrier.wait()
+    barrier.wait()  # done
+    seconds = time.perf_counter() - started
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    tokens = setup.num_seqs * setup.steps
+    kv_bytes = tokens * setup.context * layout.token_bytes
+    return {
+        "calls_per_step": len(groups),
+        "seconds": seconds,
+        "tokens_s": tokens / seconds,
+        "kv_read_gbps": kv_bytes / seconds / 1e9,
+        "max_rel_err": max(errors),
+        "ok": max(errors) <= (2e-2 if layout.dtype == "bfloat16" else 1e-5),
+    }
+
+
+def run_workers(setup: Setup, num_workers: int, use_gpu: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    coord = start(setup.layout, num_workers, setup.num_gpu_blocks, use_gpu, f"w{num_workers}")
+    startup_s = time.perf_counter() - started
+    try:
+        capacity = max_sequences(coord, setup)
+        seqs = fill(coord, setup)
+        placement: dict[str, int] = {}
+        for worker_id, _ in seqs.values():
+            placement[str(worker_id)] = placement.get(str(worker_id), 0) + 1
+        result = decode(coord, setup, seqs)
+        coord.free(list(seqs))
+    finally:
+        coord.close()
+    return {
+        "workers": num_workers,
+        "startup_s": startup_s,
+        "placement": placement,
+        "max_sequences": capacity,
+        "decode": result,
+    }
+
+
+def median_seconds(fn: Any, iters: int) -> float:
+    fn()  # warm-up (NCCL makes its communicator on the first send)
+    times = []
+    for _ in range(iters):
+        start_t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start_t)
+    return statistics.median(times)
+
+
+def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
+    layout = setup.transfer_layout
+    coord = start(layout, 2, setup.transfer_pool_blocks, use_gpu, "transfer")
+    try:
+        group = coord.migrator.group
+        handles = dict(coord._handles)
+        assert group is not None and group.joined(0, 1), "no transfer group"
+        gen = torch.Generator().manual_seed(1)
+        n = setup.transfer_blocks
+        src = torch.randperm(setup.transfer_pool_blocks, generator=gen)[:n].tolist()
+        dst = torch.randperm(setup.transfer_pool_blocks, generator=gen)[:n].tolist()
+        data = torch.randn((n, *layout.block_shape), generator=gen).to(getattr(torch, layout.dtype))
+        handles[0].call("import_blocks", Tier.GPU, src, data)
+        transfer = TransferBlocks(
+            WorkerId(0), WorkerId(1),
+            tuple((Tier.GPU, BlockId(s), Tier.GPU, BlockId(d)) for s, d in zip(src, dst, strict=True)),
+        )  # fmt: skip
+        num_bytes = n * layout.block_bytes
+
+        def by_group() -> None:
+            calls: list[Any] = []
+            assert submit_transfer(transfer, handles, group, calls) == "group"
+            resolve_all(calls)
+
+        def through_host() -> None:
+            calls: list[Any] = []
+            assert submit_transfer(transfer, handles, None, calls) == "host"
+            resolve_all(calls)
+
+        probe_in_worker: list[float] = []
+
+        def plain() -> None:
+            seconds = resolve_all([
+                handles[0].submit("transfer_probe", group.ranks[1], num_bytes, True, 1),
+                handles[1].submit("transfer_probe", group.ranks[0], num_bytes, False, 1),
+            ])  # fmt: skip
+            probe_in_worker.append(seconds[1])
+
+        plain_s = median_seconds(plain, setup.iters)
+        block_s = median_seconds(by_group, setup.iters)
+        plain_s = min(plain_s, median_seconds(plain, setup.iters))  # either side of it
+        host_s = median_seconds(through_host, max(2, setup.iters // 3))
+        moved = handles[1].call("export_blocks", Tier.GPU, dst)
+        ok = bool(torch.equal(moved, data))
+        recv = handles[1].call("stats")["call_time"]["recv_blocks"]
+        # A whole migration through the coordinator: sequences over about the same blocks.
+        per_seq = max(1, n // 8)
+        seq_ids = [
+            coord.create_sequence(range(i * per_seq * layout.block_size, (i + 1) * per_seq * layout.block_size)).seq_id
+            for i in range(8)
+        ]
+        on_0 = [s for s in seq_ids if coord.get_sequence(s).worker_id == 0]
+        migration = coord.migrate(on_0, 1) if on_0 else {"bytes": 0, "seconds": 0.0}
+        coord.free(seq_ids)
+        return {
+            "workers": 2,
+            "backend": group.backend,
+            "blocks": n,
+            "block_bytes": layout.block_bytes,
+            "bytes": num_bytes,
+            "block_transfer_gbps": num_bytes / block_s / 1e9,
+            "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
+            "block_over_nccl_pct": 100 * plain_s / block_s,
+            "in_worker_recv_blocks_gbps": num_bytes * recv["calls"] / recv["seconds"] / 1e9,
+            "in_worker_plain_recv_gbps": num_bytes / statistics.median(probe_in_worker) / 1e9,
+            "host_path_gbps": num_bytes / host_s / 1e9,
+            "migration_gbps": migration["bytes"] / migration["seconds"] / 1e9 if migration["seconds"] else None,
+            "migration_bytes": migration["bytes"],
+            "ok": ok,
+        }
+    finally:
+        coord.close()
+
+
+def run(setup: Setup, counts: list[int]) -> dict[str, Any]:
+    import ray
+
+    num_gpus = torch.cuda.device_count()
+    use_gpu = num_gpus > 0
+    if not ray.is_initialized():
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+        ray.init(
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            runtime_env={
+                "worker_process_setup_hook": "benchmarks.worker.install_checkout_finder",
+                "env_vars": dict(TRANSFER_ENV),
+            },
+        )
+    runs = [run_workers(setup, w, use_gpu) for w in counts]
+    base = runs[0]
+    for r in runs:
+        r["decode"]["tokens_s_over_1"] = r["decode"]["tokens_s"] / base["decode"]["tokens_s"]
+        r["max_sequences_over_1"] = r["max_sequences"] / base["max_sequences"]
+    transfer = run_transfer(setup, use_gpu) if max(counts) >= 2 else None
+    card = torch.cuda.get_device_name(0) if use_gpu else platform.processor() or "cpu"
+    targets = {"tokens_s_over_1": {2: 1.9, 4: 3.6}, "block_over_nccl_pct": 80.0}
+    met = {
+        f"decode_{r['workers']}_over_1": r["decode"]["tokens_s_over_1"] >= targets["tokens_s_over_1"][r["workers"]]
+        for r in runs
+        if r["workers"] in targets["tokens_s_over_1"]
+    }
+    if transfer is not None:
+        met["block_over_nccl"] = transfer["block_over_nccl_pct"] >= targets["block_over_nccl_pct"]
+    checks = [r["decode"]["ok"] for r in runs] + ([transfer["ok"]] if transfer else [])
+    return {
+        "benchmark": "scaling",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "card": card,
+        "gpus": num_gpus,
+        "host": platform.node(),
+        "versions": versions(),
+        "setup": {
+            **asdict(setup),
+            "layout": setup.layout.key(),
+            "transfer_layout": setup.transfer_layout.key(),
+        },
+        "runs": runs,
+        "transfer": transfer,
+        "targets": {"decode_2_over_1": 1.9, "decode_4_over_1": 3.6, "block_over_nccl_pct": 80.0},
+        "met": met,
+        "ok": all(checks),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    setup = report["setup"]
+    lines = [
+        f"scaling on {report['card']} x{report['gpus']}: {setup['num_seqs']} sequences x "
+        f"{setup['context']} tokens ({setup['layout']}), batch {setup['batch']}, "
+        f"{setup['steps']} steps; checks {'ok' if report['ok'] else 'FAILED'}",
+        f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'max seqs':>10}"
+        f"{'x 1 worker':>12}  placement",
+    ]
+    for r in report["runs"]:
+        d = r["decode"]
+        lines.append(
+            f"{r['workers']:>8}{d['tokens_s']:>12.0f}{d['kv_read_gbps']:>10.1f}"
+            f"{d['tokens_s_over_1']:>12.2f}{r['max_sequences']:>10}{r['max_sequences_over_1']:>12.2f}"
+            f"  {r['placement']}"
+        )
+    t = report["transfer"]
+    if t:
+        lines.append(
+            f"transfer of {t['blocks']} blocks ({t['bytes'] / 2**20:.0f} MiB, {t['backend']}): "
+            f"blocks {t['block_transfer_gbps']:.1f} GB/s, plain send/recv "
+            f"{t['nccl_send_recv_gbps']:.1f} GB/s = {t['block_over_nccl_pct']:.0f} %; "
+            f"through host {t['host_path_gbps']:.1f} GB/s; migration "
+            + (f"{t['migration_gbps']:.1f} GB/s" if t["migration_gbps"] else "-")
+        )
+    lines.append("targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["met"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--small", action="store_true", help="the small CPU shapes even on a GPU")
+    parser.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    gpus = torch.cuda.device_count()
+    setup = SMALL_SETUP if args.small or not gpus else GPU_SETUP
+    if args.steps:
+        setup = replace(setup, steps=args.steps)
+    if args.workers:
+        counts = [int(w) for w in args.workers.split(",")]
+    else:
+        counts = [w for w in (1, 2, 4) if w <= gpus] if gpus else [1, 2]
+    report = run(setup, counts)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text if args.json else table(report))
+    if args.json:
+        print(table(report), file=sys.stderr)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
