@@ -140,10 +140,13 @@ class Worker(TransferMixin):
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """On the worker's device, contiguous (the kernels want unit-stride rows)."""
-        if tensor.device == self.device:
-            return tensor.contiguous()
-        return tensor.to(self.device, non_blocking=tensor.is_pinned()).contiguous()
+        """On the worker's device with a unit-stride last dim (what the kernels need: they
+        take the other strides, so a transposed q or k is used as it is, not copied)."""
+        if tensor.device != self.device:
+            tensor = tensor.to(self.device, non_blocking=tensor.is_pinned())
+        if tensor.dim() and tensor.stride(-1) != 1:
+            tensor = tensor.contiguous()
+        return tensor
 
     def _upload(self, prepared: PreparedPlan) -> DevicePlan:
         """The plan's kernel tensors on the device: one pinned, asynchronous copy of the

@@ -68,6 +68,8 @@ def kvservice_attention(
         raise ValueError("kvservice attention is for inference: dropout must be 0")
     if kwargs.get("softcap") is not None:
         raise ValueError("attention logit soft-capping is not supported by kvservice")
+    # [T, H, D] views, not copies: after RoPE q and k are laid out head-major, and the
+    # service takes any layout with unit-stride rows.
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -77,9 +79,9 @@ def kvservice_attention(
         module.layer_idx,
         step.seq_ids,
         step.q_lens,
-        q.contiguous(),
-        k_new=k.contiguous(),
-        v_new=v.contiguous(),
+        q,
+        k_new=k,
+        v_new=v,
         scale=scaling,
         sliding_window=sliding_window,
     )
