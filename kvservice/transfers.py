@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
 
 from kvservice.coordinator_workers import PendingCall, RayWorkerHandle, WorkerHandle, resolve_all
 from kvservice.core.migration import TransferBlocks
@@ -35,19 +34,6 @@ from kvservice.core.migration import TransferBlocks
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
-
-
-class _RefPending:
-    """A Ray object reference resolved as a call of ``handle`` (errors name its worker)."""
-
-    __slots__ = ("_handle", "_ref")
-
-    def __init__(self, handle: RayWorkerHandle, ref: Any) -> None:
-        self._handle = handle
-        self._ref = ref
-
-    def result(self) -> Any:
-        return self._handle.get(self._ref)
 
 
 class TransferGroup:
@@ -141,9 +127,11 @@ def submit_transfer(
         ids[1].append(int(dst_block))
     for (src_tier, dst_tier), (src_ids, dst_ids) in sorted(by_tiers.items()):
         if isinstance(src, RayWorkerHandle) and isinstance(dst, RayWorkerHandle):
-            ref = src.actor.export_blocks.remote(src_tier, src_ids)
-            calls.append(_RefPending(src, ref))  # a lost source is named as such
-            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, ref))
+            export = src.submit("export_blocks", src_tier, src_ids)
+            calls.append(export)  # resolved first: a lost source is named as such
+            # The import takes the export's object reference: Ray hands the tensor from
+            # actor to actor once it exists.
+            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, export._ref))  # type: ignore[attr-defined]
         else:
             # A local export runs in this thread once the source's earlier calls have; the
             # batch's own earlier calls must run first, or they would wait on this one.

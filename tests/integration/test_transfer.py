@@ -38,7 +38,10 @@ def actors(ray_cluster: None) -> Iterator[WorkerGroup]:
 
 @pytest.fixture(scope="module")
 def handles(actors: WorkerGroup) -> dict[int, RayWorkerHandle]:
-    return {w: RayWorkerHandle(w, a) for w, a in actors.actors.items()}
+    out = {w: RayWorkerHandle(w, a) for w, a in actors.actors.items()}
+    for handle in out.values():
+        handle.call("info")  # learns the epoch: every later call is fenced, as a coordinator's
+    return out
 
 
 def fill(handle: RayWorkerHandle, seed: int) -> dict[Tier, torch.Tensor]:
