@@ -58,6 +58,13 @@ from kvservice.core.ids import DEFAULT_TENANT, Tier
 from kvservice.core.layout import Layout
 from kvservice.core.manager import KVCacheManager
 from kvservice.metrics import Metrics
+from kvservice.span_attention import span_data_call
+from kvservice.spanning import (
+    SpanTable,
+    default_segment_tokens,
+    is_segment_tenant,
+    split_span_records,
+)
 from kvservice.workers import AttendPlan
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,9 @@ class Coordinator:
 
     ``workers``: handles by worker id (``LocalWorkerHandle`` or ``RayWorkerHandle``).
     ``manager``: a prebuilt manager (``recover`` passes one rebuilt from ledgers).
+    ``segment_tokens``: sequences longer than this are held as segments that page
+    between tiers and spread over workers (``kvservice.spanning``); default: an eighth
+    of the smallest GPU tier, at least 16 blocks.
     """
 
     def __init__(
@@ -118,6 +128,7 @@ class Coordinator:
         vocab_size: int | None = None,
         metrics: Metrics | None = None,
         manager: KVCacheManager | None = None,
+        segment_tokens: int | None = None,
     ) -> None:
         handles = _handles_by_id(workers)
         if not handles:
@@ -143,6 +154,10 @@ class Coordinator:
                 vocab_size=vocab_size,
             )
         self._manager = manager
+        if segment_tokens is None:
+            gpu_blocks = [i.num_gpu_blocks for i in self._infos.values()]
+            segment_tokens = default_segment_tokens(gpu_blocks, layout.block_size)
+        self._spans = SpanTable(manager, segment_tokens)
         self._lock = threading.RLock()
         self._seqs: dict[int, _SeqState] = {}
         self._closed = False
@@ -161,7 +176,9 @@ class Coordinator:
         handles = _handles_by_id(workers)
         infos = resolve_all([h.submit("info") for h in handles.values()])
         ledgers = resolve_all([h.submit("ledger") for h in handles.values()])
-        records = {wid: ledger.records for wid, ledger in zip(handles, ledgers, strict=True)}
+        records, span_records = split_span_records(
+            {wid: ledger.records for wid, ledger in zip(handles, ledgers, strict=True)}
+        )
         sizes = {
             wid: PoolSizes(i.num_gpu_blocks, i.num_cpu_blocks)
             for wid, i in zip(handles, infos, strict=True)
@@ -173,7 +190,7 @@ class Coordinator:
         coordinator = cls(layout, handles, manager=manager, **kwargs)
         for wid, worker_records in records.items():
             for sid, record in worker_records.items():
-                if not record.live:
+                if not record.live or is_segment_tenant(record.tenant):
                     continue
                 computed = int(record.num_computed_tokens)
                 coordinator._seqs[int(sid)] = _SeqState(
@@ -184,6 +201,11 @@ class Coordinator:
                     computed=computed,
                     tracked=False,
                 )
+        for sid, (length, computed) in coordinator._spans.restore(span_records).items():
+            state = coordinator._seqs.get(sid)
+            if state is not None:
+                state.length, state.computed = length, computed
+                state.written = [computed] * layout.num_layers
         log.info("recovered %d sequences from %d ledgers", len(coordinator._seqs), len(records))
         return coordinator
 
@@ -221,8 +243,9 @@ class Coordinator:
             tenant = _check_tenant(tenant)
             tokens = self._check_tokens("tokens", tokens, allow_empty=False)
             with self._planning() as batch:
-                result = self._manager.create(tenant, tokens)
+                result, commands = self._spans.create(tenant, tokens)
                 if isinstance(result, OutOfMemory):
+                    self._submit(commands, batch.calls)
                     raise errors.ResourceExhausted(f"create_sequence: {result.reason}")
                 cached = int(result.num_cached_tokens)
                 self._seqs[result.seq_id] = _SeqState(
@@ -232,7 +255,7 @@ class Coordinator:
                     written=[cached] * self._layout.num_layers,
                     computed=cached,
                 )
-                self._submit(result.commands, batch.calls)
+                self._submit(commands, batch.calls)
                 self.metrics.count_created(len(tokens), cached)
                 info = self._info(result.seq_id)
             return info
@@ -262,20 +285,22 @@ class Coordinator:
                 commands: list[Any] = []
                 done: list[int] = []
                 try:
-                    for sid, new in zip(seq_ids, token_lists, strict=True):
+                    for sid, state, new in zip(seq_ids, states, token_lists, strict=True):
                         if not new:
                             continue
-                        result = self._manager.append(sid, new)
-                        if isinstance(result, OutOfMemory):
+                        failed, step = self._spans.append(
+                            sid, tenant, state.worker_id, state.length, new
+                        )
+                        commands.extend(step)
+                        if failed is not None:
                             # All or nothing: give back what the earlier sequences took.
                             for done_sid in reversed(done):
                                 length = self._seqs[done_sid].length
-                                commands.extend(self._manager.truncate(done_sid, length))
+                                commands.extend(self._spans.truncate(done_sid, length))
                             raise errors.ResourceExhausted(
-                                f"append_tokens: sequence {sid}: {result.reason}"
+                                f"append_tokens: sequence {sid}: {failed.reason}"
                             )
                         done.append(sid)
-                        commands.extend(result.commands)
                     for state, new in zip(states, token_lists, strict=True):
                         if new:
                             state.length += len(new)
@@ -290,7 +315,7 @@ class Coordinator:
             n = _check_int("n", n, low=1, high=MAX_FORK)
             with self._planning() as batch:
                 parent = self._own(seq_id, tenant)
-                children = [int(c) for c in self._manager.fork(seq_id, n)]
+                children = self._spans.fork(seq_id, n)
                 parent.version += 1  # its blocks are shared now
                 for child in children:
                     self._seqs[child] = _SeqState(
@@ -316,7 +341,7 @@ class Coordinator:
                     raise errors.FailedPrecondition(
                         f"cannot truncate sequence {seq_id} of {current} tokens to {length}"
                     )
-                commands = self._manager.truncate(seq_id, length)
+                commands = self._spans.truncate(seq_id, length)
                 state.written = [min(w, length) for w in state.written]
                 state.computed = min(state.computed, length)
                 state.length = length
@@ -335,7 +360,7 @@ class Coordinator:
                     state = self._seqs.pop(sid)
                     if state.lost:
                         continue  # its worker and blocks are gone already
-                    commands.extend(self._manager.free(sid))
+                    commands.extend(self._spans.free(sid))
                 self._submit(commands, batch.calls)
 
     def get_sequence(self, seq_id: int, *, tenant: str = DEFAULT_TENANT) -> SequenceInfo:
@@ -370,7 +395,7 @@ class Coordinator:
         with self._planning() as batch:
             for sid in ids:
                 self._own(sid, tenant)
-            self._submit(getattr(self._manager, method)(ids), batch.calls)
+            self._submit(getattr(self._manager, method)(self._spans.core_ids(ids)), batch.calls)
 
     # ------------------------------------------------------------------ data plane
 
@@ -448,6 +473,10 @@ class Coordinator:
         options: dict[str, Any] | None = None,
     ) -> Any:
         """Plan, submit and await one write_kv or attend batch, possibly over several workers."""
+        if self._spans.any_span(seq_ids):
+            return span_data_call(
+                self, method, layer, seq_ids, q_lens, tenant, q=q, k=k, v=v, options=options
+            )
         writes = k is not None
         num_rows = sum(q_lens)
         with self._planning() as batch:
@@ -570,7 +599,7 @@ class Coordinator:
                     state.written[layer] = max(state.written[layer], start + q_len)
                 computed = min(state.written)
                 if computed > state.computed:
-                    self._manager.mark_computed(sid, computed)
+                    self._spans.mark_computed(sid, computed)
                     state.computed = computed
             # New prefix hashes reach the ledgers with the next call that moves blocks: a
             # crash before that loses cache entries, never data.
@@ -584,7 +613,9 @@ class Coordinator:
         workers{id: {device, tiers{gpu|cpu: {total, used, cached, free}}, worker{...}}},
         sequences_live, sequences_by_tenant{tenant: n}, sequences_created,
         prefix_cache{queries, hits, query_tokens, hit_tokens, hit_rate},
-        swaps{out|in: {count, blocks, bytes}}, cow_blocks.
+        swaps{out|in: {count, blocks, bytes}}, cow_blocks,
+        long_sequences{count, segment_tokens, bytes{hot|cold}, attention_read_bytes{hot|cold},
+        stream_seconds}.
         """
         with self.metrics.time_call("stats"):
             with self._lock:
@@ -600,6 +631,11 @@ class Coordinator:
                     worker_stats[wid] = handle.call("stats")
                 except Exception as exc:  # stats describe a sick worker rather than fail
                     worker_stats[wid] = {"error": str(exc)}
+            stream_seconds = 0.0
+            for wid, ws in worker_stats.items():
+                seconds = ws.get("kernel_time", {}).get("tiered_stream", {}).get("seconds", 0.0)
+                self.metrics.observe_stream_seconds(wid, seconds)
+                stream_seconds += seconds
             layout = self._layout
             queries = totals["prefix_query_tokens"]
             return {
@@ -638,6 +674,14 @@ class Coordinator:
                     for d in ("out", "in")
                 },
                 "cow_blocks": totals["cow_blocks"],
+                "long_sequences": {
+                    **snap["long_sequences"],
+                    "segment_tokens": self._spans.segment_tokens,
+                    "attention_read_bytes": {
+                        t: totals[f"attention_read_bytes_{t}"] for t in ("hot", "cold")
+                    },
+                    "stream_seconds": stream_seconds,
+                },
             }
 
     def check_invariants(self) -> None:
@@ -651,8 +695,11 @@ class Coordinator:
                 assert view.tenant == state.tenant, (sid, view.tenant, state.tenant)
                 assert view.worker_id == state.worker_id, (sid, view.worker_id, state.worker_id)
                 assert state.computed <= min(state.written), (sid, state)
-                assert max(state.written) <= view.num_tokens, (sid, state, view.num_tokens)
-                assert state.length == view.num_tokens, (sid, state, view.num_tokens)
+                first = self._spans.first_length(sid, state.length)
+                assert max(state.written) <= state.length, (sid, state)
+                assert first == view.num_tokens, (sid, state, first, view.num_tokens)
+            live = {sid: st.length for sid, st in self._seqs.items() if not st.lost}
+            self._spans.check_invariants(live)
 
     # ------------------------------------------------------------------ internals
 
@@ -665,18 +712,25 @@ class Coordinator:
                     for wid, tiers in usage.items()
                 },
                 "sequences_live": sum(1 for s in self._seqs.values() if not s.lost),
+                "long_sequences": {
+                    "count": self._spans.num_spans(),
+                    "bytes": self._spans.bytes_by_tier(),
+                },
             }
 
     def _info(self, seq_id: int) -> SequenceInfo:
         view = self._manager.sequence(seq_id)
         state = self._seqs[seq_id]
+        tiers = [int(t) for t in view.tiers]
+        if self._spans.is_span(seq_id):
+            tiers = self._spans.blocks(seq_id)[1]
         return SequenceInfo(
             seq_id=int(seq_id),
-            length=int(view.num_tokens),
-            num_cached_tokens=int(min(state.computed, view.num_tokens)),
+            length=int(state.length),
+            num_cached_tokens=int(min(state.computed, state.length)),
             worker_id=int(view.worker_id),
-            num_blocks=len(view.block_ids),
-            tiers=tuple(int(t) for t in view.tiers),
+            num_blocks=len(tiers),
+            tiers=tuple(tiers),
         )
 
     def _own(self, seq_id: int, tenant: str, *, allow_lost: bool = False) -> _SeqState:
@@ -719,10 +773,11 @@ class Coordinator:
             self._submit_ledger(calls)
 
     def _submit_ledger(self, calls: list[PendingCall]) -> None:
-        for wid, (upserts, deletes) in self._manager.take_ledger_updates().items():
-            handle = self._handles.get(wid)
-            if handle is not None and (upserts or deletes):
-                calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
+        for updates in (self._manager.take_ledger_updates(), self._spans.take_ledger_updates()):
+            for wid, (upserts, deletes) in updates.items():
+                handle = self._handles.get(wid)
+                if handle is not None and (upserts or deletes):
+                    calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
 
     @contextmanager
     def _planning(self) -> Iterator[_Batch]:
@@ -754,7 +809,8 @@ class Coordinator:
         with self._lock:
             if worker_id in self._handles:
                 del self._handles[worker_id]
-                lost = sorted(int(s) for s in self._manager.remove_worker(worker_id))
+                removed = self._manager.remove_worker(worker_id)
+                lost = sorted(self._spans.lose(int(s) for s in removed))
                 for sid in lost:
                     if sid in self._seqs:
                         self._seqs[sid].lost = True

@@ -17,6 +17,12 @@ scrapes. Exported names (the deploy files and dashboards refer to these):
     kvservice_swap_blocks_total{direction}         counter: blocks moved
     kvservice_swap_bytes_total{direction}          counter: bytes moved
     kvservice_cow_blocks_total                     counter: blocks copied on write
+    kvservice_attention_read_bytes_total{tier}     counter: K/V bytes that attention over long
+                                                   (multi-segment) sequences read, tier = hot|cold
+    kvservice_long_sequences                       gauge: sequences held as several segments
+    kvservice_long_sequence_bytes{tier}            gauge: their blocks' bytes, tier = hot|cold
+    kvservice_tiered_stream_seconds_total          counter: worker device time streaming cold
+                                                   blocks for attention (counted at stats())
     kvservice_rpc_latency_seconds{method}          histogram: service call latency
     kvservice_rpc_errors_total{method,code}        counter: failed calls by status code name
 """
@@ -44,7 +50,7 @@ _TIER_NAMES = {0: "gpu", 1: "cpu"}
 
 # A snapshot the coordinator gives at scrape time:
 #   {"usage": {worker_id: {tier_name: {"total": n, "used": n, "cached": n, "free": n}}},
-#    "sequences_live": n}
+#    "sequences_live": n, "long_sequences": {"count": n, "bytes": {"hot": n, "cold": n}}}
 Snapshot = Mapping[str, Any]
 
 
@@ -78,6 +84,16 @@ class _SnapshotCollector(Collector):
         live = GaugeMetricFamily("kvservice_sequences_live", "Sequences currently allocated")
         live.add_metric([], snap.get("sequences_live", 0))
         yield live
+        long_seqs = snap.get("long_sequences", {})
+        count = GaugeMetricFamily("kvservice_long_sequences", "Sequences held as several segments")
+        count.add_metric([], long_seqs.get("count", 0))
+        yield count
+        held = GaugeMetricFamily(
+            "kvservice_long_sequence_bytes", "Bytes of long sequences per tier", labels=["tier"]
+        )
+        for tier in ("hot", "cold"):
+            held.add_metric([tier], long_seqs.get("bytes", {}).get(tier, 0))
+        yield held
 
 
 class Metrics:
@@ -120,6 +136,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.attention_read_bytes = Counter(
+            "kvservice_attention_read_bytes",
+            "K/V bytes read by attention over long sequences",
+            ["tier"],
+            registry=r,
+        )
+        self.tiered_stream_seconds = Counter(
+            "kvservice_tiered_stream_seconds",
+            "Worker device time streaming cold blocks for attention",
+            registry=r,
+        )
+        self._stream_seen: dict[int, float] = {}
         self.rpc_errors = Counter(
             "kvservice_rpc_errors", "Failed service calls", ["method", "code"], registry=r
         )
@@ -127,6 +155,8 @@ class Metrics:
             self.swaps.labels(direction)
             self.swap_blocks.labels(direction)
             self.swap_bytes.labels(direction)
+        for tier in ("hot", "cold"):
+            self.attention_read_bytes.labels(tier)
         self._collector: _SnapshotCollector | None = None
         # Plain totals beside the Prometheus counters, for ``stats()`` (JSON).
         self.totals: dict[str, int] = dict.fromkeys(
@@ -134,6 +164,7 @@ class Metrics:
                 "sequences_created", "prefix_queries", "prefix_hits", "prefix_query_tokens",
                 "prefix_hit_tokens", "swaps_out", "swaps_in", "swap_blocks_out",
                 "swap_blocks_in", "swap_bytes_out", "swap_bytes_in", "cow_blocks",
+                "attention_read_bytes_hot", "attention_read_bytes_cold",
             ),
             0,
         )  # fmt: skip
@@ -184,6 +215,20 @@ class Metrics:
     def count_cow(self, num_blocks: int) -> None:
         self.cow_blocks.inc(num_blocks)
         self.totals["cow_blocks"] += num_blocks
+
+    def count_attention_reads(self, hot_bytes: int, cold_bytes: int) -> None:
+        self.attention_read_bytes.labels("hot").inc(hot_bytes)
+        self.attention_read_bytes.labels("cold").inc(cold_bytes)
+        self.totals["attention_read_bytes_hot"] += hot_bytes
+        self.totals["attention_read_bytes_cold"] += cold_bytes
+
+    def observe_stream_seconds(self, worker_id: int, seconds: float) -> None:
+        """A worker's running total of streaming time (from its stats): count the growth."""
+        last = self._stream_seen.get(worker_id, 0.0)
+        grown = seconds - last if seconds >= last else seconds  # a restarted worker
+        self._stream_seen[worker_id] = seconds
+        if grown > 0:
+            self.tiered_stream_seconds.inc(grown)
 
     def render(self) -> bytes:
         """The text exposition of every metric (what the HTTP endpoint serves)."""
