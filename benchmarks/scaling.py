@@ -13,8 +13,10 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
   tokens, placed by the service, their K/V written through it; then ``steps`` decode
   steps, each one attention call per group of up to ``batch`` sequences of one worker,
   issued by one client thread per group (every worker always has work queued). Reported:
-  tokens/s (one token per sequence per step), the K/V bytes read per second, and the
-  speedup over one worker. Each sequence holds one K/V row repeated, so its attention
+  tokens/s (one token per sequence per step), the K/V bytes read per second, the
+  speedup over one worker, and the kernel's share of the workers' attention-call time
+  (the rest is per-call work: the block tables crossing Ray and becoming index tensors,
+  q and the output moving). Each sequence holds one K/V row repeated, so its attention
   output is known exactly (its V row): checked.
 - **Maximum concurrent sequences**: sequences of ``max_context`` tokens created until the
   service answers RESOURCE_EXHAUSTED (no CPU tier), against one worker.
@@ -204,10 +206,12 @@ def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Te
     for t in threads:
         t.start()
     barrier.wait()  # warmed up
+    before = worker_times(coord)
     started = time.perf_counter()
     barrier.wait()
     barrier.wait()  # done
     seconds = time.perf_counter() - started
+    after = worker_times(coord)
     for t in threads:
         t.join()
     if failures:
@@ -219,8 +223,21 @@ def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Te
         "seconds": seconds,
         "tokens_s": tokens / seconds,
         "kv_read_gbps": kv_bytes / seconds / 1e9,
+        # Inside the workers, summed over them: the attention calls and their kernels.
+        "worker_call_s": after["call"] - before["call"],
+        "worker_kernel_s": after["kernel"] - before["kernel"],
+        "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, after["call"] - before["call"]),
         "max_rel_err": max(errors),
         "ok": max(errors) <= (2e-2 if layout.dtype == "bfloat16" else 1e-5),
+    }
+
+
+def worker_times(coord: Coordinator) -> dict[str, float]:
+    """Seconds the workers spent in attention calls and in their decode kernels."""
+    stats = [h.call("stats") for h in coord._handles.values()]
+    return {
+        "call": sum(s["call_time"].get("attend", {}).get("seconds", 0.0) for s in stats),
+        "kernel": sum(s["kernel_time"].get("paged_decode", {}).get("seconds", 0.0) for s in stats),
     }
 
 
@@ -392,14 +409,15 @@ def table(report: dict[str, Any]) -> str:
         f"scaling on {report['card']} x{report['gpus']}: {setup['num_seqs']} sequences x "
         f"{setup['context']} tokens ({setup['layout']}), batch {setup['batch']}, "
         f"{setup['steps']} steps; checks {'ok' if report['ok'] else 'FAILED'}",
-        f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'max seqs':>10}"
-        f"{'x 1 worker':>12}  placement",
+        f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'kernel %':>10}"
+        f"{'max seqs':>10}{'x 1 worker':>12}  placement",
     ]
     for r in report["runs"]:
         d = r["decode"]
         lines.append(
             f"{r['workers']:>8}{d['tokens_s']:>12.0f}{d['kv_read_gbps']:>10.1f}"
-            f"{d['tokens_s_over_1']:>12.2f}{r['max_sequences']:>10}{r['max_sequences_over_1']:>12.2f}"
+            f"{d['tokens_s_over_1']:>12.2f}{d['kernel_share_pct']:>10.0f}"
+            f"{r['max_sequences']:>10}{r['max_sequences_over_1']:>12.2f}"
             f"  {r['placement']}"
         )
     t = report["transfer"]

@@ -178,8 +178,10 @@ class TransferMixin:
             num_bytes = check_index("num_bytes", num_bytes, 1 << 40)
             buffer = self._probe_buffer
             if buffer is None or buffer.numel() != num_bytes:
-                buffer = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
-                buffer = self._probe_buffer = buffer.to(self._transfer_device)
+                buffer = torch.randint(
+                    0, 255, (num_bytes,), dtype=torch.uint8, device=self._transfer_device
+                )
+                self._probe_buffer = buffer
             start = time.perf_counter()
             for _ in range(iters):
                 (dist.send if send else dist.recv)(buffer, peer)
