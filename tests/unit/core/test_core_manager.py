@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from core_helpers import create
 
 import kvservice.core.manager_steps as steps_module
 import kvservice.core.prefix_cache as prefix_module
@@ -24,11 +25,6 @@ from kvservice.core.manager import KVCacheManager
 Make = Callable[..., KVCacheManager]
 GPU, CPU = Tier.GPU, Tier.CPU
 
-
-def create(m: KVCacheManager, tokens: list[int], tenant: str | None = None, **kw: Any) -> int:
-    result = m.create(tenant, tokens, **kw)
-    assert isinstance(result, CreateResult), result
-    return result.seq_id
 
 
 def computed(m: KVCacheManager, tokens: list[int], tenant: str | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import hypothesis.strategies as st
 import pytest
 import xxhash
+from core_helpers import snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -53,8 +54,6 @@ tenants = st.sampled_from(["a", "b"])
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        from conftest import snapshot  # the core tests' conftest (same folder)
-
         self.snapshot = snapshot
         self.now = 1000.0
         self.sizes = {0: PoolSizes(10, 6), 1: PoolSizes(6, 4)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from core_helpers import create
+
 from kvservice.core.commands import (
     AttentionPlan,
     CopyBlocks,
@@ -22,11 +24,6 @@ from kvservice.core.manager import KVCacheManager
 Make = Callable[..., KVCacheManager]
 GPU, CPU = Tier.GPU, Tier.CPU
 
-
-def create(m: KVCacheManager, tokens: list[int], tenant: str | None = None, **kw: Any) -> int:
-    result = m.create(tenant, tokens, **kw)
-    assert isinstance(result, CreateResult), result
-    return result.seq_id
 
 
 def test_prepare_decode_gives_slots_and_tables(make_manager: Make) -> None:
