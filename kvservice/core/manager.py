@@ -34,10 +34,10 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
     mark_computed(seq_id, num_tokens) -> None
         K/V of positions < num_tokens is written for every layer; full blocks below it
         enter the prefix cache.
-    lookup_prefix(tenant, tokens) -> dict[WorkerId, int]   (cached tokens per worker, > 0 only)
+    lookup_prefix(tenant, tokens) -> dict[int, int]   (worker -> tokens create would report; > 0)
     offload(seq_ids) -> list[Command]      (best effort swap to CPU; pinned ones stay)
     prefetch(seq_ids) -> list[Command]     (best effort swap to GPU)
-    evict_cached(worker_id, num_blocks=None) -> int   (drop cached blocks, LRU first)
+    evict_cached(worker_id, num_blocks=None, tier=Tier.GPU) -> int  (drop cached, LRU first)
     pin(seq_id, *, hard=True, ttl_s=None) -> list[Command]   (hard: no ttl; soft: ttl_s > 0)
         holds the sequence's current blocks (even past free) and keeps it from swapping.
     unpin(seq_id) -> list[Command]
@@ -46,13 +46,14 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
         tiers, num_computed_tokens, pinned)
     length(seq_id) -> int                          (token count; no copies, for hot paths)
     add_worker(worker_id, sizes: PoolSizes) -> None
-    remove_worker(worker_id) -> list[SeqId]        (the sequences lost; later use -> DataLoss)
-    usage() -> dict[WorkerId, dict[Tier, TierUsage(total, used, cached, free)]]
+    remove_worker(worker_id) -> list[int]          (the sequences lost; later use -> DataLoss)
+    usage() -> dict[int, dict[Tier, TierUsage(total, used, cached, free)]]
     record(seq_id) -> SeqRecord                    (what the worker should keep for it)
-    take_ledger_updates() -> dict[WorkerId, tuple[dict[SeqId, SeqRecord], list[SeqId]]]
+    take_ledger_updates() -> dict[int, tuple[dict[int, SeqRecord], list[int]]]
         (upserts, deletes) per worker for everything changed since the last call.
-    KVCacheManager.from_ledgers(layout, workers, records: Mapping[WorkerId,
-        Mapping[SeqId, SeqRecord]], **options) -> KVCacheManager
+    KVCacheManager.from_ledgers(layout, workers, records: Mapping[int, Mapping[int,
+        SeqRecord]], **options) -> KVCacheManager
+        rebuilds tables, pins and the prefix index; new ids continue above old ones.
     check_invariants() -> None                     (AssertionError on any broken invariant)
     num_sequences, workers (properties)
 
@@ -61,7 +62,9 @@ pushes occupancy past ``high_watermark``, cached blocks are evicted (LRU) down t
 ``low_watermark``; if used blocks alone are still above the high mark, the least recently
 used unpinned sequences are swapped to that worker's CPU tier (SwapOut). Any call that
 needs more GPU blocks than are free or cached swaps LRU sequences out the same way, and
-returns OutOfMemory if even that cannot make room.
+returns OutOfMemory if even that cannot make room. A block moves between tiers only when
+every reference to it comes from the sequences being moved; swapping in copies a CPU
+block that others still hold.
 """
 
 from __future__ import annotations
