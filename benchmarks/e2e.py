@@ -1,6 +1,7 @@
 """End-to-end generation throughput: transformers' own caches against kvservice.
 
     python -m benchmarks.e2e [--json] [--small] [--systems a,b,...] [--out FILE]
+                             [--profile FILE]
 
 One workload, one model, every system in the same run: a Llama-shaped model of about
 1.1B parameters (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 32000, random bf16
@@ -21,7 +22,9 @@ in another order may part ways after a near tie, so this is information, not a c
 A system that fails is reported with its error and the others still run.
 
 ``--small`` runs a tiny fp32 model and a short workload on the CPU: a check that the
-script works end to end, not a measurement.
+script works end to end, not a measurement. ``--profile FILE`` then runs
+``kvservice_embedded`` once more, on the same prompts with a quarter of the new tokens,
+under cProfile, and writes where the host time went (by own time and by cumulative time).
 """
 
 from __future__ import annotations
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    parser.add_argument("--profile", default=None, help="cProfile kvservice_embedded into FILE")
     args = parser.parse_args(argv)
 
     setup = SMALL if args.small else FULL
@@ -316,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": rows,
     }
+    if args.profile:
+        profile(model, prompts, max(1, setup.max_new_tokens // 4), device, args.profile)
     print_table(rows, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -323,6 +329,35 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def profile(
+    model: Any, prompts: list[list[int]], max_new_tokens: int, device: str, path: str
+) -> None:
+    """Host time of one kvservice_embedded run, by function (cProfile adds its own cost
+    per call, so the shares matter more than the totals)."""
+    import cProfile
+    import io
+    import pstats
+
+    runner = RUNNERS["kvservice_embedded"]
+    runner(model, prompts[:2], 4, device)
+    sync(device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    runner(model, prompts, max_new_tokens, device)
+    sync(device)
+    profiler.disable()
+    seconds = time.perf_counter() - start
+    text = io.StringIO()
+    print(f"kvservice_embedded, {len(prompts)} requests x {max_new_tokens} new tokens: "
+          f"{seconds:.3f} s under the profiler", file=text)  # fmt: skip
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumtime").print_stats(60)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
 
 
 def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
