@@ -20,8 +20,10 @@ that computes them.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -150,15 +152,18 @@ class ServiceModel:
             for start, n in zip(start_positions, q_lens, strict=True)
             for p in range(start, start + n)
         ]
-        input_ids = torch.tensor([flat], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        last_rows = torch.tensor(q_lens, device=self.device).cumsum(0) - 1
+        last_rows = list(accumulate(q_lens, initial=-1))[1:]
+        # One host-to-device copy for all three, asynchronous from pinned memory.
+        packed = torch.frombuffer(array("q", flat + positions + last_rows), dtype=torch.long)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        num_rows = len(flat)
         context = StepContext(self.client, list(seq_ids), q_lens, self.kv_dtype)
         output = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
+            input_ids=packed[:num_rows].unsqueeze(0),
+            position_ids=packed[num_rows : 2 * num_rows].unsqueeze(0),
             use_cache=False,
-            logits_to_keep=last_rows,
+            logits_to_keep=packed[2 * num_rows :],
             **{STEP_KWARG: context},
         )
         return output.logits[0].float()
