@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(or set KVSERVICE_TOKENS=token=tenant,...)",
     )  # fmt: skip
     serve.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    serve.add_argument(
+        "--lease-ttl-s", type=float, default=None,
+        help="free a sequence no call has named for this many seconds (default: never)",
+    )  # fmt: skip
     serve.set_defaults(run=run_serve)
 
     status = commands.add_parser("status", help="workers, tiers, usage and hit rate of a server")
@@ -160,13 +164,18 @@ def run_serve(args: argparse.Namespace) -> int:
     )
 
     def make_service() -> Any:
-        return start_ray_service(
+        service = start_ray_service(
             layout,
             num_workers=num_workers,
             namespace=args.namespace,
             metrics=metrics,
             **service_options(args),
         )
+        if args.lease_ttl_s is None:
+            return service
+        from kvservice.leases import LeasedService
+
+        return LeasedService(service, ttl_s=args.lease_ttl_s)
 
     try:
         server.serve(
