@@ -126,3 +126,55 @@ def test_layers_of_a_step_reuse_one_checked_plan_and_stay_correct() -> None:
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert len(calls) == 1
     torch.testing.assert_close(cached.gpu_pool, fresh.gpu_pool, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kept_plan_with_head_major_q_and_k_matches_the_reference() -> None:
+    """On the device: one tuple plan for both layers (uploaded once), q and k as the
+    head-major views a transformers layer hands over, a mixed extend/decode batch."""
+    import kvservice.kernels as kernels
+    from kvservice.workers import Worker
+
+    from kvservice.core.ids import Tier
+    from kvservice.core.layout import Layout
+
+    layout = Layout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_size=16)
+    worker = Worker(0, layout, device="cuda", num_gpu_blocks=64, num_cpu_blocks=4)
+    gen = torch.Generator().manual_seed(5)
+    tables = ((3, 9, 4), (20, 21), (30,))
+    seq_lens, q_lens = (40, 17, 9), (1, 3, 9)  # decode, extend, prefill
+    for layer in range(2):
+        for table, length, q_len in zip(tables, seq_lens, q_lens, strict=True):
+            old = length - q_len
+            if old:
+                slots = torch.tensor([table[p // 16] * 16 + p % 16 for p in range(old)])
+                k, v = torch.randn(2, old, 2, 64, generator=gen).to(torch.bfloat16)
+                worker.write_kv(layer, slots, k, v)
+    plan = AttendPlan(tables, seq_lens, q_lens)
+    rows = sum(q_lens)
+    uploads: list[int] = []
+    upload = worker._upload
+    worker._upload = lambda prepared: uploads.append(1) or upload(prepared)  # type: ignore[method-assign]
+    for layer in range(2):
+        q = torch.randn(8, rows, 64, generator=gen).to(torch.bfloat16).cuda().transpose(0, 1)
+        k_new = torch.randn(2, rows, 64, generator=gen).to(torch.bfloat16).cuda().transpose(0, 1)
+        v_new = torch.randn(rows, 2, 64, generator=gen).to(torch.bfloat16).cuda()
+        out = worker.attend(layer, plan, q, k_new, v_new)
+        pool = worker.export_blocks(Tier.GPU, list(range(64)))
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        cu = torch.tensor([0, 1, 4, 13], dtype=torch.int32)
+        want = kernels.paged_extend_ref(
+            q.cpu(), pool[:, layer, 0], pool[:, layer, 1], padded, cu,
+            torch.tensor(seq_lens, dtype=torch.int32),
+        )  # fmt: skip
+        torch.testing.assert_close(out.cpu().float(), want.float(), atol=2e-2, rtol=2e-2)
+        slots = [
+            t[p // 16] * 16 + p % 16
+            for t, n, m in zip(tables, seq_lens, q_lens, strict=True)
+            for p in range(n - m, n)
+        ]
+        written = pool[:, layer, 0].reshape(-1, 2, 64)[torch.tensor(slots)]
+        assert torch.equal(written, k_new.cpu())
+    assert len(uploads) == 1
