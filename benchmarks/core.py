@@ -16,7 +16,8 @@
   contiguous reserves 2,048 tokens per request; paged is the KVCacheManager itself
   (16-token blocks, admission while it has room, recompute preemption of the newest
   request when a step does not fit). waste_pct_* is the share of reserved KV memory not
-  holding a token, summed over all steps; max_concurrent_* the most requests running at once.
+  holding a token, summed over all steps; max_concurrent_* the most requests running at
+  once, mean_concurrent_saturated_* the mean while requests were still waiting.
 * prefix_share_saving_pct: 64 requests = one shared 2,048-token system prompt + 100
   unique tokens each; KV blocks used with the prefix cache versus without.
 """
@@ -133,8 +134,9 @@ def run_contiguous(trace: list[tuple[int, int]], budget_tokens: int) -> dict[str
             prompt, out = waiting.popleft()
             running.append([prompt, out])
         peak = max(peak, len(running))
-        steps += 1
-        concurrent += len(running)
+        if waiting:  # saturated: the budget, not the trace, limits concurrency
+            steps += 1
+            concurrent += len(running)
         for r in running:
             r[0] += 1
             r[1] -= 1
@@ -143,7 +145,7 @@ def run_contiguous(trace: list[tuple[int, int]], budget_tokens: int) -> dict[str
         running = [r for r in running if r[1] > 0]
     return {
         "waste_pct": 100 * (1 - held / reserved), "max_concurrent": peak,
-        "mean_concurrent": concurrent / steps, "steps": steps,
+        "mean_concurrent": concurrent / steps,
     }
 
 
@@ -175,8 +177,9 @@ def run_paged(trace: list[tuple[int, int]], budget_tokens: int, rng: random.Rand
             preempted += 1
             plan = m.prepare_decode(ids, tokens(rng, len(ids)))
         peak = max(peak, len(ids))
-        steps += 1
-        concurrent += len(ids)
+        if waiting:
+            steps += 1
+            concurrent += len(ids)
         held += sum(plan.seq_lens)
         reserved += m.usage()[0][Tier.GPU].used * LAYOUT.block_size
         for sid in ids:
@@ -186,7 +189,7 @@ def run_paged(trace: list[tuple[int, int]], budget_tokens: int, rng: random.Rand
                 m.free(sid)
     return {
         "waste_pct": 100 * (1 - held / reserved), "max_concurrent": peak,
-        "mean_concurrent": concurrent / steps, "preemptions": preempted, "steps": steps,
+        "mean_concurrent": concurrent / steps, "preemptions": preempted,
     }
 
 
@@ -234,10 +237,8 @@ def main() -> None:
         "max_concurrent_paged": paged["max_concurrent"],
         "max_concurrent_contiguous": contiguous["max_concurrent"],
         "concurrency_ratio": round(paged["max_concurrent"] / contiguous["max_concurrent"], 2),
-        "mean_concurrent_paged": round(paged["mean_concurrent"], 1),
-        "mean_concurrent_contiguous": round(contiguous["mean_concurrent"], 1),
-        "steps_paged": paged["steps"],
-        "steps_contiguous": contiguous["steps"],
+        "mean_concurrent_saturated_paged": round(paged["mean_concurrent"], 1),
+        "mean_concurrent_saturated_contiguous": round(contiguous["mean_concurrent"], 1),
         "preemptions_paged": paged["preemptions"],
         "prefix_share_saving_pct": round(saving, 2),
         "prefix_share_blocks": {"shared": shared_blocks, "unshared": unshared_blocks},

@@ -112,7 +112,8 @@ class ManagerBase:
     def _seqs_on_one_worker(self, seq_ids: Sequence[int]) -> tuple[WorkerState, list[SeqState]]:
         if isinstance(seq_ids, (str, bytes)) or not len(seq_ids):
             raise InvalidArgument("seq_ids must be a non-empty sequence of ids")
-        seqs = [self._seq(s) for s in seq_ids]
+        get = self._seqs.get
+        seqs = [get(s) or self._seq(s) for s in seq_ids]
         worker_ids = {s.worker_id for s in seqs}
         if len(worker_ids) > 1:
             raise InvalidArgument(f"sequences span workers {sorted(worker_ids)}; plan per worker")

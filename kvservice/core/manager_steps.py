@@ -24,7 +24,7 @@ class ManagerSteps(ManagerAdmin):
         self, seq_ids: Sequence[int], tokens: Sequence[int]
     ) -> DecodePlan | OutOfMemory:
         ws, seqs = self._seqs_on_one_worker(seq_ids)
-        token_list, _ = self._tokens(tokens)
+        token_list = self._token_array(tokens).tolist()
         if len(token_list) != len(seqs) or len(set(seq_ids)) != len(seqs):
             raise InvalidArgument("need one token per sequence and no repeated sequence")
         self._expire_pins()

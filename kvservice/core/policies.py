@@ -96,8 +96,10 @@ class LRUEviction(EvictionPolicy):
         self._order: OrderedDict[int, None] = OrderedDict()
 
     def touch(self, seq_id: int) -> None:
-        self._order[seq_id] = None
-        self._order.move_to_end(seq_id)
+        try:
+            self._order.move_to_end(seq_id)
+        except KeyError:
+            self._order[seq_id] = None
 
     def remove(self, seq_id: int) -> None:
         self._order.pop(seq_id, None)
