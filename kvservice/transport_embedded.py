@@ -36,12 +36,14 @@ def build_embedded(
     high_watermark: float = 0.95,
     low_watermark: float = 0.85,
     vocab_size: int | None = None,
+    segment_tokens: int | None = None,
 ) -> Coordinator:
     """A coordinator over ``num_workers`` local workers, all on ``device``.
 
     Pool sizes are per worker (see ``kvservice.workers.Worker``); with none given, a CPU
     worker's device tier gets ``DEFAULT_DEVICE_TIER_GIB`` and a GPU worker
     ``gpu_mem_fraction`` 0.9 of its memory, shared out between workers on one GPU.
+    ``segment_tokens``: see ``Coordinator`` (sequences longer than this are segmented).
     """
     from kvservice.workers import Worker
 
@@ -78,4 +80,5 @@ def build_embedded(
         high_watermark=high_watermark,
         low_watermark=low_watermark,
         vocab_size=vocab_size,
+        segment_tokens=segment_tokens,
     )
