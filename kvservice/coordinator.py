@@ -58,6 +58,7 @@ from kvservice.core.ids import DEFAULT_TENANT, Tier
 from kvservice.core.layout import Layout
 from kvservice.core.manager import KVCacheManager
 from kvservice.metrics import Metrics
+from kvservice.migration import Migrator
 from kvservice.span_attention import span_data_call
 from kvservice.spanning import (
     SpanTable,
@@ -74,6 +75,9 @@ MAX_FORK = 4096
 MAX_TENANT_LEN = 256
 _INT64_MAX = 2**63 - 1
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Prefix affinity within a load slack: a popular prefix cannot pile every sequence onto
+# one worker (the migrator copies it to the chosen one instead).
+PLACEMENT = "affinity_load"
 _TIER_NAMES = {int(Tier.GPU): "gpu", int(Tier.CPU): "cpu"}
 
 
@@ -152,12 +156,15 @@ class Coordinator:
                 high_watermark=high_watermark,
                 low_watermark=low_watermark,
                 vocab_size=vocab_size,
+                placement=PLACEMENT,
             )
         self._manager = manager
         if segment_tokens is None:
             gpu_blocks = [i.num_gpu_blocks for i in self._infos.values()]
             segment_tokens = default_segment_tokens(gpu_blocks, layout.block_size)
         self._spans = SpanTable(manager, segment_tokens)
+        # Placement with prefix copies, migration, drains, rebalancing, workers joining.
+        self.migrator = Migrator(self)
         self._lock = threading.RLock()
         self._seqs: dict[int, _SeqState] = {}
         self._closed = False
@@ -186,7 +193,9 @@ class Coordinator:
         options = {
             k: kwargs[k] for k in ("high_watermark", "low_watermark", "vocab_size") if k in kwargs
         }
-        manager = KVCacheManager.from_ledgers(layout, sizes, records, **options)
+        manager = KVCacheManager.from_ledgers(
+            layout, sizes, records, placement=PLACEMENT, **options
+        )
         coordinator = cls(layout, handles, manager=manager, **kwargs)
         for wid, worker_records in records.items():
             for sid, record in worker_records.items():
@@ -234,6 +243,29 @@ class Coordinator:
     def worker_ids(self) -> list[int]:
         return sorted(self._handles)
 
+    # ------------------------------------------------------------------ workers joining, leaving
+
+    def add_worker(self, handle: WorkerHandle) -> None:
+        """Serve new sequences on one more worker (a new one, or one taken back empty)."""
+        self.migrator.add_worker(handle)
+
+    def drain_worker(self, worker_id: int, *, remove: bool = True) -> dict[str, Any]:
+        """Move the worker's sequences and pins to the others; with ``remove`` it then
+        leaves the tables (``kvservice.migration``). Returns what moved."""
+        return self.migrator.drain(worker_id, remove=remove)
+
+    def migrate(self, seq_ids: Sequence[int], worker_id: int) -> dict[str, Any]:
+        """Move sequences (all on one worker; a long one's first segment) to ``worker_id``."""
+        return self.migrator.migrate(seq_ids, worker_id)
+
+    def rebalance(self, *, threshold: float | None = None) -> dict[str, Any]:
+        """Move cold sequences from the busiest worker to the least busy one."""
+        return self.migrator.rebalance(threshold=threshold)
+
+    def form_transfer_group(self) -> dict[int, int]:
+        """(Re)form the workers' transfer group (blocks move GPU to GPU); the ranks."""
+        return self.migrator.form_group()
+
     # ------------------------------------------------------------------ sequences
 
     def create_sequence(
@@ -243,6 +275,8 @@ class Coordinator:
             tenant = _check_tenant(tenant)
             tokens = self._check_tokens("tokens", tokens, allow_empty=False)
             with self._planning() as batch:
+                first = tokens[: self._spans.segment_tokens]  # what the prefix cache sees
+                self.migrator.before_create(tenant, first, batch.calls)
                 result, commands = self._spans.create(tenant, tokens)
                 if isinstance(result, OutOfMemory):
                     self._submit(commands, batch.calls)

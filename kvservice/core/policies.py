@@ -50,21 +50,27 @@ class MostFree(PlacementPolicy):
 class PrefixAffinityLoad(PlacementPolicy):
     """Prefix affinity among the workers not much busier than the least busy one.
 
-    Load is the share of a worker's GPU tier in use. A worker more than ``slack`` busier
-    than the least busy never wins on its cached prefix, so a popular prefix cannot pile
-    every sequence onto one worker; the coordinator may copy that prefix to the chosen
-    worker instead (``kvservice.core.migration.place``). Without pool sizes it is
-    ``PrefixAffinity``.
+    Load is the share of a worker's GPU tier in use. A worker busier than the least busy
+    by more than ``slack`` of its pool (and by more than ``min_slack_blocks``: a few
+    blocks of difference are noise) never wins on its cached prefix, so a popular prefix
+    cannot pile every sequence onto one worker; the coordinator may copy that prefix to
+    the chosen worker instead (``kvservice.core.migration.place``). Without pool sizes
+    it is ``PrefixAffinity``.
     """
 
-    def __init__(self, slack: float = 0.1) -> None:
+    def __init__(self, slack: float = 0.1, min_slack_blocks: int = 64) -> None:
         self.slack = slack
+        self.min_slack_blocks = min_slack_blocks
 
     def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerId:
         if all(c.num_blocks > 0 for c in candidates):
             loads = {c.worker_id: 1 - c.num_available_blocks / c.num_blocks for c in candidates}
-            ceiling = min(loads.values()) + self.slack
-            candidates = [c for c in candidates if loads[c.worker_id] <= ceiling]
+            least = min(loads.values())
+            candidates = [
+                c
+                for c in candidates
+                if loads[c.worker_id] - least <= max(self.slack, self.min_slack_blocks / c.num_blocks)
+            ]
         return PrefixAffinity().choose(candidates)
 
 

@@ -34,7 +34,7 @@ GPU, CPU = Tier.GPU, Tier.CPU
 def _core_helpers() -> Any:
     """The core tests' full-state snapshot (their conftest is not importable by name)."""
     spec = importlib.util.spec_from_file_location(
-        "core_test_helpers", Path(__file__).parent / "core" / "conftest.py"
+        "core_test_helpers", Path(__file__).parent / "core" / "core_helpers.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -218,26 +218,37 @@ def test_copy_prefix_sends_only_the_missing_tail_and_needs_room() -> None:
 
 
 def test_affinity_load_policy_stops_piling_onto_one_worker() -> None:
-    policy = PrefixAffinityLoad(slack=0.1)
+    policy = PrefixAffinityLoad(slack=0.1, min_slack_blocks=0)
     cand = [WorkerCandidate(0, 64, 50, 100), WorkerCandidate(1, 0, 100, 100)]
     assert policy.choose(cand) == 1  # worker 0 is 50 % busier: its prefix does not win
     cand = [WorkerCandidate(0, 64, 95, 100), WorkerCandidate(1, 0, 100, 100)]
     assert policy.choose(cand) == 0  # within the slack: affinity wins
     cand = [WorkerCandidate(0, 64, 50), WorkerCandidate(1, 0, 100)]
     assert policy.choose(cand) == 0  # no pool sizes: plain prefix affinity
+    cand = [WorkerCandidate(0, 64, 50, 100), WorkerCandidate(1, 0, 100, 100)]
+    assert PrefixAffinityLoad(slack=0.1, min_slack_blocks=64).choose(cand) == 0  # 50 blocks: noise
 
 
 def test_place_copies_a_long_prefix_to_the_less_busy_worker() -> None:
-    m = manager(gpu=200)
+    m = manager(gpu=1000, placement="affinity_load")
     system = list(range(40))  # ten full blocks
     first = create(m, [*system, 1], 0)
     m.mark_computed(first, 41)
     assert place(m, None, [*system, 2], min_copy_blocks=4) == Placement(0)  # within the slack
-    for i in range(3):
-        create(m, list(range(1000 + 40 * i, 1040 + 40 * i)), 0)  # worker 0 gets busy
+    for i in range(2):
+        create(m, list(range(1000 + 400 * i, 1400 + 400 * i)), 0)  # worker 0 gets busy
     assert place(m, None, [*system, 2], min_copy_blocks=4) == Placement(1, 0, 10)
     assert place(m, None, [*system, 2], min_copy_blocks=11) == Placement(1)
+    assert copy_prefix(m, None, [*system, 2], 0, 1) is not None
+    result = m.create(None, [*system, 2])  # after the copy: the same choice, and a hit
+    assert isinstance(result, CreateResult)
+    assert (result.worker_id, result.num_cached_tokens) == (1, 40)
     assert place(manager(num_workers=1), None, [1, 2]) is None
+    plain = manager(gpu=200)  # prefix affinity alone never needs a copy
+    sid = create(plain, [*system, 1], 0)
+    plain.mark_computed(sid, 41)
+    create(plain, list(range(1000, 1100)), 0)
+    assert place(plain, None, [*system, 2]) == Placement(0)
 
 
 def test_rebalance_moves_cold_sets_from_the_busiest_worker() -> None:
