@@ -36,6 +36,7 @@ import ctypes
 import functools
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -119,8 +120,10 @@ def split_plan(
         raise InvalidArgument("block_tiers entries must be 0 (GPU) or 1 (CPU)")
     cold = used & (tiers == int(Tier.CPU))
     hot = used & ~cold
-    for name, mask, limit in (("GPU", hot, num_gpu_blocks), ("CPU", cold, num_cpu_blocks)):
-        ids = table[mask]
+    hot_entry, hot_col = torch.nonzero(hot, as_tuple=True)
+    cold_entry, cold_col = torch.nonzero(cold, as_tuple=True)
+    hot_ids, cold_refs = table[hot_entry, hot_col], table[cold_entry, cold_col]
+    for name, ids, limit in (("GPU", hot_ids, num_gpu_blocks), ("CPU", cold_refs, num_cpu_blocks)):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
             bad = int(ids[(ids < 0) | (ids >= limit)][0])
             raise InvalidArgument(f"{name} block id {bad} is outside [0, {limit})")
@@ -156,11 +159,10 @@ def split_plan(
 
     valid = (seq_lens[:, None] - block_start).clamp(0, bs)
     hot_lens = (valid * hot).sum(1)
-    # Each row's hot blocks moved to its front, in order (a stable sort on "is cold").
-    order = torch.argsort((~hot).to(torch.int8), dim=1, stable=True)
-    hot_table = torch.where(
-        torch.arange(width)[None, :] < hot.sum(1, keepdim=True), table.gather(1, order), 0
-    )
+    # Each row's hot blocks moved to its front, in order.
+    hot_counts = hot.sum(1)
+    hot_table = torch.zeros((batch, max(int(hot_counts.max()), 1)), dtype=torch.int64)
+    hot_table[hot_entry, hot.cumsum(1)[hot_entry, hot_col] - 1] = hot_ids
     has_hot = hot_lens > 0
     hot_plan = None
     hot_rows = torch.zeros(0, dtype=torch.int64)
@@ -172,15 +174,12 @@ def split_plan(
         if plan.new_slots is not None:
             new_slots = as_int_tensor("new_slots", plan.new_slots, length=num_q_rows)[hot_rows]
         hot_plan = AttendPlan(
-            block_tables=hot_table[entries, : int(hot.sum(1).max())],
+            block_tables=hot_table[entries],
             seq_lens=hot_lens[entries],
             q_lens=q_lens[entries],
             new_slots=new_slots,
         )
-    cold_entry, cold_col = torch.nonzero(cold, as_tuple=True)
-    cold_ids, cold_index = torch.unique(
-        table[cold_entry, cold_col], sorted=True, return_inverse=True
-    )
+    cold_ids, cold_index = torch.unique(cold_refs, sorted=True, return_inverse=True)
     return TieredSplit(
         hot_plan=hot_plan,
         hot_rows=hot_rows,
@@ -238,9 +237,9 @@ def _window_split(
     return TieredSplit(None, empty, empty, empty, empty, empty, q_lens, cu_q_lens, window_plan)
 
 
-def chunk_plans(split: TieredSplit, chunk_blocks: int, block_size: int) -> list[ChunkPlan]:
-    """Cut the cold references into chunks of at most ``chunk_blocks`` distinct blocks."""
-    plans: list[ChunkPlan] = []
+def chunk_plans(split: TieredSplit, chunk_blocks: int, block_size: int) -> Iterator[ChunkPlan]:
+    """Cut the cold references into chunks of at most ``chunk_blocks`` distinct blocks,
+    each built when asked for (while the copies before it run)."""
     chunk_of = split.cold_index // chunk_blocks
     for c in range(-(-split.cold_ids.numel() // chunk_blocks)):
         mask = chunk_of == c
@@ -269,8 +268,7 @@ def chunk_plans(split: TieredSplit, chunk_blocks: int, block_size: int) -> list[
             - row_starts[row_group]
         )
         ids = split.cold_ids[c * chunk_blocks : (c + 1) * chunk_blocks]
-        plans.append(ChunkPlan(ids, rows, tables[row_group], lens[row_group].to(torch.int32)))
-    return plans
+        yield ChunkPlan(ids, rows, tables[row_group], lens[row_group].to(torch.int32))
 
 
 class TieredAttention:
@@ -334,14 +332,19 @@ class TieredAttention:
                 layer, split.window_plan, q, k_new, v_new,
                 scale=scale, sliding_window=sliding_window, return_lse=return_lse,
             )  # fmt: skip
-        chunks = chunk_plans(split, self.chunk_blocks, w.layout.block_size)
+        size = self.chunk_blocks
+        num_cold = split.cold_ids.numel()
+        num_chunks = -(-num_cold // size)
         copy_stream = w._swap_stream
         if copy_stream is not None and len(w._pending):
             w._pending.wait_on_stream(Tier.CPU, split.cold_ids.tolist(), copy_stream)
-        buffers = self._buffers(min(self.chunk_blocks, split.cold_ids.numel()), len(chunks))
+        # The copies start first; the chunk tables are built while they run.
+        buffers = self._buffers(min(size, num_cold), num_chunks) if num_chunks else []
         handles = [
-            self._stage(layer, chunks[c].ids, buffers[c % 2]) for c in range(min(2, len(chunks)))
+            self._stage(layer, split.cold_ids[c * size : (c + 1) * size], buffers[c % 2])
+            for c in range(min(2, num_chunks))
         ]
+        chunks = chunk_plans(split, size, w.layout.block_size)
 
         upload = self._upload
         q_dev = w._to_device(q)
@@ -378,8 +381,9 @@ class TieredAttention:
                 )
                 acc_out[rows] = merged_out
                 acc_lse[rows] = merged_lse
-            if c + 2 < len(chunks):
-                handles.append(self._stage(layer, chunks[c + 2].ids, staged))
+            if c + 2 < num_chunks:
+                ids = split.cold_ids[(c + 2) * size : (c + 3) * size]
+                handles.append(self._stage(layer, ids, staged))
         self._count(split, plan)
         out = acc_out.to(q.dtype).to(q.device)
         return (out, acc_lse.to(q.device)) if return_lse else out
@@ -414,6 +418,8 @@ class TieredAttention:
         n = ids.numel()
         stream = w._swap_stream
         mode = self._mode_for(ids)
+        if stream is not None:  # staging reuse; outside the timed region
+            stream.wait_stream(torch.cuda.current_stream(w.device))
         with w._timer.region("tiered_stream", stream=stream):
             if mode == "memcpy2d":
                 handle = _memcpy2d(w.cpu_pool, buffer, ids, layer, stream)
@@ -483,7 +489,6 @@ def _memcpy2d(
     lib = _cudart()
     if lib is None:
         raise RuntimeError("memcpy2d copy mode needs the CUDA runtime library")
-    stream.wait_stream(torch.cuda.current_stream(buffer.device))  # staging reuse
     num_layers = cpu_pool.shape[1]
     row = buffer[0].numel() * buffer.element_size()
     pitch = row * num_layers
