@@ -169,6 +169,8 @@ def run_serve(args: argparse.Namespace) -> int:
             num_workers=num_workers,
             namespace=args.namespace,
             metrics=metrics,
+            scaling=True,  # kvservice scale; and one worker per GPU that joins, unless sized
+            follow_gpus=args.num_workers is None and num_gpus > 0,
             **service_options(args),
         )
         if args.lease_ttl_s is None:
