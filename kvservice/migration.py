@@ -42,6 +42,7 @@ from kvservice.core.migration import (
     plan_rebalance,
     sharing_groups,
 )
+from kvservice.spanning import SPAN_RECORD_BASE
 from kvservice.transfers import TransferGroup, submit_transfer
 
 if TYPE_CHECKING:
@@ -214,6 +215,10 @@ class Migrator:
         batch.moves.append(migration)
         self._transfer(migration.transfer, batch.calls)
         c = self._c
+        # Segments of long sequences follow their core sequences; a segment list whose
+        # first segment moved gets its ledger record on the destination.
+        for sid in c._spans.moved(migration.seq_ids, migration.dst_worker_id):
+            batch.span_records.setdefault(migration.src_worker_id, []).append(SPAN_RECORD_BASE + sid)
         for sid in migration.seq_ids:
             state = c._seqs.get(sid)
             if state is not None:
@@ -227,7 +232,7 @@ class Migrator:
         (unless it was removed) drops the ids that left it."""
         c = self._c
         c._submit((cmd for m in batch.moves for cmd in m.commands), batch.calls)
-        left: dict[int, list[int]] = {}
+        left: dict[int, list[int]] = {w: list(keys) for w, keys in batch.span_records.items()}
         for m in batch.moves:
             left.setdefault(m.src_worker_id, []).extend({*m.seq_ids, *m.pinned_ids})
         for src, ids in left.items():
@@ -276,6 +281,7 @@ class _MovingBatch:
         self._planning: Any = migrator._c._planning()
         self.moves: list[Migration] = []
         self.calls: list[PendingCall] = []
+        self.span_records: dict[int, list[int]] = {}  # source -> segment-list keys that left
 
     def __enter__(self) -> _MovingBatch:
         self.calls = self._planning.__enter__().calls

@@ -329,6 +329,21 @@ class SpanTable:
                     self.manager.free(seg.core_id)  # FreeBlocks only: nothing to send
         return lost
 
+    def moved(self, core_ids: Iterable[int], worker_id: int) -> dict[int, int]:
+        """Core sequences that migrated to ``worker_id``: their segments follow. Returns
+        {service id: previous worker} for each sequence whose first segment moved (its
+        segment list's ledger record now belongs on ``worker_id``)."""
+        first_moved: dict[int, int] = {}
+        for core_id in core_ids:
+            seq_id = self._owner.get(core_id, core_id)
+            for i, seg in enumerate(self._spans.get(seq_id, ())):
+                if seg.core_id == core_id and seg.worker_id != worker_id:
+                    if i == 0:
+                        first_moved[seq_id] = seg.worker_id
+                        self._changed(seq_id, worker_id)
+                    seg.worker_id = worker_id
+        return first_moved
+
     def _drop_if_single(self, seq_id: int) -> None:
         segs = self._spans.get(seq_id)
         if segs is not None and len(segs) == 1:

@@ -178,3 +178,32 @@ def test_bad_migrations_are_refused_and_change_nothing() -> None:
         coord.migrate([12345], 1)
     check(coord, shadow, lengths)
     coord.check_invariants()
+
+
+def test_a_long_sequences_segments_follow_a_drain_and_survive_a_restart() -> None:
+    handles = make_handles(num_workers=3, **BLOCKS)  # type: ignore[arg-type]
+    coord = Coordinator(LAYOUT, handles, segment_tokens=8)  # segments of two blocks
+    shadow = Shadow()
+    info = coord.create_sequence(list(range(8)))
+    shadow.prefill(coord, info.seq_id, 8, 0)
+    length = 8
+    while length < 40:  # four more segments, appended and computed a block at a time
+        coord.append_tokens([info.seq_id], [list(range(length, length + 4))])
+        length += 4
+        for layer in range(LAYOUT.num_layers):
+            out, expected = shadow.attend(coord, layer, [info.seq_id], [4], [length])
+            torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    first = worker_of(coord, info.seq_id)
+    segments = coord._spans.segments(info.seq_id, first, length)
+    assert len(segments) == 5 and coord.stats()["long_sequences"]["count"] == 1
+    report = coord.drain_worker(first)
+    assert report["sequences"] >= 1 and first not in coord.worker_ids
+    assert worker_of(coord, info.seq_id) != first
+    assert all(s.worker_id in coord.worker_ids for s in segments)
+    check(coord, shadow, {info.seq_id: length})
+    coord.check_invariants()
+    recovered = Coordinator.recover(
+        LAYOUT, [h for h in handles if h.worker_id != first], segment_tokens=8
+    )
+    check(recovered, shadow, {info.seq_id: length})
+    recovered.check_invariants()
