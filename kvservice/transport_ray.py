@@ -33,7 +33,9 @@ DEFAULT_ACTOR_NAME = "kvservice"
 # Client calls the coordinator actor serves at once.
 ACTOR_MAX_CONCURRENCY = 64
 
-_COORDINATOR_OPTIONS = ("high_watermark", "low_watermark", "vocab_size", "metrics")
+_COORDINATOR_OPTIONS = (
+    "high_watermark", "low_watermark", "vocab_size", "metrics", "segment_tokens",
+)  # fmt: skip
 _WORKER_OPTIONS = ("num_gpu_blocks", "gpu_mem_fraction", "num_cpu_blocks", "cpu_pool_gib")
 
 

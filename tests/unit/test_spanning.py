@@ -63,6 +63,15 @@ def test_a_sequence_twice_the_gpu_tier_pages_its_cold_segments_and_attends_exact
     sid = coord.create_sequence(list(range(12))).seq_id
     shadow.prefill(coord, sid, 12, 0)
     length = grow(coord, shadow, sid, 12, 128, chunk=11)  # chunks cross segment edges
+    # K/V written on its own (write_kv), then attention without new K/V.
+    coord.append_tokens([sid], [[1, 2, 3]])
+    length += 3
+    for layer in range(LAYOUT.num_layers):
+        k, v = shadow.randn(3, 2, LAYOUT.head_dim), shadow.randn(3, 2, LAYOUT.head_dim)
+        coord.write_kv(layer, [sid], [3], k, v)
+        rows = shadow.kv[(sid, layer)]
+        rows.update({length - 3 + i: (k[i], v[i]) for i in range(3)})
+        close(*shadow.attend(coord, layer, [sid], [2], [length], write=False))
     other = coord.create_sequence(list(range(5))).seq_id  # a plain one beside it
     shadow.prefill(coord, other, 5, 0)
     lengths = [length, 5]
@@ -74,7 +83,7 @@ def test_a_sequence_twice_the_gpu_tier_pages_its_cold_segments_and_attends_exact
     coord.check_invariants()
 
     info = coord.get_sequence(sid)
-    assert info.length == 131 and info.num_blocks == 33 and info.num_cached_tokens == 131
+    assert info.length == 134 and info.num_blocks == 34 and info.num_cached_tokens == 134
     assert Tier.CPU in info.tiers and info.tiers[:2] == (Tier.GPU, Tier.GPU)  # sinks stay hot
     assert info.tiers[-1] == Tier.GPU
     stats = coord.stats()
