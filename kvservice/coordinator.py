@@ -66,7 +66,7 @@ from kvservice.spanning import (
     is_segment_tenant,
     split_span_records,
 )
-from kvservice.workers import AttendPlan
+from kvservice.step_plan import StepPlans, exact_ints
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class Coordinator:
         # Placement with prefix copies, migration, drains, rebalancing, workers joining.
         self.migrator = Migrator(self)
         self._lock = threading.RLock()
+        self._steps = StepPlans(layout.num_layers)
         self._seqs: dict[int, _SeqState] = {}
         self._closed = False
         self._close_hooks: list[Callable[[], None]] = []
@@ -511,6 +512,10 @@ class Coordinator:
             return span_data_call(
                 self, method, layer, seq_ids, q_lens, tenant, q=q, k=k, v=v, options=options
             )
+        if method == "attend":
+            kept = self._steps.attend(self, layer, seq_ids, q_lens, tenant, q, k, v, options or {})
+            if kept is not None:
+                return kept
         writes = k is not None
         num_rows = sum(q_lens)
         with self._planning() as batch:
@@ -533,6 +538,14 @@ class Coordinator:
                 # call that moves or allocates, keeping the per-layer path free of them.
                 self._submit(commands, batch.calls, ledger=bool(commands))
             first_data = len(batch.calls)
+            # The other layers of this step reuse these plans (kvservice.step_plan).
+            kept_plans = iter(
+                self._steps.remember(
+                    self, layer, tenant, seq_ids, q_lens, writes, starts, versions, groups, plans
+                )
+                if method == "attend"
+                else ()
+            )
             for (wid, rows, idx), (tables, seq_lens) in zip(groups, plans, strict=True):
                 handle = self._handles[wid]
                 group_q_lens = [q_lens[i] for i in idx]
@@ -540,7 +553,7 @@ class Coordinator:
                     slots = _slots(tables, seq_lens, group_q_lens, self._layout.block_size)
                     call = handle.submit("write_kv", layer, slots, _rows(k, rows), _rows(v, rows))
                 else:
-                    plan = AttendPlan(tables, seq_lens, group_q_lens, None)
+                    plan = next(kept_plans)
                     call = handle.submit(
                         "attend", layer, plan, _rows(q, rows), _rows(k, rows), _rows(v, rows),
                         **(options or {}),
@@ -789,6 +802,7 @@ class Coordinator:
         for cmd in _coalesce(commands):
             if isinstance(cmd, FreeBlocks):
                 continue  # informational: a freed block needs nothing from its worker
+            self._steps.invalidate()  # blocks move: kept step plans may name old places
             if isinstance(cmd, CopyBlocks):
                 method = "copy_blocks"
                 self.metrics.count_cow(len(cmd.pairs))
@@ -899,7 +913,9 @@ class Coordinator:
             raise errors.InvalidArgument("seq_ids must not be empty")
         if isinstance(q_lens, str | bytes) or not isinstance(q_lens, Sequence | torch.Tensor):
             raise errors.InvalidArgument("q_lens must be a list of ints")
-        lens = [_check_int(f"q_lens[{i}]", x, low=1) for i, x in enumerate(q_lens)]
+        lens = exact_ints(q_lens, 1)
+        if lens is None:
+            lens = [_check_int(f"q_lens[{i}]", x, low=1) for i, x in enumerate(q_lens)]
         if len(lens) != len(ids):
             raise errors.InvalidArgument(f"{len(ids)} seq_ids but {len(lens)} q_lens")
         return layer, ids, lens
@@ -959,7 +975,9 @@ def _check_id(seq_id: object) -> int:
 def _check_ids(seq_ids: object, *, unique: bool) -> list[int]:
     if isinstance(seq_ids, str | bytes) or not isinstance(seq_ids, Sequence | torch.Tensor):
         raise errors.InvalidArgument("seq_ids must be a list of ints")
-    ids = [_check_id(s) for s in seq_ids]
+    ids = exact_ints(seq_ids, 0)
+    if ids is None:
+        ids = [_check_id(s) for s in seq_ids]
     if unique and len(set(ids)) != len(ids):
         raise errors.InvalidArgument(f"seq_ids has duplicates: {ids}")
     return ids
