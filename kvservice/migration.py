@@ -183,6 +183,8 @@ class Migrator:
             c._manager.add_worker(handle.worker_id, PoolSizes(info.num_gpu_blocks, info.num_cpu_blocks))
             c._handles[handle.worker_id] = handle
             c._infos[handle.worker_id] = info
+            if self.group is not None:  # a new (or restarted) process is no member yet
+                self.group.ranks.pop(handle.worker_id, None)
         log.info("worker %d joined on %s", handle.worker_id, info.device)
 
     def form_group(self) -> dict[int, int]:
