@@ -288,6 +288,7 @@ class TieredAttention:
         self.chunk_blocks = max(1, staging_bytes // self.block_bytes)
         self.copy_mode = copy_mode
         self._staging: list[torch.Tensor] = []
+        self._no_memcpy2d = False  # set when 2-D copies failed once ("auto" then gathers)
         self._counters: dict[str, float] = defaultdict(float)
 
     @property
@@ -421,9 +422,19 @@ class TieredAttention:
         if stream is not None:  # staging reuse; outside the timed region
             stream.wait_stream(torch.cuda.current_stream(w.device))
         with w._timer.region("tiered_stream", stream=stream):
+            handle = None
             if mode == "memcpy2d":
-                handle = _memcpy2d(w.cpu_pool, buffer, ids, layer, stream)
-            else:
+                try:
+                    handle = _memcpy2d(w.cpu_pool, buffer, ids, layer, stream)
+                except RuntimeError:
+                    if self._copy_mode == "memcpy2d":
+                        raise
+                    logger.warning(
+                        "2-D copies failed; staging with the gather kernel", exc_info=True
+                    )
+                    self._no_memcpy2d = True
+                    mode = "kernel"
+            if handle is None:
                 layers = w.cpu_pool.view(w.num_cpu_blocks * num_layers, *buffer.shape[1:])
                 pairs = torch.stack([ids * num_layers + layer, torch.arange(n)], dim=1)
                 pairs = self._upload(pairs)
@@ -439,6 +450,8 @@ class TieredAttention:
             return "kernel"  # host to host: one indexed copy
         mode = self._copy_mode
         if mode == "auto":
+            if self._no_memcpy2d:
+                return "kernel"
             runs = 1 + int((ids[1:] != ids[:-1] + 1).sum()) if ids.numel() else 1
             mode = "memcpy2d" if ids.numel() >= _MIN_MEAN_RUN * runs and _cudart() else "kernel"
         return mode
