@@ -141,8 +141,6 @@ def test_a_killed_worker_loses_only_its_sequences_and_comes_back_empty(
     assert coordinator.stats()["sequences_live"] == len(kept)
 
     # The worker comes back empty and its capacity returns.
-    if not hasattr(coordinator, "add_worker"):
-        pytest.skip("workers cannot join a coordinator yet (Coordinator.add_worker)")
     assert rejoiner.rejoin() == [1]
     assert rejoiner.rejoin() == []
     usage = coordinator.manager.usage()[1]
