@@ -168,6 +168,7 @@ class Coordinator:
         self._lock = threading.RLock()
         self._steps = StepPlans(layout.num_layers)
         self._seqs: dict[int, _SeqState] = {}
+        self._pin_tenants: dict[int, str] = {}  # pinned sequences (live or freed) -> tenant
         self._closed = False
         self._close_hooks: list[Callable[[], None]] = []
         self.metrics = metrics if metrics is not None else Metrics()
@@ -423,6 +424,41 @@ class Coordinator:
     def prefetch(self, seq_ids: Sequence[int], *, tenant: str = DEFAULT_TENANT) -> None:
         with self.metrics.time_call("prefetch"):
             self._hint("prefetch", seq_ids, tenant)
+
+    def pin(
+        self,
+        seq_id: int,
+        *,
+        hard: bool = True,
+        ttl_s: float | None = None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
+        """Keep the sequence's blocks where they are (never swapped out or evicted): a hard
+        pin until ``unpin`` (it outlives ``free``: a system prompt stays cached), a soft pin
+        (``hard=False``) for ``ttl_s`` seconds. A long sequence pins its first segment (its
+        attention sinks and system prompt); its other segments keep paging."""
+        with self.metrics.time_call("pin"):
+            tenant = _check_tenant(tenant)
+            seq_id = _check_id(seq_id)
+            with self._planning() as batch:
+                self._own(seq_id, tenant)
+                self._submit(self._manager.pin(seq_id, hard=hard, ttl_s=ttl_s), batch.calls)
+                self._pin_tenants[seq_id] = tenant
+
+    def unpin(self, seq_id: int, *, tenant: str = DEFAULT_TENANT) -> None:
+        """End the sequence's pin (also after it was freed); nothing if it has none."""
+        with self.metrics.time_call("unpin"):
+            tenant = _check_tenant(tenant)
+            seq_id = _check_id(seq_id)
+            with self._planning() as batch:
+                if seq_id in self._seqs or self._pin_tenants.get(seq_id) != tenant:
+                    self._own(seq_id, tenant)
+                self._pin_tenants.pop(seq_id, None)
+                try:
+                    commands = self._manager.unpin(seq_id)
+                except errors.NotFound:  # freed, and its soft pin ran out meanwhile
+                    commands = []
+                self._submit(commands, batch.calls)
 
     def _hint(self, method: str, seq_ids: Sequence[int], tenant: str) -> None:
         tenant = _check_tenant(tenant)

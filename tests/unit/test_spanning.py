@@ -4,6 +4,8 @@ K/V (``Shadow``), bookkeeping checked after every step."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from service_fixtures import ATOL, LAYOUT, NUM_Q_HEADS, Shadow, make_handles
@@ -217,3 +219,38 @@ def test_merge_partials_is_the_log_sum_exp_mix() -> None:
         close(lse[row], torch.logsumexp(s, 0))
         close(out[row], torch.einsum("kh,khd->hd", torch.softmax(s, 0), values[keys[row]]))
     assert torch.isinf(lse[3]).all() and (out[3] == 0).all()  # a row with no part
+
+
+def test_pins_keep_a_long_sequences_first_segment_in_place() -> None:
+    coord = coordinator(make_handles(num_gpu_blocks=16, num_cpu_blocks=48))
+    shadow = Shadow()
+    sid = coord.create_sequence(list(range(8))).seq_id
+    shadow.prefill(coord, sid, 8, 0)
+    grow(coord, shadow, sid, 8, 40, chunk=16)
+
+    coord.pin(sid)  # hard: the first segment (sinks, system prompt) stays on the GPU
+    coord.offload([sid])
+    tiers = coord.get_sequence(sid).tiers
+    assert tiers[:2] == (Tier.GPU, Tier.GPU) and set(tiers[2:]) == {Tier.CPU}
+    coord.unpin(sid)
+    coord.offload([sid])
+    assert set(coord.get_sequence(sid).tiers) == {Tier.CPU}
+
+    coord.prefetch([sid])
+    coord.pin(sid, hard=False, ttl_s=0.05)  # soft: ends by itself
+    time.sleep(0.1)
+    coord.offload([sid])
+    assert set(coord.get_sequence(sid).tiers) == {Tier.CPU}
+    with pytest.raises(errors.InvalidArgument):
+        coord.pin(sid, hard=True, ttl_s=1.0)
+
+    coord.prefetch([sid])
+    coord.pin(sid)  # a hard pin outlives free: its blocks stay until unpin
+    coord.free([sid])
+    gpu = coord.stats()["workers"]["0"]["tiers"]["gpu"]
+    assert gpu["used"] == 2
+    with pytest.raises(errors.NotFound):
+        coord.unpin(sid, tenant="someone else")
+    coord.unpin(sid)
+    assert coord.stats()["workers"]["0"]["tiers"]["gpu"]["used"] == 0
+    coord.check_invariants()
