@@ -70,7 +70,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def wall_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+def wall_ms(fn: Callable[[int], Any], device: torch.device, repeats: int) -> list[float]:
     """Wall time of each of ``repeats`` calls (fn(i) for call i), each synchronized."""
     times = []
     for i in range(repeats):
@@ -185,9 +185,10 @@ def bench_long(
             row["correct"] = row["rel_err_out"] < 2e-2 and row["max_abs_err_lse"] < 1e-2
             before = kernel_totals(worker)
             stats_before = worker.tiered.stats()
-            times = wall_ms(
-                lambda i, plan=plan: worker.attend(i % shape.num_layers, plan, q), device, repeats
-            )
+            def decode(i: int, plan: AttendPlan = plan) -> Any:
+                return worker.attend(i % shape.num_layers, plan, q)
+
+            times = wall_ms(decode, device, repeats)
             after = kernel_totals(worker)
             stats_after = worker.tiered.stats()
             ms = statistics.median(times)

@@ -132,13 +132,13 @@ def plan_batch(
         row += q_len
 
     tables: dict[int, tuple[list[int], list[int]]] = {}
-    for ids in hot.values():
-        plan = manager.prepare_attention(list(ids))
+    for core_ids in hot.values():
+        plan = manager.prepare_attention(list(core_ids))
         if isinstance(plan, OutOfMemory):
             raise errors.ResourceExhausted(f"attention over long sequences: {plan.reason}")
         commands.extend(plan.commands)
-        for core_id, table in zip(ids, plan.block_tables, strict=True):
-            tables[core_id] = (list(table), [0] * len(table))
+        for core_id, resident in zip(core_ids, plan.block_tables, strict=True):
+            tables[core_id] = (list(resident), [0] * len(resident))
 
     def table_of(seg: Segment) -> tuple[list[int], list[int]]:
         if seg.core_id not in tables:  # read where it lies, untouched
@@ -167,8 +167,8 @@ def plan_batch(
                 table: list[int] = []
                 tiers: list[int] = []
                 for s in mine:
-                    ids, s_tiers = table_of(s)
-                    table += ids
+                    s_ids, s_tiers = table_of(s)
+                    table += s_ids
                     tiers += s_tiers
                     part.read[s.core_id] = (s_tiers.count(0), s_tiers.count(1))
                 seq_len = sum(s.length for s in mine)

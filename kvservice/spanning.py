@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from kvservice.core.commands import Command, CreateResult, OutOfMemory
 from kvservice.core.errors import KVServiceError
-from kvservice.core.ids import Tier
+from kvservice.core.ids import SeqId, TenantId, Tier
 from kvservice.core.manager import KVCacheManager
 from kvservice.core.records import SeqRecord
 
@@ -368,7 +368,8 @@ class SpanTable:
             else:
                 computed = min(self._computed.get(seq_id, 0), segs[-1].end)
                 tokens = (self.segment_tokens, computed, *(s.core_id for s in segs))
-                upserts[key] = SeqRecord(key, SPAN_RECORD_TENANT, tokens, (), live=False)
+                record = SeqRecord(SeqId(key), TenantId(SPAN_RECORD_TENANT), tokens, (), live=False)
+                upserts[key] = record
         self._dirty.clear()
         return out
 
