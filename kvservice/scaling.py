@@ -141,6 +141,13 @@ class ScaleController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        from kvservice.coordinator_workers import RayWorkerHandle
+        from kvservice.rejoin import WorkerRejoiner
+
+        # Lost workers that Ray restarts come back on the next pass (kvservice.rejoin).
+        self.rejoiner = WorkerRejoiner(
+            coordinator, [RayWorkerHandle(w, a) for w, a in self.actors.items()]
+        )
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> ScaleController:
@@ -235,6 +242,10 @@ class ScaleController:
                 for worker_id in request["drain"]:
                     self._drain(int(worker_id))
                     self.target -= 1
+                back = self.rejoiner.rejoin()  # restarted workers first: no replacements
+                if back:
+                    self.last_changes.append(f"workers {back} restarted and rejoined, empty")
+                    self._regroup()
                 desired = self.desired()
                 if desired is not None:
                     self._scale_to(desired)
@@ -252,7 +263,9 @@ class ScaleController:
         if self.target is not None:
             return self.target
         if self.follow_gpus:
-            return self.cluster_gpus() or None
+            # Only up: GPUs that leave take their workers with them, never a drain.
+            gpus = self.cluster_gpus()
+            return gpus if gpus > len(self.coordinator.worker_ids) else None
         return None
 
     def scale_to(self, num_workers: int) -> dict[str, Any]:
@@ -301,7 +314,7 @@ class ScaleController:
                         ready_timeout_s=self.ready_timeout_s, **self.worker_kwargs,
                     )  # fmt: skip
                     started.append(worker_id)
-                    self.coordinator.add_worker(RayWorkerHandle(worker_id, self.actors[worker_id]))
+                    self._join(RayWorkerHandle(worker_id, self.actors[worker_id]))
             if len(started) < count:
                 group = start_worker_actors(
                     self.layout, count - len(started), use_gpu=self.use_gpu,
@@ -314,7 +327,7 @@ class ScaleController:
                     self._next_id = max(self._next_id, worker_id + 1)
                     self.actors[worker_id] = actor
                     started.append(worker_id)
-                    self.coordinator.add_worker(RayWorkerHandle(worker_id, actor))
+                    self._join(RayWorkerHandle(worker_id, actor))
         finally:
             if started:
                 self.last_changes.append(f"added workers {started}")
@@ -338,11 +351,16 @@ class ScaleController:
 
                 ray.kill(actor, no_restart=True)
         self.actors.pop(worker_id, None)
+        self.rejoiner.forget(worker_id)
         self.last_changes.append(
             f"drained worker {worker_id} ({report['sequences']} sequences, {report['blocks']} blocks)"
         )
         self._regroup()
         return report
+
+    def _join(self, handle: Any) -> None:
+        self.coordinator.add_worker(handle)
+        self.rejoiner.watch(handle)
 
     def _regroup(self) -> None:
         try:
