@@ -8,8 +8,9 @@ mistake. ``WorkerRejoiner.rejoin`` finds such workers (not serving, answering ag
 an epoch other than the last one known), clears whatever reached their ledger after the
 loss, and hands them back to the coordinator (``Coordinator.add_worker``): their whole
 capacity serves new sequences again. A worker that left on purpose (drained) answers
-with its old epoch, or not at all, and is left alone. Run ``rejoin`` from a
-``Housekeeper``, or call it.
+with its old epoch, or not at all, and is left alone (``forget`` it). The scale
+controller of ``kvservice serve`` (``kvservice.scaling``) runs ``rejoin`` on every pass,
+before it would start workers to replace lost ones.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class WorkerRejoiner:
         epoch = getattr(handle, "epoch", None)
         self._epochs[handle.worker_id] = epoch if epoch is not None else handle.call("info").epoch
         self._handles[handle.worker_id] = handle
+
+    def forget(self, worker_id: int) -> None:
+        """Stop watching a worker (it left on purpose)."""
+        self._handles.pop(worker_id, None)
+        self._epochs.pop(worker_id, None)
 
     def rejoin(self) -> list[int]:
         """Take back every watched worker that restarted since it was lost; their ids."""

@@ -20,9 +20,8 @@ from service_fixtures import ATOL, LAYOUT, Shadow
 
 from kvservice.client import Client
 from kvservice.coordinator import Coordinator
-from kvservice.coordinator_workers import RayWorkerHandle
 from kvservice.core import errors
-from kvservice.rejoin import WorkerRejoiner
+from kvservice.scaling import ScaleController
 from kvservice.transport_ray import start_ray_service, worker_namespace
 
 pytestmark = pytest.mark.integration
@@ -79,10 +78,14 @@ def test_a_killed_worker_loses_only_its_sequences_and_comes_back_empty(
     import ray
 
     coordinator, namespace = ray_service
-    rejoiner = WorkerRejoiner(
-        coordinator, [RayWorkerHandle(w, a) for w, a in find_worker_actors(namespace).items()]
-    )
-    assert rejoiner.rejoin() == []  # nothing to take back while all serve
+    # The scale controller of ``kvservice serve`` (run by hand here) takes restarted
+    # workers back; set to two workers, it must not start a replacement meanwhile.
+    controller = ScaleController(
+        coordinator, LAYOUT, namespace=namespace, actors=find_worker_actors(namespace),
+        detached=False, worker_kwargs={"num_gpu_blocks": NUM_BLOCKS, "num_cpu_blocks": NUM_BLOCKS},
+    )  # fmt: skip
+    controller.target = 2
+    assert controller.rejoiner.rejoin() == []  # nothing to take back while all serve
     shadow = Shadow(seed=3)
     lengths: dict[int, int] = {}
     by_worker: dict[int, list[int]] = {0: [], 1: []}
@@ -141,11 +144,19 @@ def test_a_killed_worker_loses_only_its_sequences_and_comes_back_empty(
     assert coordinator.stats()["sequences_live"] == len(kept)
 
     # The worker comes back empty and its capacity returns.
-    assert rejoiner.rejoin() == [1]
-    assert rejoiner.rejoin() == []
-    usage = coordinator.manager.usage()[1]
-    assert [(u.total, u.free) for u in usage.values()] == [(NUM_BLOCKS, NUM_BLOCKS)] * 2
-    assert ray.get(find_worker_actors(namespace)[1].ledger.remote()).records == {}
+    status = controller.reconcile()
+    assert status["num_workers"] == 2 and coordinator.worker_ids == [0, 1], status
+    assert status["changes"][0] == "workers [1] restarted and rejoined, empty", status
+    assert not any(change.startswith("added") for change in status["changes"]), status
+    assert controller.rejoiner.rejoin() == []
+    # All its blocks are free but those of sequences the pass moved there (rebalancing).
+    moved = {s: coordinator.get_sequence(s) for s in kept}
+    moved = {s: info for s, info in moved.items() if info.worker_id == 1}
+    gpu, cpu = coordinator.manager.usage()[1].values()
+    assert (gpu.total, cpu.total, cpu.used) == (NUM_BLOCKS, NUM_BLOCKS, 0)
+    assert gpu.used == sum(info.num_blocks for info in moved.values())
+    records = ray.get(find_worker_actors(namespace)[1].ledger.remote()).records
+    assert set(records) == set(moved)  # nothing of the lost sequences came back with it
     coordinator.free(doomed)
     fresh = []
     for i in range(4):
