@@ -101,6 +101,8 @@ def test_the_controller_adds_a_worker_when_a_gpu_joins(ray_cluster: None) -> Non
         assert status["num_workers"] == 2 and coord.worker_ids == [0, 1], status
         info = coord.create_sequence([1, 2, 3])
         assert info.worker_id in (0, 1)
+        gpus[0] = 1  # a GPU node left: its workers go with it; nothing is drained for it
+        assert controller.reconcile()["num_workers"] == 2
     finally:
         controller.stop_workers()
         coord.close()
