@@ -59,6 +59,7 @@ from kvservice.core.layout import Layout
 from kvservice.core.manager import KVCacheManager
 from kvservice.metrics import Metrics
 from kvservice.migration import Migrator
+from kvservice.quotas import QuotaManager
 from kvservice.span_attention import span_data_call
 from kvservice.spanning import (
     SpanTable,
@@ -120,6 +121,8 @@ class Coordinator:
     ``segment_tokens``: sequences longer than this are held as segments that page
     between tiers and spread over workers (``kvservice.spanning``); default: an eighth
     of the smallest GPU tier, at least 16 blocks.
+    ``quotas`` (tenant -> blocks) and ``default_quota`` (tenants not listed): the most
+    blocks a tenant may hold; past it RESOURCE_EXHAUSTED (``kvservice.quotas``).
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class Coordinator:
         metrics: Metrics | None = None,
         manager: KVCacheManager | None = None,
         segment_tokens: int | None = None,
+        quotas: Mapping[str, int] | None = None,
+        default_quota: int | None = None,
     ) -> None:
         handles = _handles_by_id(workers)
         if not handles:
@@ -158,6 +163,8 @@ class Coordinator:
                 vocab_size=vocab_size,
                 placement=PLACEMENT,
             )
+        if quotas or default_quota is not None:
+            manager = QuotaManager(manager, quotas or {}, default=default_quota)  # type: ignore[assignment]
         self._manager = manager
         if segment_tokens is None:
             gpu_blocks = [i.num_gpu_blocks for i in self._infos.values()]
@@ -212,11 +219,15 @@ class Coordinator:
                     computed=computed,
                     tracked=False,
                 )
-        for sid, (length, computed) in coordinator._spans.restore(span_records).items():
+        restored, unrestorable = coordinator._spans.restore(span_records)
+        for sid, (length, computed) in restored.items():
             state = coordinator._seqs.get(sid)
             if state is not None:
                 state.length, state.computed = length, computed
                 state.written = [computed] * layout.num_layers
+        for sid in unrestorable:  # a segment's worker is gone: DATA_LOSS, as for a lost one
+            if sid in coordinator._seqs:
+                coordinator._seqs[sid].lost = True
         log.info("recovered %d sequences from %d ledgers", len(coordinator._seqs), len(records))
         return coordinator
 

@@ -30,6 +30,7 @@ so ``restore`` can rebuild it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from kvservice.core.errors import KVServiceError
 from kvservice.core.ids import SeqId, TenantId, Tier
 from kvservice.core.manager import KVCacheManager
 from kvservice.core.records import SeqRecord
+
+logger = logging.getLogger(__name__)
 
 # Tenants of non-first segments: "<tenant>" + this mark. Clients cannot name them (tenant
 # names are checked at the service edge) and nothing registers them in the prefix cache.
@@ -166,6 +169,8 @@ class SpanTable:
         """Create a sequence, as segments if it is longer than one; returns the result and
         every command to run (also when it is OutOfMemory: earlier steps may have swapped)."""
         size = self.segment_tokens
+        if len(tokens) > size and not self._can_place(len(tokens) - size, None, size):
+            return OutOfMemory(f"no room for {len(tokens)} tokens on the workers"), []
         result = self.manager.create(tenant, tokens[:size])
         if isinstance(result, OutOfMemory):
             return result, []
@@ -195,6 +200,9 @@ class SpanTable:
             if segs is not None:
                 segs[-1].length += len(tokens)
             return None, list(result.commands)
+        tail_worker = worker_id if segs is None else segs[-1].worker_id
+        if not self._can_place(len(tokens) - room, tail_worker, room):
+            return OutOfMemory(f"no room to grow sequence {seq_id} on the workers"), []
         if segs is None:
             segs = self._spans[seq_id] = [Segment(seq_id, worker_id, 0, length)]
         commands: list[Command] = []
@@ -229,6 +237,35 @@ class SpanTable:
             self._changed(seq_id, segs[0].worker_id)
         return None
 
+    def _room(self) -> dict[int, int]:
+        """Blocks each worker could still give (free or cached, either tier)."""
+        return {
+            w: t[Tier.GPU].free + t[Tier.GPU].cached + t[Tier.CPU].free + t[Tier.CPU].cached
+            for w, t in self.manager.usage().items()
+        }
+
+    def _can_place(self, num_tokens: int, prefer: int | None, first_tokens: int) -> bool:
+        """Whether new segments for ``num_tokens`` tokens fit, placed as ``_create_segment``
+        would place them, after ``first_tokens`` more on ``prefer`` (or the roomiest
+        worker): checked before anything changes, so a refusal swaps nothing."""
+        blocks_for = self.manager.layout.num_blocks_for
+        room = self._room()
+        if not room:
+            return False
+        if prefer is None:
+            prefer = max(room, key=lambda w: room[w])
+        room[prefer] -= blocks_for(first_tokens)
+        reserve = blocks_for(self.segment_tokens)
+        for offset in range(0, num_tokens, self.segment_tokens):
+            need = blocks_for(min(self.segment_tokens, num_tokens - offset)) + reserve
+            others = sorted((w for w in room if w != prefer), key=lambda w: -room[w])
+            chosen = next((w for w in [prefer, *others] if room[w] >= need), None)
+            if chosen is None:
+                return False
+            room[chosen] -= need - reserve
+            prefer = chosen
+        return True
+
     def _create_segment(
         self, tenant: str, tokens: Sequence[int], prefer: int
     ) -> CreateResult | OutOfMemory:
@@ -238,17 +275,12 @@ class SpanTable:
         or cached: without that room no cold segment there could ever be swapped back in.
         """
         manager = self.manager
-        usage = manager.usage()
-
-        def room(worker_id: int) -> int:
-            gpu, cpu = usage[worker_id][Tier.GPU], usage[worker_id][Tier.CPU]
-            return gpu.free + gpu.cached + cpu.free + cpu.cached
-
-        need = 2 * manager.layout.num_blocks_for(self.segment_tokens)
-        others = sorted((w for w in usage if w != prefer), key=lambda w: -room(w))
+        room = self._room()
+        need = manager.layout.num_blocks_for(len(tokens) + self.segment_tokens)
+        others = sorted((w for w in room if w != prefer), key=lambda w: -room[w])
         result: CreateResult | OutOfMemory = OutOfMemory("no worker has room for a segment")
-        for worker_id in [prefer, *others] if prefer in usage else others:
-            if room(worker_id) < need:
+        for worker_id in [prefer, *others] if prefer in room else others:
+            if room[worker_id] < need:
                 continue
             result = manager.create(segment_tenant(tenant), tokens, worker_id=worker_id)
             if not isinstance(result, OutOfMemory):
@@ -373,35 +405,43 @@ class SpanTable:
         self._dirty.clear()
         return out
 
-    def restore(self, records: dict[int, SeqRecord]) -> dict[int, tuple[int, int]]:
+    def restore(self, records: dict[int, SeqRecord]) -> tuple[dict[int, tuple[int, int]], set[int]]:
         """Rebuild segment lists from their ledger records (the manager already holds the
-        segments); returns each restored sequence's (length, computed tokens). A list naming
-        a segment the manager lacks (its worker is gone) is left out, its segments freed."""
+        segments). Returns each restored sequence's (length, computed tokens), and the
+        sequences that cannot be restored (a segment's worker is gone): their surviving
+        segments are freed, and they are to answer DATA_LOSS."""
         restored: dict[int, tuple[int, int]] = {}
+        lost: set[int] = set()
         for seq_id, record in sorted(records.items()):
             size, computed, *core_ids = record.tokens
-            views = []
+            if not self._spans and size != self.segment_tokens:
+                logger.warning(
+                    "segment size %d from the ledgers replaces %d", size, self.segment_tokens
+                )
+                self.segment_tokens = self.window_tokens = size
+            views = {}
             for core_id in core_ids:
                 try:
-                    views.append(self.manager.sequence(core_id))
+                    views[core_id] = self.manager.sequence(core_id)
                 except KVServiceError:
-                    views = []
-                    break
-            if size != self.segment_tokens or not views:
-                for core_id in core_ids[1:]:
-                    if views:
-                        self.manager.free(core_id)
+                    pass
+            if size != self.segment_tokens or len(views) < len(core_ids):
+                lost.add(seq_id)
+                for core_id in views:
+                    self.manager.free(core_id)  # FreeBlocks only: nothing to send
                 continue
             segs, start = [], 0
-            for core_id, view in zip(core_ids, views, strict=True):
-                segs.append(Segment(core_id, view.worker_id, start, view.num_tokens))
-                start += view.num_tokens
+            for core_id in core_ids:
+                segs.append(
+                    Segment(core_id, views[core_id].worker_id, start, views[core_id].num_tokens)
+                )
+                start += views[core_id].num_tokens
                 if core_id != seq_id:
                     self._owner[core_id] = seq_id
             self._spans[seq_id] = segs
             self._computed[seq_id] = computed
             restored[seq_id] = (start, min(computed, start))
-        return restored
+        return restored, lost
 
     def check_invariants(self, lengths: dict[int, int]) -> None:
         """Segments cover [0, length) in order; all but the tail are full (AssertionError)."""

@@ -254,3 +254,23 @@ def test_pins_keep_a_long_sequences_first_segment_in_place() -> None:
     coord.unpin(sid)
     assert coord.stats()["workers"]["0"]["tiers"]["gpu"]["used"] == 0
     coord.check_invariants()
+
+
+def test_recovery_without_a_worker_that_held_a_segment_is_data_loss() -> None:
+    handles = make_handles(num_workers=2, num_gpu_blocks=8, num_cpu_blocks=8)
+    coord = coordinator(handles)
+    shadow = Shadow()
+    sid = coord.create_sequence(list(range(8))).seq_id
+    shadow.prefill(coord, sid, 8, 0)
+    grow(coord, shadow, sid, 8, 100, chunk=16)
+    assert {s.worker_id for s in segments(coord, sid)} == {0, 1}
+    first = segments(coord, sid)[0].worker_id
+    survivor = [h for h in handles if h.worker_id == first]
+
+    again = Coordinator.recover(LAYOUT, survivor, segment_tokens=SEGMENT)
+    with pytest.raises(errors.DataLoss):
+        again.get_sequence(sid)
+    again.free([sid])
+    again.check_invariants()
+    tiers = again.stats()["workers"][str(first)]["tiers"]
+    assert tiers["gpu"]["used"] == 0 and tiers["cpu"]["used"] == 0
