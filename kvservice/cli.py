@@ -31,6 +31,7 @@ from typing import Any
 from kvservice.bench import add_parser as add_bench_parser
 from kvservice.layouts import DEFAULT_BLOCK_SIZE, layout_names, parse_layout
 from kvservice.metrics import DEFAULT_METRICS_PORT
+from kvservice.quotas import parse_quotas
 from kvservice.scaling import add_parser as add_scale_parser
 
 DEFAULT_PORT = 50051
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     serve.add_argument(
+        "--quota", action="append", default=None, metavar="TENANT=BLOCKS",
+        help="the most blocks a tenant may hold (repeat for more tenants)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--default-quota", type=int, default=None,
+        help="the most blocks a tenant without --quota may hold (default: no limit)",
+    )  # fmt: skip
+    serve.add_argument(
         "--lease-ttl-s", type=float, default=None,
         help="free a sequence no call has named for this many seconds (default: never)",
     )  # fmt: skip
@@ -128,6 +137,8 @@ def service_options(args: argparse.Namespace) -> dict[str, Any]:
         "num_cpu_blocks": args.num_cpu_blocks,
         "cpu_pool_gib": args.cpu_pool_gib,
         "vocab_size": args.vocab_size,
+        "quotas": parse_quotas(args.quota) if args.quota else None,
+        "default_quota": args.default_quota,
     }
     options = {k: v for k, v in options.items() if v is not None}
     options["high_watermark"] = args.high_watermark

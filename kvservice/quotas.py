@@ -7,7 +7,7 @@ changed). Other tenants are unaffected: their calls are checked against their ow
 quotas only.
 
 What counts: the distinct physical blocks (either tier, any worker) that the tenant's
-sequences and pins hold. A block is only ever shared within one tenant (prefix hashes
+sequences (every segment of a long one) and pins hold. A block is only ever shared within one tenant (prefix hashes
 are salted per tenant, forks stay in their tenant), so every used block counts for
 exactly one tenant. Cached blocks (held by nobody, evictable) count for no one; a cache
 hit that revives one counts again. So:
@@ -37,6 +37,14 @@ from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import DEFAULT_TENANT
 from kvservice.core.manager import KVCacheManager
 from kvservice.core.prefix_cache import HashChain, match_prefix
+from kvservice.spanning import SEGMENT_MARK, is_segment_tenant
+
+
+def owner(tenant: str | None) -> str:
+    """The tenant a core sequence counts for: a long sequence's later segments are core
+    sequences of a private tenant (``kvservice.spanning``) and count for its own."""
+    tenant = tenant or DEFAULT_TENANT
+    return tenant[: -len(SEGMENT_MARK)] if is_segment_tenant(tenant) else tenant
 
 
 def check_quotas(quotas: Mapping[str, int], default: int | None) -> dict[str, int]:
@@ -89,18 +97,18 @@ class QuotaManager:
         return self._manager
 
     def quota_of(self, tenant: str | None) -> int | None:
-        return self.quotas.get(tenant or DEFAULT_TENANT, self.default)
+        return self.quotas.get(owner(tenant), self.default)
 
     def blocks_of(self, tenant: str | None) -> int:
-        """Distinct blocks the tenant's sequences and pins hold now."""
-        tenant = tenant or DEFAULT_TENANT
+        """Distinct blocks the tenant's sequences (and their segments) and pins hold now."""
+        tenant = owner(tenant)
         m = self._manager
         held: set[int] = set()
         for seq in m._seqs.values():
-            if seq.tenant == tenant:
+            if owner(seq.tenant) == tenant:
                 held.update(map(id, seq.blocks))
         for pin in m._pins.pins.values():
-            if pin.tenant == tenant:
+            if owner(pin.tenant) == tenant:
                 held.update(map(id, pin.blocks))
         return len(held)
 
@@ -108,11 +116,11 @@ class QuotaManager:
         """Blocks held per tenant (tenants holding none are left out)."""
         m = self._manager
         held: dict[str, set[int]] = {}
-        for owner, blocks in [
+        for tenant, blocks in [
             *((s.tenant, s.blocks) for s in m._seqs.values()),
             *((p.tenant, p.blocks) for p in m._pins.pins.values()),
         ]:
-            held.setdefault(owner, set()).update(map(id, blocks))
+            held.setdefault(owner(tenant), set()).update(map(id, blocks))
         return {tenant: len(ids) for tenant, ids in sorted(held.items()) if ids}
 
     def _refusal(self, tenant: str | None, need: int) -> OutOfMemory | None:
@@ -123,7 +131,7 @@ class QuotaManager:
         if held + need <= quota:
             return None
         return OutOfMemory(
-            f"tenant {tenant or DEFAULT_TENANT!r} holds {held} blocks and needs {need} more, "
+            f"tenant {owner(tenant)!r} holds {held} blocks and needs {need} more, "
             f"over its quota of {quota}"
         )
 

@@ -34,7 +34,8 @@ DEFAULT_ACTOR_NAME = "kvservice"
 ACTOR_MAX_CONCURRENCY = 64
 
 _COORDINATOR_OPTIONS = (
-    "high_watermark", "low_watermark", "vocab_size", "metrics", "segment_tokens",
+    "high_watermark", "low_watermark", "vocab_size", "metrics", "segment_tokens", "quotas",
+    "default_quota",
 )  # fmt: skip
 _WORKER_OPTIONS = ("num_gpu_blocks", "gpu_mem_fraction", "num_cpu_blocks", "cpu_pool_gib")
 

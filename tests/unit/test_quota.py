@@ -1,11 +1,13 @@
 """Block quotas per tenant: RESOURCE_EXHAUSTED past the quota, other tenants unaffected.
 
-A coordinator over local CPU workers whose manager is wrapped in ``QuotaManager``;
+A coordinator over local CPU workers with quotas (its manager is a ``QuotaManager``);
 outputs are checked against the dense oracle, so a refused call is seen to have
 changed nothing. Block counts are exact (block size 4).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -13,16 +15,16 @@ from service_fixtures import ATOL, LAYOUT, Shadow, make_handles
 
 from kvservice.coordinator import Coordinator
 from kvservice.core import errors
-from kvservice.core.commands import PoolSizes
-from kvservice.core.manager import KVCacheManager
 from kvservice.quotas import QuotaManager, check_quotas, parse_quotas
 
 
-def make(quotas: dict[str, int], *, default: int | None = None, num_workers: int = 1) -> tuple[Coordinator, QuotaManager]:
-    handles = make_handles(num_workers=num_workers, num_gpu_blocks=64, num_cpu_blocks=64)
-    sizes = {h.worker_id: PoolSizes(64, 64) for h in handles}
-    manager = QuotaManager(KVCacheManager(LAYOUT, sizes), quotas, default=default)
-    return Coordinator(LAYOUT, handles, manager=manager), manager
+def make(
+    quotas: dict[str, int], *, default: int | None = None, **options: Any
+) -> tuple[Coordinator, QuotaManager]:
+    handles = make_handles(num_gpu_blocks=64, num_cpu_blocks=64)
+    coord = Coordinator(LAYOUT, handles, quotas=quotas, default_quota=default, **options)
+    assert isinstance(coord.manager, QuotaManager)
+    return coord, coord.manager
 
 
 def used(coord: Coordinator) -> int:
@@ -162,3 +164,31 @@ def test_quota_specs_are_checked() -> None:
         check_quotas({"alice": -1}, None)
     with pytest.raises(errors.InvalidArgument):
         check_quotas({}, True)  # type: ignore[arg-type]
+
+
+def test_every_segment_of_a_long_sequence_counts_for_its_tenant() -> None:
+    coord, quotas = make({"alice": 10}, segment_tokens=16)  # segments of 4 blocks
+    shadow = Shadow()
+    info = coord.create_sequence(list(range(40)), tenant="alice")  # 10 blocks in 3 segments
+    shadow.prefill(coord, info.seq_id, 40, 0, tenant="alice")
+    assert quotas.blocks_of("alice") == 10 and quotas.usage_by_tenant() == {"alice": 10}
+    with pytest.raises(errors.ResourceExhausted, match="quota"):
+        coord.append_tokens([info.seq_id], [[1]], tenant="alice")  # an 11th block
+    with pytest.raises(errors.ResourceExhausted, match="quota"):
+        coord.create_sequence([1, 2], tenant="alice")
+    coord.create_sequence(list(range(40)), tenant="bob")
+    coord.truncate(info.seq_id, 36, tenant="alice")
+    coord.append_tokens([info.seq_id], [[1]], tenant="alice")  # fits again
+    assert quotas.blocks_of("alice") == 10
+    coord.check_invariants()
+
+
+def test_serve_takes_quotas_from_the_command_line() -> None:
+    from kvservice import cli
+
+    args = cli.build_parser().parse_args(
+        ["serve", "--quota", "alice=10", "--quota", "bob=0", "--default-quota", "3"]
+    )
+    options = cli.service_options(args)
+    assert (options["quotas"], options["default_quota"]) == ({"alice": 10, "bob": 0}, 3)
+    assert "quotas" not in cli.service_options(cli.build_parser().parse_args(["serve"]))
