@@ -289,14 +289,14 @@ class _MovingBatch:
         self.calls = self._planning.__enter__().calls
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         error = exc
         try:
             self._planning.__exit__(exc_type, exc, tb)
         except BaseException as raised:  # noqa: BLE001 - sorted out below
             error = raised
         if error is None:
-            return False
+            return None
         if isinstance(error, WorkerLost):  # a local transfer met a dead worker while planning
             error = self._migrator._c._lose_worker(error.worker_id)
         lost = self._migrator._lose_moved(self.moves) if isinstance(error, Exception) else []
@@ -304,5 +304,5 @@ class _MovingBatch:
             seq_ids = sorted({*getattr(error, "seq_ids", ()), *lost})
             raise errors.DataLoss(f"moving sequences {lost} failed: {error}", seq_ids) from error
         if error is exc:
-            return False  # the with statement raises it
+            return None  # the with statement raises it
         raise error

@@ -93,8 +93,10 @@ def control_actor(namespace: str, *, create: bool) -> Any:
 
     if not create:
         return ray.get_actor(CONTROL_NAME, namespace=namespace)
-    actor_cls = ray.remote(num_cpus=0, max_concurrency=4)(ScaleControl)
-    return actor_cls.options(name=CONTROL_NAME, namespace=namespace).remote()
+    actor_cls: Any = ray.remote(ScaleControl)
+    return actor_cls.options(
+        name=CONTROL_NAME, namespace=namespace, num_cpus=0, max_concurrency=4
+    ).remote()
 
 
 class ScaleController:
@@ -237,11 +239,11 @@ class ScaleController:
                 if request["drain"]:
                     # The operator sizes the server now: the drained workers are not
                     # replaced (until ``--workers`` or ``--auto`` says otherwise).
-                    self.target = len(self.coordinator.worker_ids)
                     self.follow_gpus = False
-                for worker_id in request["drain"]:
-                    self._drain(int(worker_id))
-                    self.target -= 1
+                    self.target = len(self.coordinator.worker_ids)
+                    for worker_id in request["drain"]:
+                        self._drain(int(worker_id))
+                        self.target = len(self.coordinator.worker_ids)
                 back = self.rejoiner.rejoin()  # restarted workers first: no replacements
                 if back:
                     self.last_changes.append(f"workers {back} restarted and rejoined, empty")
@@ -374,11 +376,13 @@ class ScaleController:
         return worker_id
 
     def _status(self) -> dict[str, Any]:
+        from kvservice.core.ids import Tier
+
         manager = self.coordinator.manager
         usage = manager.usage()
         return {
             "workers": {
-                str(w): {"gpu_used": int(u[0].used), "gpu_total": int(u[0].total)}
+                str(w): {"gpu_used": int(u[Tier.GPU].used), "gpu_total": int(u[Tier.GPU].total)}
                 for w, u in usage.items()
             },
             "num_workers": len(usage),

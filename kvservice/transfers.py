@@ -125,19 +125,19 @@ def submit_transfer(
         ids = by_tiers.setdefault((int(src_tier), int(dst_tier)), ([], []))
         ids[0].append(int(src_block))
         ids[1].append(int(dst_block))
-    for (src_tier, dst_tier), (src_ids, dst_ids) in sorted(by_tiers.items()):
+    for (from_tier, to_tier), (src_ids, dst_ids) in sorted(by_tiers.items()):
         if isinstance(src, RayWorkerHandle) and isinstance(dst, RayWorkerHandle):
-            export = src.submit("export_blocks", src_tier, src_ids)
+            export = src.submit("export_blocks", from_tier, src_ids)
             calls.append(export)  # resolved first: a lost source is named as such
             # The import takes the export's object reference: Ray hands the tensor from
             # actor to actor once it exists.
-            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, export._ref))  # type: ignore[attr-defined]
+            calls.append(dst.submit("import_blocks", to_tier, dst_ids, export._ref))  # type: ignore[attr-defined]
         else:
             # A local export runs in this thread once the source's earlier calls have; the
             # batch's own earlier calls must run first, or they would wait on this one.
             resolve_all(calls)
-            data = src.call("export_blocks", src_tier, src_ids)
-            calls.append(dst.submit("import_blocks", dst_tier, dst_ids, data))
+            data = src.call("export_blocks", from_tier, src_ids)
+            calls.append(dst.submit("import_blocks", to_tier, dst_ids, data))
     return "host"
 
 
