@@ -109,13 +109,13 @@ def start_ray_service(
         stop = lambda: stop_worker_actors(group)  # noqa: E731
     controller = None
     if scaling:
-        from kvservice.scaling import ScaleController
+        from kvservice.scaling import DEFAULT_INTERVAL_S, ScaleController
 
         controller = ScaleController(
             coordinator, layout, namespace=namespace, actors=found or group.actors,
             groups=[] if found else [group], use_gpu=_uses_gpu(use_gpu),
             follow_gpus=follow_gpus, detached=detached_workers, worker_kwargs=worker_kwargs,
-            **({"interval_s": scale_interval_s} if scale_interval_s else {}),
+            interval_s=scale_interval_s or DEFAULT_INTERVAL_S,
         )  # fmt: skip
         stop = controller.stop_workers  # the workers it added and left too
     coordinator.add_close_hook(stop)
