@@ -201,6 +201,7 @@ def test_a_restarted_coordinator_finds_every_sequence_and_generation_goes_on(
         assert {info.worker_id for info in before.values()} == {0, 1}
 
         ray.kill(first.service._actor, no_restart=True)  # the coordinator dies
+        wait_until_unnamed(name)
         assert sorted(find_worker_actors(worker_namespace(name))) == [0, 1]  # the workers live on
         second = Client.ray(LAYOUT, **options)  # a new coordinator, rebuilt from the ledgers
 
@@ -229,6 +230,20 @@ def test_a_restarted_coordinator_finds_every_sequence_and_generation_goes_on(
         for actor in find_worker_actors(worker_namespace(name)).values():
             ray.kill(actor, no_restart=True)
         remove_placement_groups(worker_namespace(name))
+
+
+def wait_until_unnamed(name: str, timeout: float = 60.0) -> None:
+    """A killed actor keeps its name for a moment; a new one can only take it after."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor {name!r} is still registered")
 
 
 def remove_placement_groups(namespace: str) -> None:
