@@ -4,7 +4,8 @@
 entry per sequence. ``prepare_plan`` checks it completely against the pool and turns it
 into the tensors the kernels take. Invariants of a prepared plan:
 - every block id a kernel will read is in ``[0, num_blocks)``; table entries past a
-  sequence's last block are zeroed, so padding never points outside the pool;
+  sequence's last block are zeroed, so padding never points outside the pool; tables
+  are ``table_width`` entries wide (a multiple of 16, see there);
 - ``write_slots`` are the slots of the sequences' new tokens (positions
   ``seq_len - q_len .. seq_len - 1``) as the block tables place them, ``-1`` where the
   caller asked to skip; when they are to be written no slot appears twice (two sequences
@@ -23,6 +24,17 @@ import torch
 from kvservice.core.errors import InvalidArgument
 
 IntList = Sequence[int] | torch.Tensor
+
+# Prepared block tables are a multiple of this many entries wide: the kernels take the
+# table's row stride as an argument, and Triton compiles a kernel again when a stride
+# becomes 1 or a multiple of 16 where it was neither (or the reverse). A fixed multiple
+# keeps one compiled variant however the widest sequence grows.
+TABLE_WIDTH_MULTIPLE = 16
+
+
+def table_width(num_blocks: int) -> int:
+    """The prepared table width for sequences of at most ``num_blocks`` blocks."""
+    return max(1, -(-num_blocks // TABLE_WIDTH_MULTIPLE)) * TABLE_WIDTH_MULTIPLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +226,7 @@ def prepare_plan(
     needed = (seq_lens + block_size - 1) // block_size
     width = int(needed.max())
     table, used = _used_table(plan.block_tables, needed, width)
+    table = torch.nn.functional.pad(table, (0, table_width(width) - width))
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
         bad = int(used[(used < 0) | (used >= num_blocks)][0])
         raise InvalidArgument(f"block id {bad} in block_tables is outside [0, {num_blocks})")
@@ -283,7 +296,7 @@ def _prepare_int_lists(
     if min(q_lens) < 1 or sum(q_lens) != num_q_rows or max(seq_lens) > 2**31 - 1:
         return None
     needed = [-(-n // block_size) for n in seq_lens]
-    width = max(needed)
+    width = table_width(max(needed))
     flat: list[int] = []  # the padded table, row by row
     used: list[int] = []
     slots: list[int] = []

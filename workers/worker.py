@@ -91,6 +91,7 @@ class Worker(TransferMixin):
         self.worker_id = worker_id
         self.layout = layout
         self.device = resolve_device(device)
+        self._device_index = self.device.index if self.device.type == "cuda" else None
         self.epoch = new_epoch()
         num_gpu = num_gpu_tier_blocks(layout, self.device, num_gpu_blocks, gpu_mem_fraction)
         num_cpu = num_cpu_tier_blocks(layout, num_cpu_blocks, cpu_pool_gib)
@@ -100,6 +101,11 @@ class Worker(TransferMixin):
             self.cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin_memory=is_cuda)
             self._swap_stream = torch.cuda.Stream(self.device) if is_cuda else None
         self._dtype = torch_dtype(layout)
+        # Per-layer cache views, made once (indexing a tensor costs more than a list).
+        self._layer_caches = [
+            (self.gpu_pool[:, layer, 0], self.gpu_pool[:, layer, 1])
+            for layer in range(layout.num_layers)
+        ]
         self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
         self._plans = PlanCache()
@@ -123,9 +129,10 @@ class Worker(TransferMixin):
         return self.cpu_pool.shape[0]
 
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.cuda.device(self.device)
-        return contextlib.nullcontext()
+        index = self._device_index
+        if index is None or torch.cuda.current_device() == index:
+            return contextlib.nullcontext()  # switching costs more than asking
+        return torch.cuda.device(index)
 
     @contextlib.contextmanager
     def _entry(self, name: str) -> Iterator[None]:
@@ -162,14 +169,18 @@ class Worker(TransferMixin):
             )
         tables = prepared.block_tables
         num_table, batch = tables.numel(), prepared.seq_lens.numel()
-        meta = torch.cat([tables.reshape(-1), prepared.seq_lens, prepared.cu_q_lens])
-        meta = meta.pin_memory().to(self.device, non_blocking=True)
+        # Each part starts 16-byte aligned (a multiple of 4 int32s): Triton compiles a
+        # kernel again for a pointer argument whose alignment differs.
+        gap = -batch % 4
+        parts = [tables.reshape(-1), prepared.seq_lens, tables.new_zeros(gap), prepared.cu_q_lens]
+        meta = torch.cat(parts).pin_memory().to(self.device, non_blocking=True)
+        cu_start = num_table + batch + gap
         slots = prepared.write_slots.pin_memory().to(self.device, non_blocking=True)
         return DevicePlan(
             prepared,
             meta[:num_table].view(tables.shape),
             meta[num_table : num_table + batch],
-            meta[num_table + batch :],
+            meta[cu_start:],
             slots,
         )
 
@@ -177,7 +188,7 @@ class Worker(TransferMixin):
         return self.gpu_pool if tier is Tier.GPU else self.cpu_pool
 
     def _caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gpu_pool[:, layer, 0], self.gpu_pool[:, layer, 1]
+        return self._layer_caches[layer]
 
     def _kv_shape(self, num_tokens: int | None) -> tuple[int | None, int, int]:
         return (num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
@@ -293,28 +304,32 @@ class Worker(TransferMixin):
             prepared = dev.prepared
             block_tables, seq_lens = dev.block_tables, dev.seq_lens
 
-            self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, self._compute_stream())
+            # The current stream, asked once: the waits and the timing events go on it.
+            stream = self._compute_stream()
+            self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, stream)
             k_cache, v_cache = self._caches(layer)
             q_dev = self._to_device(q)
             if k_new is not None and v_new is not None:
-                with self._timer.region("write_kv"):
+                with self._timer.region("write_kv", stream):
                     kernels.write_kv(
                         k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
                         dev.write_slots, check_indices=False,
                     )  # fmt: skip
             if prepared.is_decode and sliding_window is None:
-                with self._timer.region("paged_decode"):
+                with self._timer.region("paged_decode", stream):
                     result = kernels.paged_decode(
                         q_dev, k_cache, v_cache, block_tables, seq_lens,
                         scale=scale, return_lse=return_lse, check_indices=False,
                     )  # fmt: skip
             else:
-                with self._timer.region("paged_extend"):
+                with self._timer.region("paged_extend", stream):
                     result = kernels.paged_extend(
                         q_dev, k_cache, v_cache, block_tables, dev.cu_q_lens, seq_lens,
                         scale=scale, sliding_window=sliding_window, return_lse=return_lse,
                         check_indices=False,
                     )  # fmt: skip
+            if q.device == self.device:
+                return result
             if return_lse:
                 out, lse = result
                 return out.to(q.device), lse.to(q.device)
