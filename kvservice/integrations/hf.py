@@ -87,7 +87,9 @@ def kvservice_attention(
         scale=scaling,
         sliding_window=sliding_window,
     )
-    return out.to(device=query.device, dtype=query.dtype).unsqueeze(0), None
+    if out.device != query.device or out.dtype != query.dtype:
+        out = out.to(device=query.device, dtype=query.dtype)
+    return out.unsqueeze(0), None
 
 
 def register() -> None:
