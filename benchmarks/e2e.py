@@ -14,7 +14,12 @@ all of its tokens. Systems:
 - ``kvservice_embedded``: the model's attention in kvservice, service in this process;
 - ``kvservice_grpc``: the same over gRPC on 127.0.0.1 (server on a thread of this process).
 
-Each system is warmed up (kernel compilation, allocator) on a short run first. Reported:
+Each system is warmed up first on the whole workload with ``WARMUP_TOKENS`` new tokens,
+so that the timed run compiles nothing (JIT kernels are compiled per shape class, and the
+timed run meets the same batch sizes and table widths) and grows no allocator pool; then
+the garbage collector's current heap is frozen (``gc.freeze``, as serving engines do
+after start-up) so that full collections in the timed run scan only what it allocates.
+Reported:
 output tokens/s (generated tokens over wall time, prefill included), wall seconds and
 peak GPU memory (``torch.cuda.max_memory_allocated``, weights included); for kvservice also
 how many requests produced exactly the tokens ``generate`` produced (bf16 kernels that sum
@@ -50,6 +55,7 @@ from kvservice.integrations.reference import random_model
 
 SYSTEMS = ("generate", "generate_batch", "kvservice_embedded", "kvservice_grpc")
 BLOCK_SIZE = 16
+WARMUP_TOKENS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,16 +211,20 @@ def measure(
     name: str, model: Any, prompts: list[list[int]], max_new_tokens: int, device: str
 ) -> dict[str, Any]:
     runner = RUNNERS[name]
-    runner(model, prompts[:2], 4, device)  # warm-up: compile, allocate
+    runner(model, prompts, min(WARMUP_TOKENS, max_new_tokens), device)  # compile, allocate
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    start = time.perf_counter()
-    outputs = runner(model, prompts, max_new_tokens, device)
-    sync(device)
-    seconds = time.perf_counter() - start
+    gc.freeze()
+    try:
+        start = time.perf_counter()
+        outputs = runner(model, prompts, max_new_tokens, device)
+        sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        gc.unfreeze()
     num_tokens = sum(len(o) for o in outputs)
     row: dict[str, Any] = {
         "system": name,
