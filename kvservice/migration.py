@@ -208,6 +208,7 @@ class Migrator:
 
     # ------------------------------------------------------------------ internals
     def _transfer(self, transfer: TransferBlocks, calls: list[PendingCall]) -> None:
+        self._c._steps.invalidate()  # blocks move: kept step plans may name old places
         path = submit_transfer(transfer, self._c._handles, self.group, calls)
         self.counters[f"transfers_{path}"] += 1
         self.counters["blocks_transferred"] += len(transfer.blocks)

@@ -207,3 +207,23 @@ def test_a_long_sequences_segments_follow_a_drain_and_survive_a_restart() -> Non
     )
     check(recovered, shadow, {info.seq_id: length})
     recovered.check_invariants()
+
+
+def test_a_move_between_the_layers_of_a_step_is_not_read_from_a_kept_plan() -> None:
+    coord, _ = make(2)
+    shadow = Shadow()
+    lengths = populate(coord, shadow, 4)
+    sid = next(s for s in lengths if worker_of(coord, s) == 0)
+    coord.append_tokens([sid], [[7]])
+    lengths[sid] += 1
+    out, expected = shadow.attend(coord, 0, [sid], [1], [lengths[sid]])  # layer 0 plans the step
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    coord.migrate([sid], 1)
+    other = next(s for s in lengths if worker_of(coord, s) == 0)
+    coord.free([other])  # its blocks are free on worker 0 now
+    del lengths[other]
+    coord.migrate([sid], 0)  # back, into other blocks
+    assert worker_of(coord, sid) == 0
+    out, expected = shadow.attend(coord, 1, [sid], [1], [lengths[sid]])  # same step, layer 1
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    check(coord, shadow, lengths)
