@@ -34,7 +34,7 @@ from kvservice.coordinator_workers import WorkerLost, resolve_all
 from kvservice.workers import AttendPlan
 
 if TYPE_CHECKING:
-    from kvservice.coordinator import Coordinator
+    from kvservice.coordinator import Coordinator, _SeqState
 
 _INT64_MAX = 2**63 - 1
 
@@ -71,7 +71,7 @@ class _Step:
     starts: list[int]
     versions: list[int]
     # (seq_id, state, version, worker_id, first new position, length)
-    seqs: list[tuple[int, Any, int, int, int, int]]
+    seqs: list[tuple[int, _SeqState, int, int, int, int]]
     # (worker_id, q row ranges, plan), one per worker
     groups: list[tuple[int, list[tuple[int, int]], AttendPlan]]
     num_rows: int
@@ -141,7 +141,7 @@ class StepPlans:
         seq_ids: list[int],
         q_lens: list[int],
         tenant: str,
-        q: torch.Tensor,
+        q: torch.Tensor | None,
         k: torch.Tensor | None,
         v: torch.Tensor | None,
         options: dict[str, Any],
@@ -171,7 +171,9 @@ class StepPlans:
             raise coord._lose_worker(exc.worker_id) from exc
         if writes:
             self._record(coord, step, layer)
-        groups = [(wid, rows, []) for wid, rows, _plan in step.groups]
+        groups: list[tuple[int, list[tuple[int, int]], list[int]]] = [
+            (wid, rows, []) for wid, rows, _plan in step.groups
+        ]
         return _merge_results(results, groups, step.num_rows, bool(options["return_lse"]))
 
     def _record(self, coord: Coordinator, step: _Step, layer: int) -> None:
@@ -181,10 +183,9 @@ class StepPlans:
             coord._record_writes(layer, step.seq_ids, step.starts, step.q_lens, step.versions)
             return
         with coord._lock:
-            seqs = coord._seqs
-            for sid, state, version, _wid, start, end in step.seqs:
-                if state.lost or state.version != version or seqs.get(sid) is not state:
-                    continue  # freed, lost or changed meanwhile
+            for _sid, state, version, _wid, start, end in step.seqs:
+                if state.lost or state.version != version:
+                    continue  # lost or changed meanwhile (a freed state is nobody's now)
                 written = state.written
                 if start <= written[layer] < end:
                     written[layer] = end

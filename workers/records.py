@@ -103,13 +103,14 @@ def _check_record(key: object, record: object, num_blocks: tuple[int, int]) -> S
 def _blocks_fit(blocks: tuple[BlockRecord, ...], num_blocks: tuple[int, int]) -> bool:
     """Every block a plain int id inside its tier's pool: the common case, checked in one
     pass (a decode step re-sends the record of every sequence in the batch)."""
-    by_tier: tuple[list[object], list[object]] = ([], [])
+    by_tier: tuple[list[int], list[int]] = ([], [])
     for block in blocks:
         tier = block.tier
         if type(tier) not in (Tier, int) or tier not in (0, 1):
             return False
         by_tier[tier].append(block.block_id)
     for ids, limit in zip(by_tier, num_blocks, strict=True):
-        if ids and (set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= limit):  # type: ignore[type-var, call-overload]
+        # The ids are typed int, but a record may come from anywhere: check their type.
+        if ids and (set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= limit):
             return False
     return True
