@@ -24,8 +24,11 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# Unit and kernel tests run in their own pytest process: their guard fails any test that
+# finds Ray running, and the integration tests keep one local Ray up for their session.
 test: setup lint typecheck
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit tests/kernels
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/integration
 
 proto: setup
 	$(PY) -m kvservice.protogen
