@@ -24,6 +24,8 @@ class KernelTimer:
         self._calls: dict[str, int] = defaultdict(int)
         self._seconds: dict[str, float] = defaultdict(float)
         self._queued: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        # Event pairs whose region has been read, recorded again by later regions.
+        self._spare: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def region(self, name: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
@@ -34,8 +36,11 @@ class KernelTimer:
             self._calls[name] += 1
             self._seconds[name] += time.perf_counter() - start
             return
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        if self._spare:
+            begin, end = self._spare.pop()
+        else:
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
         begin.record(stream)
         yield
         end.record(stream)
@@ -53,6 +58,7 @@ class KernelTimer:
                 still.append((name, begin, end))
                 continue
             self._seconds[name] += begin.elapsed_time(end) / 1e3
+            self._spare.append((begin, end))
         self._queued = still
 
     def totals(self) -> dict[str, dict[str, float]]:
