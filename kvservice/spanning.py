@@ -192,7 +192,9 @@ class SpanTable:
         segs = self._spans.get(seq_id)
         tail_length = length if segs is None else segs[-1].length
         room = self.segment_tokens - tail_length
-        if room >= len(tokens):
+        # A sequence already longer than one segment (made under a larger segment size)
+        # stays whole: a segment must end on a block boundary.
+        if room >= len(tokens) or (segs is None and room < 0):
             tail = seq_id if segs is None else segs[-1].core_id
             result = self.manager.append(tail, tokens)
             if isinstance(result, OutOfMemory):
