@@ -683,7 +683,13 @@ class Coordinator:
         q_lens: list[int],
         versions: list[int],
     ) -> None:
-        """After a successful write: advance written[layer], feed the prefix cache."""
+        """After a successful write: advance written[layer], feed the prefix cache.
+
+        When a sequence's computed count advances (the step's last layer is written), the
+        ledgers learn it at once, so a coordinator rebuilt after a crash reports it too.
+        """
+        calls: list[PendingCall] = []
+        advanced = False
         with self._lock:
             for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
                 state = self._seqs.get(sid)
@@ -695,8 +701,13 @@ class Coordinator:
                 if computed > state.computed:
                     self._spans.mark_computed(sid, computed)
                     state.computed = computed
-            # New prefix hashes reach the ledgers with the next call that moves blocks: a
-            # crash before that loses cache entries, never data.
+                    advanced = True
+            if advanced:
+                self._submit_ledger(calls)
+        try:
+            resolve_all(calls)
+        except WorkerLost as exc:
+            raise self._lose_worker(exc.worker_id) from exc
 
     # ------------------------------------------------------------------ stats
 

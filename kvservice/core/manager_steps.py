@@ -100,7 +100,10 @@ class ManagerSteps(ManagerAdmin):
     def mark_computed(self, seq_id: int, num_tokens: int) -> None:
         seq = self._seq(seq_id)
         check_count("num_tokens", num_tokens, 0, len(seq.tokens))
-        seq.num_computed = max(seq.num_computed, num_tokens)
+        if num_tokens > seq.num_computed:
+            # The ledger carries the computed count: a rebuilt coordinator reports it.
+            seq.num_computed = num_tokens
+            self._upserts.add(seq_id)
         bs = self.block_size
         first, full = len(seq.hashes), seq.num_computed // bs
         if full <= first:
