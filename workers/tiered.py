@@ -36,13 +36,19 @@ import ctypes
 import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import kvservice.kernels as kernels
 import torch
-from kvservice.workers.plan import AttendPlan, _used_table, as_int_tensor, plan_lengths
+from kvservice.workers.plan import (
+    AttendPlan,
+    _is_frozen,
+    _used_table,
+    as_int_tensor,
+    plan_lengths,
+)
 
 from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import Tier
@@ -69,7 +75,7 @@ def has_cold_blocks(plan: object) -> bool:
         return False
     if isinstance(tiers, torch.Tensor):
         return bool((tiers != int(Tier.GPU)).any())
-    return any(any(t != Tier.GPU for t in row) for row in tiers)
+    return any(row.count(Tier.GPU) != len(row) for row in tiers)  # C-level scans
 
 
 @dataclass(slots=True)
@@ -172,11 +178,13 @@ def split_plan(
         hot_rows = torch.nonzero(has_hot[row_entry]).flatten()
         new_slots = None
         if plan.new_slots is not None:
-            new_slots = as_int_tensor("new_slots", plan.new_slots, length=num_q_rows)[hot_rows]
+            slots = as_int_tensor("new_slots", plan.new_slots, length=num_q_rows)[hot_rows]
+            new_slots = tuple(slots.tolist())
+        # Tuples all the way down: the worker's plan cache keeps it across layers.
         hot_plan = AttendPlan(
-            block_tables=hot_table[entries],
-            seq_lens=hot_lens[entries],
-            q_lens=q_lens[entries],
+            block_tables=tuple(map(tuple, hot_table[entries].tolist())),
+            seq_lens=tuple(hot_lens[entries].tolist()),
+            q_lens=tuple(q_lens[entries].tolist()),
             new_slots=new_slots,
         )
     cold_ids, cold_index = torch.unique(cold_refs, sorted=True, return_inverse=True)
@@ -288,6 +296,8 @@ class TieredAttention:
         self.chunk_blocks = max(1, staging_bytes // self.block_bytes)
         self.copy_mode = copy_mode
         self._staging: list[torch.Tensor] = []
+        # The layers of one step attend with one plan object: it is split once.
+        self._splits = _SplitCache()
         self._no_memcpy2d = False  # set when 2-D copies failed once ("auto" then gathers)
         self._counters: dict[str, float] = defaultdict(float)
 
@@ -319,15 +329,19 @@ class TieredAttention:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Worker.attend for a plan with CPU-tier blocks (arguments already checked)."""
         w = self._worker
-        split = split_plan(
-            plan,
-            block_size=w.layout.block_size,
-            num_gpu_blocks=w.num_gpu_blocks,
-            num_cpu_blocks=w.num_cpu_blocks,
-            num_q_rows=q.shape[0],
-            writes=k_new is not None,
-            sliding_window=sliding_window,
-        )
+        key = (q.shape[0], k_new is not None, sliding_window, self.chunk_blocks)
+        cached = self._splits.get(plan, key)
+        split = cached[0] if cached else None
+        if split is None:
+            split = split_plan(
+                plan,
+                block_size=w.layout.block_size,
+                num_gpu_blocks=w.num_gpu_blocks,
+                num_cpu_blocks=w.num_cpu_blocks,
+                num_q_rows=q.shape[0],
+                writes=k_new is not None,
+                sliding_window=sliding_window,
+            )
         if split.window_plan is not None:
             return w.attend(
                 layer, split.window_plan, q, k_new, v_new,
@@ -345,7 +359,11 @@ class TieredAttention:
             self._stage(layer, split.cold_ids[c * size : (c + 1) * size], buffers[c % 2])
             for c in range(min(2, num_chunks))
         ]
-        chunks = chunk_plans(split, size, w.layout.block_size)
+        built: list[ChunkPlan] = []
+        if cached:
+            chunks: Iterable[ChunkPlan] = cached[1]
+        else:
+            chunks = _collect(chunk_plans(split, size, w.layout.block_size), built)
 
         upload = self._upload
         q_dev = w._to_device(q)
@@ -385,6 +403,8 @@ class TieredAttention:
             if c + 2 < num_chunks:
                 ids = split.cold_ids[(c + 2) * size : (c + 3) * size]
                 handles.append(self._stage(layer, ids, staged))
+        if not cached:  # every chunk built: keep them for the next layer
+            self._splits.put(plan, key, (split, built))
         self._count(split, plan)
         out = acc_out.to(q.dtype).to(q.device)
         return (out, acc_lse.to(q.device)) if return_lse else out
@@ -468,6 +488,34 @@ class TieredAttention:
         c["hot_bytes"] += num_hot * self.block_bytes
         c["cold_blocks"] += split.cold_ids.numel()
         c["cold_bytes"] += split.cold_ids.numel() * self.block_bytes
+
+
+class _SplitCache:
+    """Splits (and chunk tables) of the last few frozen plan objects (see PlanCache)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._entries: dict[int, tuple[AttendPlan, tuple[Any, ...], Any]] = {}
+
+    def get(self, plan: AttendPlan, key: tuple[Any, ...]) -> Any:
+        entry = self._entries.get(id(plan))
+        if entry is None or entry[0] is not plan or entry[1] != key:
+            return None
+        return entry[2]
+
+    def put(self, plan: AttendPlan, key: tuple[Any, ...], value: Any) -> None:
+        if not _is_frozen(plan):
+            return
+        if len(self._entries) >= self._size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[id(plan)] = (plan, key, value)
+
+
+def _collect(chunks: Iterator[ChunkPlan], into: list[ChunkPlan]) -> Iterator[ChunkPlan]:
+    """Yield the chunks as they are built, keeping each in ``into``."""
+    for chunk in chunks:
+        into.append(chunk)
+        yield chunk
 
 
 # --------------------------------------------------------------------- copy engine path

@@ -237,3 +237,30 @@ def test_chunks_group_rows_and_put_the_partial_block_last() -> None:
     # entry 1 reads block 3 (slot 1), then its partial block 1 (slot 0).
     assert chunk.block_tables.tolist() == [[2, 1, 3], [1, 0, 0]]
     assert chunk.seq_lens.tolist() == [11, 5]
+
+
+def test_the_layers_of_a_step_split_a_frozen_plan_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvservice.workers.tiered as tiered
+
+    gen = torch.Generator().manual_seed(8)
+    worker = make_worker()
+    place = Placer(worker, gen)
+    seqs = [place.seq(22, [0, 1, 1, 0, 1, 0], layer=0), place.seq(9, [1, 1, 0], layer=0)]
+    for s in seqs:  # layer 1 holds other K/V at the same blocks
+        other = place.seq(s.k.shape[0], s.tiers)
+        for block, block_other, tier in zip(s.table, other.table, s.tiers, strict=True):
+            pool = worker.gpu_pool if tier == 0 else worker.cpu_pool
+            pool[block, 1] = pool[block_other, 1]
+        s.k1, s.v1 = other.k, other.v  # type: ignore[attr-defined]
+    frozen = AttendPlan(
+        tuple(tuple(s.table) for s in seqs), (22, 9), (1, 1), None,
+        tuple(tuple(s.tiers) for s in seqs),
+    )  # fmt: skip
+    calls = []
+    real = tiered.split_plan
+    monkeypatch.setattr(tiered, "split_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = queries(2, gen)
+    close(worker.attend(0, frozen, q, return_lse=True), dense(q, seqs, [1, 1]))
+    layer1 = [Seq(s.k1, s.v1, s.table, s.tiers) for s in seqs]  # type: ignore[attr-defined]
+    close(worker.attend(1, frozen, q, return_lse=True), dense(q, layer1, [1, 1]))
+    assert len(calls) == 1
