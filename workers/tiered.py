@@ -23,20 +23,25 @@ its first query position hot; a token being written lies in a GPU block; with a 
 window, blocks inside any query's window are hot (cold blocks outside every window are
 skipped, never streamed).
 
-Ordering: the staging copies run on the worker's swap stream, after the swaps already
-queued there (which may be filling the cold blocks) and after the compute work already
-queued (an earlier call may still read the staging buffers); each chunk's attention waits
-for its copy's event, and the copies are recorded as pending reads of their CPU blocks, so
+Ordering: a split's chunk tables are built and uploaded once (one copy, queued before
+any staging copy) and kept with the split for the other layers of the step. The staging
+copies run on the worker's swap stream, after the swaps already queued there (which may be
+filling the cold blocks); the copy into a staging buffer waits only for the event of the
+attention that last read that buffer, and each chunk's attention waits only for its own
+copy's event, so the attention over chunk i runs under the copy of chunk i+1. Nothing in
+the loop blocks the host. The copies are recorded as pending reads of their CPU blocks, so
 a later host write of those blocks waits for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,14 +73,30 @@ COPY_MODES = ("auto", "kernel", "memcpy2d")
 _MIN_MEAN_RUN = 8
 
 
+_GPU = int(Tier.GPU)
+# Answers for the block_tiers of the last few frozen plans (tuples of tuples, which cannot
+# change): the layers of a step ask about one plan object, so an all-GPU plan costs one
+# dict lookup per layer, not a scan of its tiers.
+_COLD_ANSWERS: dict[int, tuple[object, bool]] = {}
+_COLD_ANSWERS_SIZE = 8
+
+
 def has_cold_blocks(plan: object) -> bool:
     """Whether ``plan`` names any CPU-tier block (cheap: no plan checks)."""
     tiers = getattr(plan, "block_tiers", None)
     if tiers is None:
         return False
     if isinstance(tiers, torch.Tensor):
-        return bool((tiers != int(Tier.GPU)).any())
-    return any(row.count(Tier.GPU) != len(row) for row in tiers)  # C-level scans
+        return bool((tiers != _GPU).any())
+    hit = _COLD_ANSWERS.get(id(tiers))
+    if hit is not None and hit[0] is tiers:
+        return hit[1]
+    cold = any(row.count(_GPU) != len(row) for row in tiers)  # C-level scans
+    if type(tiers) is tuple and all(type(row) is tuple for row in tiers):
+        if len(_COLD_ANSWERS) >= _COLD_ANSWERS_SIZE:
+            _COLD_ANSWERS.clear()
+        _COLD_ANSWERS[id(tiers)] = (tiers, cold)
+    return cold
 
 
 @dataclass(slots=True)
@@ -279,12 +300,75 @@ def chunk_plans(split: TieredSplit, chunk_blocks: int, block_size: int) -> Itera
         yield ChunkPlan(ids, rows, tables[row_group], lens[row_group].to(torch.int32))
 
 
+@dataclass(slots=True)
+class _Stage:
+    """One chunk's copy: its CPU blocks and how to move them (built once per split)."""
+
+    ids: torch.Tensor  # [n] host int64, ascending
+    ids_dev: torch.Tensor  # the same on the worker's device (the gather kernel's pairs)
+    blocks: frozenset[int]  # the same, for the pending-copy list
+    runs: tuple[tuple[int, int, int], ...]  # (staging slot, first CPU block, count)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """One chunk's attention, its tensors already on the worker's device."""
+
+    rows: torch.Tensor | None  # [R] q rows; None = every q row, in order
+    block_tables: torch.Tensor  # [R, width] int32 staging slots
+    seq_lens: torch.Tensor  # [R] int32
+    num_splits: int
+
+
+@dataclass(slots=True)
+class _Schedule:
+    """A split's cold stream, built and uploaded once (one host-to-device copy) and kept
+    with the split, so the layers of a step only queue kernels and copies."""
+
+    stages: list[_Stage]
+    chunks: list[_Chunk]
+    hot_rows: torch.Tensor | None  # device; None = every q row, in order
+    ready: Any  # CUDA event after the upload (None on the CPU)
+    cold_blocks: frozenset[int]
+    num_hot_blocks: int
+
+
+class _Accumulator:
+    """fp32 (out, lse) of the q rows, merged part by part (rows None = all rows)."""
+
+    def __init__(self, shape: tuple[int, int, int], device: torch.device) -> None:
+        self.shape, self.device = shape, device
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor) -> None:
+        out = out.float()
+        if rows is None and self.out is None:
+            self.out, self.lse = out, lse
+            return
+        if self.out is None or self.lse is None:
+            self.out = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            self.lse = torch.full(self.shape[:2], float("-inf"), device=self.device)
+        if rows is None:
+            self.out, self.lse = kernels.merge_attn_states(self.out, self.lse, out, lse)
+            return
+        merged_out, merged_lse = kernels.merge_attn_states(self.out[rows], self.lse[rows], out, lse)
+        self.out[rows] = merged_out
+        self.lse[rows] = merged_lse
+
+
 class TieredAttention:
     """The tiered attention path of one worker (see the module docstring).
 
     ``staging_bytes``: size of each of the two staging buffers; ``copy_mode``: "kernel"
     (the swap kernel gathers host blocks in one launch), "memcpy2d" (the copy engine, one
     2-D copy per run of consecutive CPU blocks; CUDA only) or "auto".
+
+    Streams: the copy of chunk i waits only for the attention that last read its staging
+    buffer (an event per buffer, recorded on the compute stream right after that decode
+    kernel); the attention over chunk i waits only for chunk i's copy event. Nothing in the
+    loop blocks the host or copies host memory on the compute stream: a small upload there
+    would queue behind the staging copies on the copy engine and serialize the pipeline.
     """
 
     def __init__(
@@ -296,10 +380,18 @@ class TieredAttention:
         self.chunk_blocks = max(1, staging_bytes // self.block_bytes)
         self.copy_mode = copy_mode
         self._staging: list[torch.Tensor] = []
+        # Per staging buffer: an event after the last kernel that reads it (CUDA only).
+        self._free: list[Any] = [None, None]
         # The layers of one step attend with one plan object: it is split once.
         self._splits = _SplitCache()
         self._no_memcpy2d = False  # set when 2-D copies failed once ("auto" then gathers)
         self._counters: dict[str, float] = defaultdict(float)
+        device = worker.device
+        self._num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 4
+        )
 
     @property
     def copy_mode(self) -> str:
@@ -329,94 +421,160 @@ class TieredAttention:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Worker.attend for a plan with CPU-tier blocks (arguments already checked)."""
         w = self._worker
-        key = (q.shape[0], k_new is not None, sliding_window, self.chunk_blocks)
+        num_rows = q.shape[0]
+        key = (num_rows, k_new is not None, sliding_window, self.chunk_blocks)
         cached = self._splits.get(plan, key)
-        split = cached[0] if cached else None
-        if split is None:
+        if cached is None:
             split = split_plan(
                 plan,
                 block_size=w.layout.block_size,
                 num_gpu_blocks=w.num_gpu_blocks,
                 num_cpu_blocks=w.num_cpu_blocks,
-                num_q_rows=q.shape[0],
+                num_q_rows=num_rows,
                 writes=k_new is not None,
                 sliding_window=sliding_window,
             )
-        if split.window_plan is not None:
+            sched = None if split.window_plan is not None else self._schedule(split, num_rows)
+            self._splits.put(plan, key, (split, sched))
+        else:
+            split, sched = cached
+        if split.window_plan is not None or sched is None:
             return w.attend(
                 layer, split.window_plan, q, k_new, v_new,
                 scale=scale, sliding_window=sliding_window, return_lse=return_lse,
             )  # fmt: skip
-        size = self.chunk_blocks
-        num_cold = split.cold_ids.numel()
-        num_chunks = -(-num_cold // size)
+        self._count(split, sched)
+        if not sched.stages and sched.hot_rows is None and split.hot_plan is not None:
+            # Nothing cold: the hot plan is the whole plan.
+            return w.attend(
+                layer, split.hot_plan, q, k_new, v_new, scale=scale, return_lse=return_lse
+            )
+        stages, num_chunks = sched.stages, len(sched.stages)
         copy_stream = w._swap_stream
-        if copy_stream is not None and len(w._pending):
-            w._pending.wait_on_stream(Tier.CPU, split.cold_ids.tolist(), copy_stream)
-        # The copies start first; the chunk tables are built while they run.
-        buffers = self._buffers(min(size, num_cold), num_chunks) if num_chunks else []
-        handles = [
-            self._stage(layer, split.cold_ids[c * size : (c + 1) * size], buffers[c % 2])
-            for c in range(min(2, num_chunks))
-        ]
-        built: list[ChunkPlan] = []
-        if cached:
-            chunks: Iterable[ChunkPlan] = cached[1]
-        else:
-            chunks = _collect(chunk_plans(split, size, w.layout.block_size), built)
+        compute_stream = w._compute_stream()
+        if copy_stream is not None and num_chunks:
+            if len(w._pending):  # swaps still filling these CPU blocks
+                w._pending.wait_on_stream(Tier.CPU, sched.cold_blocks, copy_stream)
+            copy_stream.wait_event(sched.ready)  # the chunk ids (gather kernel pairs)
+        # The first two copies start before anything else is queued.
+        if num_chunks:
+            self._buffers(max(s.ids.numel() for s in stages[:2]), num_chunks)
+        handles = [self._stage(layer, stages[c], c % 2) for c in range(min(2, num_chunks))]
 
-        upload = self._upload
         q_dev = w._to_device(q)
-        num_rows, num_heads, head_dim = q.shape
-        acc_out = torch.zeros((num_rows, num_heads, head_dim), dtype=torch.float32, device=w.device)
-        acc_lse = torch.full(
-            (num_rows, num_heads), float("-inf"), dtype=torch.float32, device=w.device
-        )
-        if split.hot_plan is not None:
-            rows = upload(split.hot_rows)
+        acc = _Accumulator(tuple(q.shape), w.device)
+        if split.hot_plan is not None:  # on the compute stream, under the first copy
+            rows = sched.hot_rows
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
             hot_out, hot_lse = w.attend(
-                layer, split.hot_plan, q_dev[rows],
-                None if k_new is None else w._to_device(k_new)[rows],
-                None if v_new is None else w._to_device(v_new)[rows],
+                layer, split.hot_plan, pick(q_dev),
+                None if k_new is None else pick(w._to_device(k_new)),
+                None if v_new is None else pick(w._to_device(v_new)),
                 scale=scale, return_lse=True,
             )  # fmt: skip
-            acc_out[rows] = hot_out.float()
-            acc_lse[rows] = hot_lse
-        compute_stream = w._compute_stream()
-        for c, chunk in enumerate(chunks):
-            staged = buffers[c % 2]
-            handle = handles[c]
-            if compute_stream is not None and handle.event is not None:
-                compute_stream.wait_event(handle.event)
-            rows = upload(chunk.rows)
-            with w._timer.region("tiered_cold_attention"):
+            acc.add(rows, hot_out, hot_lse)
+        for c, chunk in enumerate(sched.chunks):
+            b = c % 2
+            staged = self._staging[b]
+            event = handles[c].event
+            if compute_stream is not None and event is not None:
+                compute_stream.wait_event(event)
+            with w._timer.region("tiered_cold_attention", compute_stream):
                 out_c, lse_c = kernels.paged_decode(
-                    q_dev[rows], staged[:, 0], staged[:, 1],
-                    upload(chunk.block_tables), upload(chunk.seq_lens),
-                    scale=scale, return_lse=True, check_indices=False,
+                    q_dev if chunk.rows is None else q_dev[chunk.rows],
+                    staged[:, 0], staged[:, 1], chunk.block_tables, chunk.seq_lens,
+                    scale=scale, return_lse=True, num_splits=chunk.num_splits,
+                    check_indices=False,
                 )  # fmt: skip
-                merged_out, merged_lse = kernels.merge_attn_states(
-                    acc_out[rows], acc_lse[rows], out_c.float(), lse_c
-                )
-                acc_out[rows] = merged_out
-                acc_lse[rows] = merged_lse
+                self._release(b, compute_stream)
+                acc.add(chunk.rows, out_c, lse_c)
             if c + 2 < num_chunks:
-                ids = split.cold_ids[(c + 2) * size : (c + 3) * size]
-                handles.append(self._stage(layer, ids, staged))
-        if not cached:  # every chunk built: keep them for the next layer
-            self._splits.put(plan, key, (split, built))
-        self._count(split, plan)
-        out = acc_out.to(q.dtype).to(q.device)
-        return (out, acc_lse.to(q.device)) if return_lse else out
+                handles.append(self._stage(layer, stages[c + 2], b))
+        assert acc.out is not None and acc.lse is not None
+        out = acc.out.to(q.dtype).to(q.device)
+        return (out, acc.lse.to(q.device)) if return_lse else out
+
+    # ----------------------------------------------------------------- schedule
+    def _schedule(self, split: TieredSplit, num_rows: int) -> _Schedule:
+        """Every chunk's tables and copies, built on the host once and uploaded in one copy
+        (before any staging copy is queued, so it does not wait behind them)."""
+        w = self._worker
+        bs, size = w.layout.block_size, self.chunk_blocks
+        all_rows = torch.arange(num_rows)
+        pieces: list[torch.Tensor] = []
+        offset = 0
+
+        def put(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+            nonlocal offset
+            pieces.append(t.reshape(-1).to(torch.int64))
+            offset += t.numel()
+            return offset - t.numel(), tuple(t.shape)
+
+        def every_row(rows: torch.Tensor) -> bool:
+            return rows.numel() == num_rows and torch.equal(rows, all_rows)
+
+        hot_rows = None
+        if split.hot_plan is not None and not every_row(split.hot_rows):
+            hot_rows = put(split.hot_rows)
+        chunk_refs = []
+        stage_refs = []
+        for c, chunk in enumerate(chunk_plans(split, size, bs)):
+            rows = None if every_row(chunk.rows) else put(chunk.rows)
+            chunk_refs.append(
+                (rows, put(chunk.block_tables), put(chunk.seq_lens), self._splits_for(chunk))
+            )
+            ids = split.cold_ids[c * size : (c + 1) * size]
+            stage_refs.append((ids, put(ids)))
+        flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+        ready = None
+        if w.device.type == "cuda":
+            flat = flat.pin_memory().to(w.device, non_blocking=True)
+            if w._swap_stream is not None:
+                flat.record_stream(w._swap_stream)  # the gather kernel's pairs read it there
+            ready = torch.cuda.Event()
+            ready.record(w._compute_stream())
+        flat32 = flat.to(torch.int32)
+
+        def view(ref: tuple[int, tuple[int, ...]], src: torch.Tensor) -> torch.Tensor:
+            start, shape = ref
+            return src[start : start + math.prod(shape)].view(shape)
+
+        chunks = [
+            _Chunk(
+                None if rows is None else view(rows, flat),
+                view(tables, flat32),
+                view(lens, flat32),
+                splits,
+            )
+            for rows, tables, lens, splits in chunk_refs
+        ]
+        stages = [
+            _Stage(ids, view(ref, flat), frozenset(ids.tolist()), _runs(ids))
+            for ids, ref in stage_refs
+        ]
+        num_hot = 0
+        if split.hot_plan is not None:
+            lens = torch.as_tensor(split.hot_plan.seq_lens)
+            num_hot = int(((lens + bs - 1) // bs).sum())
+        return _Schedule(
+            stages=stages,
+            chunks=chunks,
+            hot_rows=None if hot_rows is None else view(hot_rows, flat),
+            ready=ready,
+            cold_blocks=frozenset(split.cold_ids.tolist()),
+            num_hot_blocks=num_hot,
+        )
+
+    def _splits_for(self, chunk: ChunkPlan) -> int:
+        """Splits of one chunk's decode: its rows are few (a decode step's), so the
+        (row, KV head) programs alone would leave most SMs idle; split each chunk's keys so
+        about four programs per SM run, every split at least 256 tokens long."""
+        rows, width = chunk.block_tables.shape
+        tokens = max(width * self._worker.layout.block_size, 1)
+        programs = max(rows * self._worker.layout.num_kv_heads, 1)
+        return max(1, min(-(-4 * self._num_sms // programs), tokens // 256, 128))
 
     # ----------------------------------------------------------------- staging
-    def _upload(self, t: torch.Tensor) -> torch.Tensor:
-        """A small host tensor on the device without a host stall (pinned, asynchronous)."""
-        device = self._worker.device
-        if device.type != "cuda":
-            return t
-        return t.pin_memory().to(device, non_blocking=True)
-
     def _buffers(self, num_blocks: int, num_chunks: int) -> list[torch.Tensor]:
         """Two staging buffers of at least ``num_blocks`` layer-blocks (grown, never shrunk)."""
         w = self._worker
@@ -424,28 +582,42 @@ class TieredAttention:
         if len(self._staging) < count or self._staging[0].shape[0] < num_blocks:
             size = max(num_blocks, self._staging[0].shape[0] if self._staging else 0)
             shape = (size, 2, w.layout.block_size, w.layout.num_kv_heads, w.layout.head_dim)
+            compute = w._compute_stream()
+            if w._swap_stream is not None and compute is not None:
+                compute.wait_stream(w._swap_stream)  # the old buffers' copies are done
             self._staging = []  # the old buffers go back to the allocator first
-            if w._swap_stream is not None:
-                torch.cuda.current_stream(w.device).wait_stream(w._swap_stream)
             self._staging = [
-                torch.empty(shape, dtype=w.gpu_pool.dtype, device=w.device) for _ in range(count)
+                torch.empty(shape, dtype=w.gpu_pool.dtype, device=w.device) for _ in range(2)
             ]
+            if compute is not None:  # the copies into them wait for their allocation
+                for b in range(2):
+                    self._release(b, compute)
         return self._staging
 
-    def _stage(self, layer: int, ids: torch.Tensor, buffer: torch.Tensor) -> Any:
-        """Start copying this layer's slice of CPU blocks ``ids`` into ``buffer[:n]``."""
+    def _release(self, b: int, stream: Any) -> None:
+        """Mark staging buffer ``b`` free once ``stream``'s work so far is done."""
+        if stream is None:
+            return
+        event = self._free[b]
+        if event is None:
+            event = self._free[b] = torch.cuda.Event()
+        event.record(stream)  # a wait already queued keeps the state it saw
+
+    def _stage(self, layer: int, stage: _Stage, b: int) -> Any:
+        """Start copying this layer's slice of the stage's CPU blocks into buffer ``b``."""
         w = self._worker
+        buffer = self._staging[b]
         num_layers = w.layout.num_layers
-        n = ids.numel()
+        n = stage.ids.numel()
         stream = w._swap_stream
-        mode = self._mode_for(ids)
-        if stream is not None:  # staging reuse; outside the timed region
-            stream.wait_stream(torch.cuda.current_stream(w.device))
+        mode = self._mode_for(stage)
+        if stream is not None and self._free[b] is not None:
+            stream.wait_event(self._free[b])  # its last reader; outside the timed region
         with w._timer.region("tiered_stream", stream=stream):
             handle = None
             if mode == "memcpy2d":
                 try:
-                    handle = _memcpy2d(w.cpu_pool, buffer, ids, layer, stream)
+                    handle = _memcpy2d(w.cpu_pool, buffer, stage.runs, layer, stream)
                 except RuntimeError:
                     if self._copy_mode == "memcpy2d":
                         raise
@@ -456,38 +628,53 @@ class TieredAttention:
                     mode = "kernel"
             if handle is None:
                 layers = w.cpu_pool.view(w.num_cpu_blocks * num_layers, *buffer.shape[1:])
-                pairs = torch.stack([ids * num_layers + layer, torch.arange(n)], dim=1)
-                pairs = self._upload(pairs)
-                handle = kernels.swap_blocks(
-                    layers, buffer[:n], pairs, stream=stream, check_indices=False
-                )
-        w._pending.add(handle, (), ids.tolist())
+                on_stream = torch.cuda.stream(stream) if stream is not None else _no_context()
+                with on_stream:  # pairs made and read on the copy stream
+                    src = stage.ids_dev * num_layers + layer
+                    pairs = torch.stack([src, torch.arange(n, device=src.device)], dim=1)
+                    handle = kernels.swap_blocks(
+                        layers, buffer[:n], pairs, stream=stream, check_indices=False
+                    )
+        w._pending.add(handle, (), stage.blocks)
         self._counters[f"chunks_{mode}"] += 1
         return handle
 
-    def _mode_for(self, ids: torch.Tensor) -> str:
+    def _mode_for(self, stage: _Stage) -> str:
         if self._worker.device.type != "cuda":
             return "kernel"  # host to host: one indexed copy
         mode = self._copy_mode
         if mode == "auto":
             if self._no_memcpy2d:
                 return "kernel"
-            runs = 1 + int((ids[1:] != ids[:-1] + 1).sum()) if ids.numel() else 1
-            mode = "memcpy2d" if ids.numel() >= _MIN_MEAN_RUN * runs and _cudart() else "kernel"
+            runs = max(len(stage.runs), 1)
+            n = stage.ids.numel()
+            mode = "memcpy2d" if n >= _MIN_MEAN_RUN * runs and _cudart() else "kernel"
         return mode
 
-    def _count(self, split: TieredSplit, plan: AttendPlan) -> None:
+    def _count(self, split: TieredSplit, sched: _Schedule) -> None:
         c = self._counters
         c["calls"] += 1
-        num_hot = 0
-        if split.hot_plan is not None:
-            bs = self._worker.layout.block_size
-            lens = torch.as_tensor(split.hot_plan.seq_lens)
-            num_hot = int(((lens + bs - 1) // bs).sum())
-        c["hot_blocks"] += num_hot
-        c["hot_bytes"] += num_hot * self.block_bytes
-        c["cold_blocks"] += split.cold_ids.numel()
-        c["cold_bytes"] += split.cold_ids.numel() * self.block_bytes
+        num_cold = split.cold_ids.numel()
+        c["hot_blocks"] += sched.num_hot_blocks
+        c["hot_bytes"] += sched.num_hot_blocks * self.block_bytes
+        c["cold_blocks"] += num_cold
+        c["cold_bytes"] += num_cold * self.block_bytes
+
+
+def _runs(ids: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """Runs of consecutive ids: (index of the first, its id, length)."""
+    if not ids.numel():
+        return ()
+    breaks = (torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*starts[1:], ids.numel()]
+    firsts = ids[starts].tolist()
+    return tuple((s, f, e - s) for s, f, e in zip(starts, firsts, ends, strict=True))
+
+
+@contextlib.contextmanager
+def _no_context() -> Iterator[None]:
+    yield
 
 
 class _SplitCache:
@@ -509,13 +696,6 @@ class _SplitCache:
         if len(self._entries) >= self._size:
             del self._entries[next(iter(self._entries))]
         self._entries[id(plan)] = (plan, key, value)
-
-
-def _collect(chunks: Iterator[ChunkPlan], into: list[ChunkPlan]) -> Iterator[ChunkPlan]:
-    """Yield the chunks as they are built, keeping each in ``into``."""
-    for chunk in chunks:
-        into.append(chunk)
-        yield chunk
 
 
 # --------------------------------------------------------------------- copy engine path
@@ -544,9 +724,13 @@ _HOST_TO_DEVICE = 1
 
 
 def _memcpy2d(
-    cpu_pool: torch.Tensor, buffer: torch.Tensor, ids: torch.Tensor, layer: int, stream: Any
+    cpu_pool: torch.Tensor,
+    buffer: torch.Tensor,
+    runs: tuple[tuple[int, int, int], ...],
+    layer: int,
+    stream: Any,
 ) -> kernels.SwapHandle:
-    """One strided copy-engine transfer per run of consecutive CPU blocks (ids ascending)."""
+    """One strided copy-engine transfer per run of consecutive CPU blocks."""
     lib = _cudart()
     if lib is None:
         raise RuntimeError("memcpy2d copy mode needs the CUDA runtime library")
@@ -555,13 +739,9 @@ def _memcpy2d(
     pitch = row * num_layers
     src0 = cpu_pool.data_ptr() + layer * row
     dst0 = buffer.data_ptr()
-    breaks = torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1
-    starts = [0, *breaks.tolist()]
-    ends = [*starts[1:], ids.numel()]
-    first_ids = ids[starts].tolist() if ids.numel() else []
-    for start, end, block in zip(starts, ends, first_ids, strict=True):
+    for start, block, count in runs:
         err = lib.cudaMemcpy2DAsync(
-            dst0 + start * row, row, src0 + block * pitch, pitch, row, end - start,
+            dst0 + start * row, row, src0 + block * pitch, pitch, row, count,
             _HOST_TO_DEVICE, stream.cuda_stream,
         )  # fmt: skip
         if err:
