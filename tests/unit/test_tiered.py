@@ -264,3 +264,42 @@ def test_the_layers_of_a_step_split_a_frozen_plan_once(monkeypatch: pytest.Monke
     layer1 = [Seq(s.k1, s.v1, s.table, s.tiers) for s in seqs]  # type: ignore[attr-defined]
     close(worker.attend(1, frozen, q, return_lse=True), dense(q, layer1, [1, 1]))
     assert len(calls) == 1
+
+
+def test_one_sequence_over_many_chunks_and_repeated_layers() -> None:
+    """One decode row (every chunk reads all q rows): the chunks merge straight into the
+    hot part's result, and a frozen plan gives the same answer on every call."""
+    gen = torch.Generator().manual_seed(9)
+    worker = make_worker(chunk_blocks=2)
+    place = Placer(worker, gen)
+    s = place.seq(37, [0, 1, 1, 1, 1, 1, 0, 1, 0, 0])
+    frozen = AttendPlan((tuple(s.table),), (37,), (1,), None, (tuple(s.tiers),))
+    q = queries(1, gen)
+    want = dense(q, [s], [1])
+    for _ in range(3):
+        close(worker.attend(1, frozen, q, return_lse=True), want)
+    assert worker.stats()["tiered"]["chunks_kernel"] == 3 * 3  # 6 cold blocks, 2 a chunk
+
+
+def test_a_frozen_all_gpu_plan_skips_the_tiered_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvservice.workers.tiered as tiered
+
+    gen = torch.Generator().manual_seed(10)
+    worker = make_worker()
+    place = Placer(worker, gen)
+    s = place.seq(14, [0, 0, 0, 0])
+    plain = AttendPlan((tuple(s.table),), (14,), (1,))
+    all_gpu = AttendPlan(plain.block_tables, (14,), (1,), None, ((0, 0, 0, 0),))
+    assert not tiered.has_cold_blocks(all_gpu)
+    assert tiered.has_cold_blocks(
+        AttendPlan(plain.block_tables, (14,), (1,), None, ((0, 1, 0, 0),))
+    )
+    q = queries(1, gen)
+    monkeypatch.setattr(tiered, "split_plan", lambda *a, **k: pytest.fail("tiered path taken"))
+    close(worker.attend(1, all_gpu, q, return_lse=True), dense(q, [s], [1]))
+    monkeypatch.undo()
+    # Forced through the two-part engine, it is the hot plan alone.
+    got = worker.tiered.attend(
+        1, all_gpu, q, None, None, scale=None, sliding_window=None, return_lse=True
+    )
+    close(got, dense(q, [s], [1]))
