@@ -26,8 +26,9 @@ Invariants:
   would leave a hole, and attention over positions without K/V, are FAILED_PRECONDITION.
 - Each worker's ledger gets the manager's record changes after every call that allocates,
   frees or moves blocks, so a restarted coordinator can ``recover`` from the ledgers.
-  Changes that move nothing (computed counts, prefix hashes) ride along with the next
-  such call: a crash before it loses prefix-cache entries, never data.
+  A computed count that grows (a step's last layer written) reaches the ledgers at once
+  as a compact ``update_progress`` ({seq_id: count}); whole records go out only when a
+  record changes otherwise (tokens, blocks, pins, prefix hashes).
 - A worker found dead: the manager drops it, its sequences answer DATA_LOSS (naming
   them) until freed, and every other sequence carries on.
 """
@@ -686,7 +687,8 @@ class Coordinator:
         """After a successful write: advance written[layer], feed the prefix cache.
 
         When a sequence's computed count advances (the step's last layer is written), the
-        ledgers learn it at once, so a coordinator rebuilt after a crash reports it too.
+        ledgers learn it at once, so a coordinator rebuilt after a crash reports it too: as
+        a compact progress update, unless the record changed otherwise (new prefix hashes).
         """
         calls: list[PendingCall] = []
         advanced = False
@@ -884,6 +886,11 @@ class Coordinator:
                 handle = self._handles.get(wid)
                 if handle is not None and (upserts or deletes):
                     calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
+        # Computed counts of records not re-sent above: a compact {seq_id: count} per worker.
+        for wid, progress in self._manager.take_progress_updates().items():
+            handle = self._handles.get(wid)
+            if handle is not None:
+                calls.append(handle.submit("update_progress", progress))
 
     @contextmanager
     def _planning(self) -> Iterator[_Batch]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvservice.workers.checks import check_index, check_tier
 
@@ -53,6 +53,8 @@ class LedgerBook:
 
     def __init__(self) -> None:
         self._records: dict[int, SeqRecord] = {}
+        # Computed counts sent since their record: folded in when the ledger is read.
+        self._progress: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -70,11 +72,47 @@ class LedgerBook:
         removed = {check_index("deletes entry", key, 2**63) for key in deletes}
         if removed.intersection(checked):
             raise InvalidArgument("a sequence is both upserted and deleted")
+        progress = self._progress
         for key in removed:
             self._records.pop(key, None)
+            progress.pop(key, None)
+        if progress:
+            for key in checked:
+                progress.pop(key, None)
         self._records.update(checked)
 
+    def update_progress(self, progress: object) -> None:
+        """``{seq_id: num_computed_tokens}`` for records already held: the count a whole
+        record would carry, without re-sending it. Unknown ids are ignored (the record was
+        dropped meanwhile); a count past the record's tokens is an error."""
+        if not isinstance(progress, Mapping):
+            raise InvalidArgument(f"progress must be a dict, got {type(progress).__name__}")
+        records = self._records
+        checked: dict[int, int] = {}
+        for key, count in progress.items():
+            record = records.get(key) if type(key) is int else None
+            if record is None:
+                check_index("progress key", key, 2**63)
+                continue
+            if type(count) is not int or not 0 <= count <= len(record.tokens):
+                raise InvalidArgument(
+                    f"progress of seq {key}: {count!r} is not a count within its "
+                    f"{len(record.tokens)} tokens"
+                )
+            checked[key] = count
+        self._progress.update(checked)
+
+    def _fold_progress(self) -> None:
+        records = self._records
+        for key, count in self._progress.items():
+            record = records[key]
+            if record.num_computed_tokens != count:
+                records[key] = replace(record, num_computed_tokens=count)
+        self._progress.clear()
+
     def snapshot(self, epoch: int) -> Ledger:
+        if self._progress:
+            self._fold_progress()
         return Ledger(epoch=epoch, records=dict(self._records))
 
     def blocks_held(self) -> tuple[set[int], set[int]]:

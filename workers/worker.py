@@ -444,6 +444,13 @@ class Worker(TransferMixin):
         with self._entry("update_ledger"):
             self._ledger.update(upserts, deletes, (self.num_gpu_blocks, self.num_cpu_blocks))
 
+    def update_progress(self, progress: Mapping[int, int]) -> None:
+        """``{seq_id: num_computed_tokens}`` for records this ledger holds: the computed
+        count a whole record would carry, sent without the record (the end of a decode
+        step). The next record sent for a sequence replaces it; ``ledger()`` reports it."""
+        with self._entry("update_progress"):
+            self._ledger.update_progress(progress)
+
     def ledger(self) -> Ledger:
         with self._entry("ledger"):
             return self._ledger.snapshot(self.epoch)

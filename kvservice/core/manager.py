@@ -51,6 +51,9 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
     record(seq_id) -> SeqRecord                    (what the worker should keep for it)
     take_ledger_updates() -> dict[int, tuple[dict[int, SeqRecord], list[int]]]
         (upserts, deletes) per worker for everything changed since the last call.
+    take_progress_updates() -> dict[int, dict[int, int]]
+        {seq_id: num_computed_tokens} per worker for sequences whose computed count grew
+        and whose record was not otherwise re-sent (take it after take_ledger_updates).
     KVCacheManager.from_ledgers(layout, workers, records: Mapping[int, Mapping[int,
         SeqRecord]], **options) -> KVCacheManager
         rebuilds tables, pins and the prefix index; new ids continue above old ones.

@@ -171,7 +171,21 @@ class ManagerAdmin(ManagerBase):
         for seq_id, worker_id in sorted(self._deletes.items()):
             if seq_id not in self._seqs and seq_id not in self._pins:
                 out.setdefault(worker_id, ({}, []))[1].append(seq_id)
+        self._progress.difference_update(self._upserts)
+        self._progress.difference_update(self._deletes)
         self._upserts.clear()
         self._deletes.clear()
+        return out
+
+    def take_progress_updates(self) -> dict[int, dict[int, int]]:
+        """{seq_id: num_computed_tokens} per worker for every live sequence whose computed
+        count advanced since its record was last taken (``Worker.update_progress``)."""
+        out: dict[int, dict[int, int]] = {}
+        seqs = self._seqs
+        for seq_id in self._progress:
+            seq = seqs.get(seq_id)
+            if seq is not None:
+                out.setdefault(seq.worker_id, {})[seq_id] = seq.num_computed
+        self._progress.clear()
         return out
 

@@ -69,6 +69,9 @@ class ManagerBase:
         self._salts: dict[TenantId, BlockHash] = {}
         self._upserts: set[int] = set()
         self._deletes: dict[int, int] = {}
+        # Computed counts advanced since the last ledger update, of records not otherwise
+        # changed: they reach the workers as a compact progress update, not whole records.
+        self._progress: set[int] = set()
         for worker_id, sizes in workers.items():
             self._add_worker(worker_id, sizes)
 

@@ -101,9 +101,10 @@ class ManagerSteps(ManagerAdmin):
         seq = self._seq(seq_id)
         check_count("num_tokens", num_tokens, 0, len(seq.tokens))
         if num_tokens > seq.num_computed:
-            # The ledger carries the computed count: a rebuilt coordinator reports it.
+            # The ledger carries the computed count (a rebuilt coordinator reports it): a
+            # compact progress update, the record itself is unchanged.
             seq.num_computed = num_tokens
-            self._upserts.add(seq_id)
+            self._progress.add(seq_id)
         bs = self.block_size
         first, full = len(seq.hashes), seq.num_computed // bs
         if full <= first:

@@ -151,3 +151,24 @@ def test_a_new_manager_rebuilds_from_the_ledgers(make_manager: Make) -> None:
     rebuilt.expire_pins()
     assert rebuilt.sequence(soft).pinned is None
     rebuilt.check_invariants()
+
+
+def test_computed_counts_go_out_as_progress_not_whole_records(make_manager: Make) -> None:
+    m = make_manager(gpu=8)
+    a = create(m, list(range(6)))
+    b = create(m, [9] * 5)
+    m.take_ledger_updates()
+    m.mark_computed(a, 3)  # no new full block: the record itself is unchanged
+    m.mark_computed(b, 4)  # block 0 enters the prefix cache: the record changes
+    updates = m.take_ledger_updates()
+    assert set(updates[0][0]) == {b} and updates[0][0][b].num_computed_tokens == 4
+    assert m.take_progress_updates() == {0: {a: 3}}
+    assert m.take_progress_updates() == {}
+    m.mark_computed(a, 5)
+    m.append(a, [6])  # a whole record carries the count: no progress for it
+    assert m.take_ledger_updates()[0][0][a].num_computed_tokens == 5
+    assert m.take_progress_updates() == {}
+    m.mark_computed(a, 6)
+    m.free(a)
+    m.take_ledger_updates()
+    assert m.take_progress_updates() == {}

@@ -132,3 +132,32 @@ def test_bad_ledger_updates_change_nothing(upserts, deletes, match) -> None:
             upserts if isinstance(upserts, list) else {7: kept, **upserts}, deletes
         )
     assert worker.ledger().records == {7: kept}
+
+
+def test_progress_updates_fold_into_the_records_when_read() -> None:
+    worker = make_worker()
+    a, b = record(1, [0, 1]), record(2, [2])
+    worker.update_ledger({1: a, 2: b}, [])
+    worker.update_progress({1: 7, 99: 3})  # an unknown sequence is ignored
+    assert worker.ledger().records[1].num_computed_tokens == 7
+    assert worker.ledger().records[2] == b
+    worker.update_progress({1: 8})
+    worker.update_ledger({1: a}, [])  # a later whole record replaces the progress
+    assert worker.ledger().records[1] == a
+    worker.update_progress({2: 2})
+    worker.update_ledger({}, [2])
+    assert set(worker.ledger().records) == {1}
+
+
+@pytest.mark.parametrize(
+    "progress, match",
+    [({1: 9}, "within its 8 tokens"), ({1: -1}, "within"), ({1: "3"}, "within"),
+     ({-1: 2}, "progress key"), ([(1, 2)], "progress must be a dict")],
+)
+def test_bad_progress_updates_change_nothing(progress, match) -> None:
+    worker = make_worker()
+    kept = record(1, [0, 1])
+    worker.update_ledger({1: kept}, [])
+    with pytest.raises(InvalidArgument, match=match):
+        worker.update_progress(progress)
+    assert worker.ledger().records == {1: kept}
