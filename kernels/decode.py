@@ -40,6 +40,8 @@ _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 128
 _PROGRAMS_PER_SM = 4
+# (sequence, KV head) programs per SM from which a decode is not split at all.
+_FULL_GRID_PER_SM = 2
 
 
 @triton.jit
@@ -124,13 +126,15 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
     """Split count for ``batch * num_kv_heads`` (sequence, KV head) programs.
 
     Few programs: split each so that about four per SM run in one wave (a fifth program on
-    some SMs would double their time). A partial wave or more: one extra split evens the
-    last wave out for sequences of 1K tokens and up. Several waves: no split. Splits stay
+    some SMs would double their time). One to two programs per SM: one extra split evens
+    the last wave out for sequences of 1K tokens and up. Two per SM or more: the grid is
+    full without splitting, so no split, and no merge launch (a decode step of a full
+    batch is bound by host launch cost, and a split adds a launch per layer). Splits stay
     at least ``_MIN_TOKENS_PER_SPLIT`` long.
     """
     programs = max(batch * num_kv_heads, 1)
     cap = max(1, max_tokens // _MIN_TOKENS_PER_SPLIT)
-    if programs >= _PROGRAMS_PER_SM * num_sms:
+    if programs >= _FULL_GRID_PER_SM * num_sms:
         return 1
     if programs >= num_sms:
         return min(2, cap) if max_tokens >= 1024 else 1

@@ -132,11 +132,32 @@ def test_decode_block_offsets_past_int32():
 
 def test_choose_num_splits():
     assert choose_num_splits(256, 8, 2048, 132) == 1  # several waves already
-    assert choose_num_splits(64, 8, 4096, 132) == 2  # a partial last wave, evened out
+    assert choose_num_splits(24, 8, 4096, 132) == 2  # a partial last wave, evened out
+    assert choose_num_splits(33, 8, 4096, 132) == 1  # two programs per SM: the grid is full
+    assert choose_num_splits(64, 8, 4096, 132) == 1  # no split, so no merge launch
     assert choose_num_splits(64, 8, 512, 132) == 1  # too short to be worth it
     assert choose_num_splits(16, 8, 4096, 132) == 4  # 512 programs: one wave of 4 per SM
     assert choose_num_splits(1, 8, 32768, 132) == 66
     assert choose_num_splits(1, 8, 300, 132) == 1  # no split shorter than 256 tokens
+
+
+def test_one_split_writes_the_output_without_a_merge_launch(monkeypatch):
+    def no_merge(*args, **kwargs):
+        raise AssertionError("merge launched for a single split")
+
+    monkeypatch.setattr(decode, "merge_splits", no_merge)
+    pool = make_pool(24, 1, 8, 2, 64, FP16, device=DEVICE)
+    k_cache, v_cache = layer_views(pool, 0)
+    tables, lens = random_page_tables([9, 100, 17], 8, 24, device=DEVICE)  # 2 splits of 64
+    q = torch.randn(3, 4, 64, device=DEVICE).to(FP16)
+    got, lse = paged_decode(
+        q, k_cache, v_cache, tables, lens, return_lse=True, num_splits=1, use_triton=True
+    )
+    ref, ref_lse = paged_decode_ref(q, k_cache, v_cache, tables, lens, return_lse=True)
+    assert_attention_close(got, ref, FP16)
+    assert_lse_close(lse, ref_lse)
+    with pytest.raises(AssertionError, match="merge launched"):
+        paged_decode(q, k_cache, v_cache, tables, lens, num_splits=2, use_triton=True)
 
 
 def _valid_inputs(device=DEVICE):
