@@ -24,7 +24,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from kvservice.core.errors import KVServiceError
+from kvservice.workers.wire import PlanEncoder, decode_result, encode_tensor
 from kvservice.workers.worker import StaleEpoch
+
+# Calls whose plan and tensors go to a Ray worker in wire form (kvservice.workers.wire):
+# block tables as numpy arrays under a per-plan key, tensors as numpy arrays.
+WIRE_METHODS = frozenset({"attend"})
 
 
 class WorkerLost(Exception):
@@ -141,15 +146,20 @@ class LocalWorkerHandle:
 
 
 class _RayPending:
-    __slots__ = ("_handle", "_ref", "_learns_epoch")
+    __slots__ = ("_handle", "_ref", "_learns_epoch", "_wire")
 
-    def __init__(self, handle: RayWorkerHandle, ref: Any, learns_epoch: bool = False) -> None:
+    def __init__(
+        self, handle: RayWorkerHandle, ref: Any, learns_epoch: bool = False, wire: bool = False
+    ) -> None:
         self._handle = handle
         self._ref = ref
         self._learns_epoch = learns_epoch
+        self._wire = wire
 
     def result(self) -> Any:
         value = self._handle.get(self._ref)
+        if self._wire:
+            return decode_result(value)
         if self._learns_epoch and self._handle.epoch is None:
             self._handle.epoch = value.epoch
         return value
@@ -169,6 +179,7 @@ class RayWorkerHandle:
         self.worker_id = worker_id
         self.actor = actor
         self.epoch = epoch
+        self._plans = PlanEncoder()
 
     def forget_epoch(self) -> None:
         self.epoch = None
@@ -177,6 +188,13 @@ class RayWorkerHandle:
         if self.epoch is None or method == "info":
             ref = getattr(self.actor, method).remote(*args, **kwargs)
             return _RayPending(self, ref, learns_epoch=method == "info")
+        if method in WIRE_METHODS:
+            wire_args = [encode_tensor(a) for a in args]
+            if len(wire_args) > 1:
+                wire_args[1] = self._plans.encode(wire_args[1])  # (layer, plan, ...)
+            options = {k: encode_tensor(v) for k, v in kwargs.items()}
+            ref = self.actor.wire_call.remote(self.epoch, method, *wire_args, **options)
+            return _RayPending(self, ref, wire=True)
         return _RayPending(self, self.actor.fenced.remote(self.epoch, method, *args, **kwargs))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvservice.workers.transfer import TRANSFER_ENV
+from kvservice.workers.wire import PlanDecoder, decode_tensor, encode_result
 from kvservice.workers.worker import Worker
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -43,7 +44,23 @@ def make_worker_actor(**ray_options: Any) -> ActorClass:
     """``Worker`` as a Ray actor class, with ``ray_options`` (num_gpus, max_restarts, ...)."""
     import ray
 
-    return ray.remote(**ray_options)(Worker) if ray_options else ray.remote(Worker)
+    return ray.remote(**ray_options)(RayWorker) if ray_options else ray.remote(RayWorker)
+
+
+class RayWorker(Worker):
+    """``Worker`` with one more entry point for callers in other processes: ``wire_call``
+    takes plans and tensors in their wire form (``kvservice.workers.wire``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wire_plans = PlanDecoder()
+
+    def wire_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``fenced(epoch, method, ...)`` with wire plans and tensors decoded; tensors in
+        the result come back in wire form."""
+        decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
+        options = {k: decode_tensor(v) for k, v in kwargs.items()}
+        return encode_result(self.fenced(epoch, method, *decoded, **options))
 
 
 def actor_name(worker_id: int) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain
 
+import numpy as np
 import torch
 
 from kvservice.core.errors import InvalidArgument
@@ -109,7 +110,25 @@ class PlanCache:
         self._entries.clear()
 
 
+# Plans of tensors that nothing will change (decoded from the wire by the receiver, which
+# keeps them alive while they are here), by id: the cache may keep them like tuple plans.
+_FROZEN: dict[int, AttendPlan] = {}
+
+
+def mark_frozen(plan: AttendPlan) -> None:
+    """Let the plan cache keep ``plan`` (its tensors are never written) until unmarked."""
+    _FROZEN[id(plan)] = plan
+
+
+def unmark_frozen(plan: AttendPlan) -> None:
+    if _FROZEN.get(id(plan)) is plan:
+        del _FROZEN[id(plan)]
+
+
 def _is_frozen(plan: AttendPlan) -> bool:
+    if _FROZEN.get(id(plan)) is plan:
+        return True
+
     def flat(values: object) -> bool:
         return values is None or type(values) is tuple
 
@@ -260,10 +279,20 @@ def prepare_plan(
         seq_lens=seq_lens.to(torch.int32),
         cu_q_lens=cu_q_lens.to(torch.int32),
         write_slots=write_slots,
-        read_blocks=torch.unique(used).tolist(),
+        read_blocks=_distinct_sorted(used, num_blocks),
         num_tokens=num_tokens,
         is_decode=bool((q_lens == 1).all()),
     )
+
+
+def _distinct_sorted(ids: torch.Tensor, num_blocks: int) -> list[int]:
+    """The distinct ids (all in ``[0, num_blocks)``), sorted: a mark per block, where
+    ``torch.unique`` sorts and costs milliseconds for a wide decode batch's table."""
+    if ids.numel() == 0:
+        return []
+    seen = np.zeros(num_blocks, dtype=np.bool_)
+    seen[ids.numpy()] = True
+    return np.flatnonzero(seen).tolist()
 
 
 def _int_list(values: object) -> list[int] | tuple[int, ...] | None:
