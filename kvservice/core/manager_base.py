@@ -225,6 +225,7 @@ class ManagerBase:
         """Swap victims out, make the sequences GPU-resident, copy shared blocks in the
         write ranges and take written blocks out of the prefix cache."""
         commands = swap_out(ws, victims) if victims else []
+        self._upserts.update(s.seq_id for s in seqs)  # their blocks may change below
         if any(s.num_cpu_blocks for s in seqs):
             commands += swap_in(ws, seqs)
         pairs: list[tuple[BlockId, BlockId]] = []

@@ -74,12 +74,14 @@ class ManagerSteps(ManagerAdmin):
         commands = self._make_writable(ws, [seq], writes, 0)
         if commands is None:
             return OutOfMemory(f"no room to make sequence {seq_id} writable", ws.worker_id)
-        if end > start:
-            seq.num_computed = min(seq.num_computed, start)
+        if end > start and start < seq.num_computed:
+            seq.num_computed = start  # rewritten positions are computed again
+            self._upserts.add(seq_id)
         ids = seq.block_ids
         slots = [ids[p // bs] * bs + p % bs for p in range(start, end)]
         ws.eviction.touch(seq_id)
-        self._upserts.add(seq_id)
+        # Blocks moved, copied or uncached are recorded by _commit_room; a write into
+        # private blocks (every layer of a decode step) leaves the record as it was.
         return WritePlan(ws.worker_id, slots, commands)
 
     def prepare_attention(self, seq_ids: Sequence[int]) -> AttentionPlan | OutOfMemory:

@@ -172,3 +172,21 @@ def test_computed_counts_go_out_as_progress_not_whole_records(make_manager: Make
     m.free(a)
     m.take_ledger_updates()
     assert m.take_progress_updates() == {}
+
+
+def test_a_write_into_private_blocks_leaves_the_record_unchanged(make_manager: Make) -> None:
+    m = make_manager(gpu=8)
+    a = create(m, list(range(6)))
+    m.mark_computed(a, 6)
+    m.take_ledger_updates()
+    m.append(a, [6])
+    m.take_ledger_updates()
+    assert m.prepare_write(a, 6, 7).commands == []  # every layer of a decode step
+    assert m.take_ledger_updates() == {}
+    (child,) = m.fork(a, 1)
+    m.take_ledger_updates()
+    plan = m.prepare_write(child, 6, 7)  # the shared last block is copied: a new record
+    assert plan.commands == [CopyBlocks(0, ((1, 2),))]
+    assert set(m.take_ledger_updates()[0][0]) == {child}
+    assert m.prepare_write(child, 5, 7).commands == []  # a rewrite: computed drops to 5
+    assert m.take_ledger_updates()[0][0][child].num_computed_tokens == 5
