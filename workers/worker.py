@@ -59,6 +59,10 @@ from kvservice.core.records import SeqRecord
 
 logger = logging.getLogger(__name__)
 
+# On CUDA the attention path's kernels are timed every _SAMPLE-th call (per op): the timing
+# events of every layer cost host time, and the step is bound by host time.
+_SAMPLE = 8
+
 
 class StaleEpoch(RuntimeError):
     """A call fenced for an earlier incarnation of this worker (it restarted since)."""
@@ -310,19 +314,19 @@ class Worker(TransferMixin):
             k_cache, v_cache = self._caches(layer)
             q_dev = self._to_device(q)
             if k_new is not None and v_new is not None:
-                with self._timer.region("write_kv", stream):
+                with self._timer.region("write_kv", stream, sample=_SAMPLE):
                     kernels.write_kv(
                         k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
                         dev.write_slots, check_indices=False,
                     )  # fmt: skip
             if prepared.is_decode and sliding_window is None:
-                with self._timer.region("paged_decode", stream):
+                with self._timer.region("paged_decode", stream, sample=_SAMPLE):
                     result = kernels.paged_decode(
                         q_dev, k_cache, v_cache, block_tables, seq_lens,
                         scale=scale, return_lse=return_lse, check_indices=False,
                     )  # fmt: skip
             else:
-                with self._timer.region("paged_extend", stream):
+                with self._timer.region("paged_extend", stream, sample=_SAMPLE):
                     result = kernels.paged_extend(
                         q_dev, k_cache, v_cache, block_tables, dev.cu_q_lens, seq_lens,
                         scale=scale, sliding_window=sliding_window, return_lse=return_lse,

@@ -1,0 +1,58 @@
+"""The kernel timer on CUDA, with fake events: sampled regions are scaled up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvservice.workers import timing
+
+
+class FakeEvent:
+    """A timing event on a fake clock: each record() reads the next tick (1 ms apart)."""
+
+    clock = 0.0
+    records = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at: float | None = None
+
+    def record(self, stream: object = None) -> None:
+        FakeEvent.clock += 1.0
+        FakeEvent.records += 1
+        self.at = FakeEvent.clock
+
+    def query(self) -> bool:
+        return self.at is not None
+
+    def synchronize(self) -> None:
+        assert self.at is not None
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.at is not None and end.at is not None
+        return end.at - self.at
+
+
+def test_sampled_regions_count_every_call_and_scale_the_timed_ones(monkeypatch) -> None:
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(FakeEvent, "records", 0)
+    timer = timing.KernelTimer(torch.device("cuda", 0))
+    for _ in range(10):
+        with timer.region("decode", sample=4):
+            pass
+        with timer.region("copy"):
+            pass
+    totals = timer.totals()
+    # decode: calls 0, 4 and 8 timed (3 ms in all), scaled up to 10 calls; copy: all timed
+    assert totals["decode"] == {"calls": 10, "seconds": pytest.approx(3e-3 * 10 / 3)}
+    assert totals["copy"] == {"calls": 10, "seconds": pytest.approx(1e-3 * 10)}
+    assert FakeEvent.records == 2 * (3 + 10)
+
+
+def test_a_failed_region_is_not_counted(monkeypatch) -> None:
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    timer = timing.KernelTimer(torch.device("cuda", 0))
+    with pytest.raises(ValueError), timer.region("decode", sample=4):
+        raise ValueError("bad")
+    with timer.region("decode", sample=4):
+        pass
+    assert timer.totals()["decode"] == {"calls": 1, "seconds": pytest.approx(1e-3)}
