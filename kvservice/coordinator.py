@@ -705,7 +705,11 @@ class Coordinator:
                     state.computed = computed
                     advanced = True
             if advanced:
-                self._submit_ledger(calls)
+                # Only the compact counts: full records (new prefix hashes) ride on the next
+                # call that moves or allocates blocks, so a long prefill in many chunks does
+                # not re-send whole token lists after each chunk. A crash in between loses
+                # cache entries, never data.
+                self._submit_progress(calls)
         try:
             resolve_all(calls)
         except WorkerLost as exc:
@@ -886,7 +890,10 @@ class Coordinator:
                 handle = self._handles.get(wid)
                 if handle is not None and (upserts or deletes):
                     calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
-        # Computed counts of records not re-sent above: a compact {seq_id: count} per worker.
+        self._submit_progress(calls)
+
+    def _submit_progress(self, calls: list[PendingCall]) -> None:
+        """Computed counts not carried by a record sent above: {seq_id: count} per worker."""
         for wid, progress in self._manager.take_progress_updates().items():
             handle = self._handles.get(wid)
             if handle is not None:
