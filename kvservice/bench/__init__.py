@@ -2,6 +2,7 @@
 
     kvservice bench fuzz --calls 10000 [--seed S] [--address HOST:PORT] [--json]
     kvservice bench load --clients 32 --seconds 60 [--address HOST:PORT] [--json]
+    kvservice bench service --clients 1,8,32 --seconds 5 [--address HOST:PORT] [--json]
 
 Every command starts its own server on 127.0.0.1 (a coordinator over CPU workers in
 this process, see ``kvservice.bench.target``) unless ``--address`` names a running one.
@@ -40,6 +41,13 @@ def _load_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clients", default="1,8,32", help="comma-separated concurrent client counts"
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per phase")
+
+
 # name -> (module with main(args) -> int, help, options)
 COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "fuzz": (
@@ -51,6 +59,11 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
         "kvservice.bench.load",
         "concurrent clients, mixed workload: ops/s, p50/p99, errors, memory back to start",
         _load_arguments,
+    ),
+    "service": (
+        "kvservice.bench.service",
+        "CreateSequence, AppendTokens(256), Attend(64): ops/s and p50/p99 at 1, 8, 32 clients",
+        _service_arguments,
     ),
 }
 

@@ -1,0 +1,300 @@
+"""``kvservice bench service``: latency and throughput of the service's hot calls over gRPC.
+
+For each client count (default 1, 8 and 32 concurrent asyncio clients, each with its
+own channel) three phases run one after another, ``--seconds`` each:
+
+- ``create``: CreateSequence with a fresh random 1k-token prompt (freed afterwards,
+  untimed).
+- ``append``: AppendTokens of one token to each of the client's 256 sequences, one
+  call. The sequences are one parent forked into 256 children; they are replaced
+  (untimed) before they grow past two blocks, so memory stays bounded.
+- ``attend``: a decode Attend (layer 0, q_len 1 with k_new/v_new) over the client's 64
+  sequences, prefilled once (untimed); each call rewrites the last token's K/V.
+
+Reported per phase and client count: calls, ops/s (calls over the clients' mean time
+spent inside timed calls, so untimed setup does not count) and p50/p99 latency. For the
+single-client Attend also ``attend_added_ms``: its p50 minus the worker's own mean time
+per ``attend`` call, read from the ``call_time`` entries of the workers in the server's
+Stats over that phase. Targets on a 2-core machine (reported, not asserted):
+AppendTokens(256) p50 <= 2 ms, ``attend_added_ms`` <= 1.5 ms.
+
+Clients and, by default, the server share this process: on a small machine the numbers
+are the whole system's, not the server's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kvservice.bench.load import CALL_TIMEOUT_S, NUM_Q_HEADS_PER_KV, VOCAB, _percentile
+from kvservice.core.layout import Layout
+from kvservice.grpc_client import AsyncGrpcTransport, GrpcTransport
+
+LAYOUT = "small"
+BLOCK_SIZE = 16
+PROMPT_TOKENS = 1024
+APPEND_SEQS = 256
+ATTEND_SEQS = 64
+ATTEND_PROMPT_TOKENS = 20  # not a multiple of the block size: the last block stays private
+TENANT = "bench-service"
+TARGETS = {"append_p50_ms": 2.0, "attend_added_ms": 1.5}
+
+
+def _blocks_per_client() -> int:
+    create = PROMPT_TOKENS // BLOCK_SIZE + 1
+    append = APPEND_SEQS * 2 + 1
+    attend = ATTEND_SEQS * (ATTEND_PROMPT_TOKENS // BLOCK_SIZE + 1)
+    return max(create, append, attend)
+
+
+class _Client:
+    def __init__(self, index: int, address: str, token: str | None, layout: Layout) -> None:
+        self.transport = AsyncGrpcTransport(address, token=token, timeout=CALL_TIMEOUT_S)
+        self.layout = layout
+        self.rng = random.Random(index)
+        self.gen = torch.Generator().manual_seed(index)
+        self.latencies: list[float] = []
+
+    def _rows(self, rows: int, heads: int) -> torch.Tensor:
+        shape = (rows, heads, self.layout.head_dim)
+        return torch.randn(shape, generator=self.gen).to(getattr(torch, self.layout.dtype))
+
+    def _tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(VOCAB) for _ in range(n)]
+
+    async def timed(self, call: Any) -> Any:
+        start = time.perf_counter()
+        result = await call
+        self.latencies.append(time.perf_counter() - start)
+        return result
+
+    async def create(self, deadline: float) -> None:
+        t = self.transport
+        while time.perf_counter() < deadline:
+            info = await self.timed(t.create_sequence(self._tokens(PROMPT_TOKENS), tenant=TENANT))
+            await t.free([info.seq_id], tenant=TENANT)
+
+    async def _forked(self) -> list[int]:
+        """A parent and its 256 children, each child's last block already private."""
+        parent = (await self.transport.create_sequence(self._tokens(1), tenant=TENANT)).seq_id
+        children = await self.transport.fork(parent, APPEND_SEQS, tenant=TENANT)
+        await self.transport.append_tokens(children, [[1]] * len(children), tenant=TENANT)
+        return [parent, *children]
+
+    async def append(self, deadline: float) -> None:
+        t = self.transport
+        ids = await self._forked()
+        length = 2
+        while time.perf_counter() < deadline:
+            if length >= 2 * BLOCK_SIZE:
+                await t.free(ids, tenant=TENANT)
+                ids, length = await self._forked(), 2
+            tokens = [[self.rng.randrange(VOCAB)] for _ in ids[1:]]
+            await self.timed(t.append_tokens(ids[1:], tokens, tenant=TENANT))
+            length += 1
+        await t.free(ids, tenant=TENANT)
+
+    async def prefill(self) -> list[int]:
+        t, kv = self.transport, self.layout.num_kv_heads
+        ids = [
+            (await t.create_sequence(self._tokens(ATTEND_PROMPT_TOKENS), tenant=TENANT)).seq_id
+            for _ in range(ATTEND_SEQS)
+        ]
+        rows = ATTEND_PROMPT_TOKENS * len(ids)
+        q_lens = [ATTEND_PROMPT_TOKENS] * len(ids)
+        for layer in range(self.layout.num_layers):
+            q = self._rows(rows, kv * NUM_Q_HEADS_PER_KV)
+            await t.attend(layer, ids, q_lens, q, self._rows(rows, kv), self._rows(rows, kv),
+                           tenant=TENANT)  # fmt: skip
+        return ids
+
+    async def attend(self, ids: list[int], start: asyncio.Event, deadline_box: list[float]) -> None:
+        kv, n = self.layout.num_kv_heads, len(ids)
+        q = self._rows(n, kv * NUM_Q_HEADS_PER_KV)
+        k, v = self._rows(n, kv), self._rows(n, kv)
+        await start.wait()
+        while time.perf_counter() < deadline_box[0]:
+            await self.timed(self.transport.attend(0, ids, [1] * n, q, k, v, tenant=TENANT))
+
+
+def _worker_attend(stats: dict[str, Any]) -> tuple[int, float]:
+    """(calls, seconds) of the workers' ``attend`` entry point, over every worker."""
+    calls, seconds = 0, 0.0
+    for worker in stats["workers"].values():
+        entry = worker.get("worker", {}).get("call_time", {}).get("attend", {})
+        calls += int(entry.get("calls", 0))
+        seconds += float(entry.get("seconds", 0.0))
+    return calls, seconds
+
+
+def _row(clients: list[_Client]) -> dict[str, Any]:
+    values = sorted(x for c in clients for x in c.latencies)
+    busy = sum(sum(c.latencies) for c in clients) / len(clients)
+    return {
+        "calls": len(values),
+        "ops_per_s": round(len(values) / busy, 1) if busy > 0 else 0.0,
+        "p50_ms": round(1e3 * _percentile(values, 0.5), 3),
+        "p99_ms": round(1e3 * _percentile(values, 0.99), 3),
+    }
+
+
+async def _phases(
+    address: str, token: str | None, layout: Layout, n: int, seconds: float
+) -> tuple[dict[str, Any], tuple[int, float]]:
+    rows: dict[str, Any] = {}
+
+    async def run(op: str, body: Any) -> None:
+        clients = [_Client(i, address, token, layout) for i in range(n)]
+        try:
+            await body(clients)
+        finally:
+            await asyncio.gather(*(c.transport.close() for c in clients))
+        rows[op] = _row(clients)
+
+    async def create(clients: list[_Client]) -> None:
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(c.create(deadline) for c in clients))
+
+    async def append(clients: list[_Client]) -> None:
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(c.append(deadline) for c in clients))
+
+    worker: list[tuple[int, float]] = []
+
+    async def attend(clients: list[_Client]) -> None:
+        ids = [await c.prefill() for c in clients]
+        start, deadline = asyncio.Event(), [0.0]
+        tasks = [
+            asyncio.ensure_future(c.attend(i, start, deadline))
+            for c, i in zip(clients, ids, strict=True)
+        ]
+        with GrpcTransport(address, token=token, timeout=CALL_TIMEOUT_S) as admin:
+            before = _worker_attend(admin.stats())
+            deadline[0] = time.perf_counter() + seconds
+            start.set()
+            await asyncio.gather(*tasks)
+            after = _worker_attend(admin.stats())
+        worker.append((after[0] - before[0], after[1] - before[1]))
+        for c, i in zip(clients, ids, strict=True):
+            await c.transport.free(i, tenant=TENANT)
+
+    await run("create", create)
+    await run("append", append)
+    await run("attend", attend)
+    return rows, worker[0]
+
+
+def run_service_bench(
+    address: str | None = None,
+    *,
+    clients: tuple[int, ...] = (1, 8, 32),
+    seconds: float = 5.0,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Run every phase at every client count against ``address`` (or our own server)."""
+    from kvservice.bench.target import embedded_service, open_target
+
+    blocks = int(max(clients) * _blocks_per_client() / 0.8) + 256
+
+    def build() -> Any:
+        return embedded_service(
+            LAYOUT, block_size=BLOCK_SIZE, num_gpu_blocks=blocks, num_cpu_blocks=256
+        )
+
+    threads = torch.get_num_threads()
+    if address is None:
+        torch.set_num_threads(1)  # as in ``bench load``: many tiny kernels from many threads
+    try:
+        with open_target(address, token=token, build=build) as target:
+            with GrpcTransport(target.address, token=token, timeout=CALL_TIMEOUT_S) as admin:
+                layout = admin.layout()
+            results: dict[str, Any] = {}
+            worker_ms = 0.0
+            for n in clients:
+                rows, (calls, secs) = asyncio.run(
+                    _phases(target.address, token, layout, n, seconds)
+                )
+                if n == clients[0]:
+                    worker_ms = 1e3 * secs / calls if calls else 0.0
+                results[str(n)] = rows
+    finally:
+        torch.set_num_threads(threads)
+    first = results[str(clients[0])]
+    attend_p50 = first["attend"]["p50_ms"]
+    return {
+        "server": address or "own",
+        "layout": str(layout.key()),
+        "seconds_per_phase": seconds,
+        "clients": list(clients),
+        "results": results,
+        "attend_added": {
+            "clients": clients[0],
+            "attend_p50_ms": attend_p50,
+            "worker_attend_mean_ms": round(worker_ms, 3),
+            "attend_added_ms": round(attend_p50 - worker_ms, 3),
+        },
+        "targets": {
+            "append_p50_ms": {
+                "target": TARGETS["append_p50_ms"],
+                "value": first["append"]["p50_ms"],
+                "met": first["append"]["p50_ms"] <= TARGETS["append_p50_ms"],
+            },
+            "attend_added_ms": {
+                "target": TARGETS["attend_added_ms"],
+                "value": round(attend_p50 - worker_ms, 3),
+                "met": attend_p50 - worker_ms <= TARGETS["attend_added_ms"],
+            },
+        },
+    }
+
+
+def _parse_clients(text: str) -> tuple[int, ...]:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--clients wants positive integers, got {text!r}")
+    return values
+
+
+def main(args: argparse.Namespace) -> int:
+    clients = args.clients if isinstance(args.clients, tuple) else _parse_clients(str(args.clients))
+    result = run_service_bench(
+        args.address, clients=clients, seconds=args.seconds, token=args.token
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    out = sys.stdout
+    out.write(
+        f"service: {result['layout']}, {result['seconds_per_phase']} s per phase, "
+        f"against {result['server']}\n"
+    )
+    out.write(f"  {'op':<8}{'clients':>8}{'calls':>8}{'ops/s':>10}{'p50 ms':>10}{'p99 ms':>10}\n")
+    for op in ("create", "append", "attend"):
+        for n, rows in result["results"].items():
+            row = rows[op]
+            out.write(
+                f"  {op:<8}{n:>8}{row['calls']:>8}{row['ops_per_s']:>10}"
+                f"{row['p50_ms']:>10}{row['p99_ms']:>10}\n"
+            )
+    added = result["attend_added"]
+    out.write(
+        f"attend at {added['clients']} client(s): p50 {added['attend_p50_ms']} ms, worker mean "
+        f"{added['worker_attend_mean_ms']} ms, added {added['attend_added_ms']} ms\n"
+    )
+    for name, t in result["targets"].items():
+        out.write(
+            f"target {name} <= {t['target']}: {t['value']} ({'met' if t['met'] else 'MISSED'})\n"
+        )
