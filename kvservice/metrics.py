@@ -238,23 +238,13 @@ class Metrics:
 
 
 def error_code(exc: BaseException) -> str:
-    """A status-code-like name for an error: NOT_FOUND, RESOURCE_EXHAUSTED, ..., or INTERNAL."""
-    from kvservice.core import errors
+    """A status-code name for an error: NOT_FOUND, RESOURCE_EXHAUSTED, ..., or INTERNAL.
 
-    table: tuple[tuple[type[BaseException], str], ...] = (
-        (errors.NotFound, "NOT_FOUND"),
-        (errors.InvalidArgument, "INVALID_ARGUMENT"),
-        (errors.FailedPrecondition, "FAILED_PRECONDITION"),
-        (errors.ResourceExhausted, "RESOURCE_EXHAUSTED"),
-        (errors.DataLoss, "DATA_LOSS"),
-        (errors.Unavailable, "UNAVAILABLE"),
-        (errors.Unauthenticated, "UNAUTHENTICATED"),
-        (errors.PermissionDenied, "PERMISSION_DENIED"),
-    )
-    for cls, code in table:
-        if isinstance(exc, cls):
-            return code
-    return "INTERNAL"
+    The names come from the one error table in ``kvservice.status``.
+    """
+    from kvservice.status import status_code
+
+    return status_code(exc).name
 
 
 def start_metrics_server(metrics: Metrics, port: int = DEFAULT_METRICS_PORT, addr: str = "0.0.0.0"):
