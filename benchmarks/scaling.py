@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.worker import ROOT, install_checkout_finder, versions
+from benchmarks.worker import init_ray_for_checkout, install_checkout_finder, versions
 
 install_checkout_finder()
 
@@ -349,24 +349,8 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
 
 
 def run(setup: Setup, counts: list[int]) -> dict[str, Any]:
-    import ray
-
-    num_gpus = torch.cuda.device_count()
+    num_gpus = init_ray_for_checkout(NAMESPACE, log_to_driver=False, env_vars=TRANSFER_ENV)
     use_gpu = num_gpus > 0
-    if not ray.is_initialized():
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-        ray.init(
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            runtime_env={
-                "worker_process_setup_hook": "benchmarks.worker.install_checkout_finder",
-                "env_vars": dict(TRANSFER_ENV),
-            },
-        )
     runs = [run_workers(setup, w, use_gpu) for w in counts]
     base = runs[0]
     for r in runs:

@@ -327,7 +327,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(setup: Setup, num_workers: int | None) -> dict[str, Any]:
+def init_ray_for_checkout(namespace: str, **options: Any) -> int:
+    """Start a local Ray whose worker processes import this checkout; returns the GPU count.
+
+    ``env_vars`` and the other ``options`` go to ``ray.init`` (``env_vars`` into its
+    runtime_env). Does nothing but count GPUs when Ray is already up.
+    """
     import ray
 
     num_gpus = torch.cuda.device_count()
@@ -335,12 +340,26 @@ def run(setup: Setup, num_workers: int | None) -> dict[str, Any]:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
+        runtime_env: dict[str, Any] = {
+            "worker_process_setup_hook": "benchmarks.worker.install_checkout_finder"
+        }
+        env_vars = options.pop("env_vars", None)
+        if env_vars:
+            runtime_env["env_vars"] = dict(env_vars)
         ray.init(
             num_gpus=num_gpus,
             include_dashboard=False,
-            namespace=NAMESPACE,
-            runtime_env={"worker_process_setup_hook": "benchmarks.worker.install_checkout_finder"},
+            namespace=namespace,
+            runtime_env=runtime_env,
+            **options,
         )
+    return num_gpus
+
+
+def run(setup: Setup, num_workers: int | None) -> dict[str, Any]:
+    import ray
+
+    num_gpus = init_ray_for_checkout(NAMESPACE)
     use_gpu = num_gpus > 0
     count = num_workers or max(num_gpus, 1)
     started = time.perf_counter()
