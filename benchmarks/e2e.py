@@ -51,6 +51,7 @@ from typing import Any, TextIO
 import torch
 
 from kvservice.integrations import Engine, SamplingParams, layout_for, wrap_model
+from kvservice.integrations.graphs import GraphStats
 from kvservice.integrations.reference import random_model
 
 SYSTEMS = ("generate", "generate_batch", "kvservice_embedded", "kvservice_grpc")
@@ -156,54 +157,79 @@ def pool_blocks(prompts: list[list[int]], max_new_tokens: int) -> int:
     return int(need * 1.1) + 16
 
 
-def make_kvservice_runner(transport: str) -> Callable[..., list[list[int]]]:
-    def run(
-        model: Any, prompts: list[list[int]], max_new_tokens: int, device: str
-    ) -> list[list[int]]:
+class KVServiceRunner:
+    """kvservice as a running service: started once (``prepare``, untimed, as a server
+    starts before it takes requests: pools allocated, decode graphs captured), then a
+    fresh Engine per run over the same service."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.graph_stats: dict[str, Any] | None = None
+        self._embedded: Any = None
+        self._client: Any = None
+        self._server: Any = None
+        self._model: Any = None
+
+    def prepare(
+        self, model: Any, prompts: list[list[int]], max_new_tokens: int, device: str
+    ) -> None:
         from kvservice import Client
 
+        self.close()
         layout = layout_for(
             model.config, dtype=str(model.dtype).removeprefix("torch."), block_size=BLOCK_SIZE
         )
-        embedded = Client.embedded(
+        self._embedded = Client.embedded(
             layout,
             device=device,
             num_gpu_blocks=pool_blocks(prompts, max_new_tokens),
             num_cpu_blocks=64,
         )
-        server = None
-        client = embedded
-        try:
-            if transport == "grpc":
-                from kvservice.server import ServerThread
+        self._client = self._embedded
+        if self.transport == "grpc":
+            from kvservice.server import ServerThread
 
-                server = ServerThread(embedded.service, host="127.0.0.1", port=0)
-                client = Client.grpc(server.address)
-            engine = Engine(
-                wrap_model(model, client),
-                max_batch_tokens=4096,
-                max_batch_seqs=len(prompts),
-                max_prefill_chunk=2048,
-            )
-            params = SamplingParams(max_new_tokens=max_new_tokens)
-            request_ids = [engine.add_request(p, params) for p in prompts]
-            results = engine.run()
-            return [results[r].tokens for r in request_ids]
-        finally:
-            if client is not embedded:
-                client.close()
-            if server is not None:
-                server.stop(grace=1.0)
-            embedded.close()
+            self._server = ServerThread(self._embedded.service, host="127.0.0.1", port=0)
+            self._client = Client.grpc(self._server.address)
+        self._model = wrap_model(model, self._client)
+        self._model.capture_graphs(len(prompts), max(map(len, prompts)) + max_new_tokens)
 
-    return run
+    def __call__(
+        self, model: Any, prompts: list[list[int]], max_new_tokens: int, device: str
+    ) -> list[list[int]]:
+        if self._model is None or self._model.model is not model:
+            self.prepare(model, prompts, max_new_tokens, device)
+        engine = Engine(
+            self._model,
+            max_batch_tokens=4096,
+            max_batch_seqs=len(prompts),
+            max_prefill_chunk=2048,
+        )
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        graphs = self._model.graphs
+        if graphs is not None:  # this run's figures (captures made in prepare stay counted)
+            graphs.stats = GraphStats(graphs.stats.captures, graphs.stats.capture_seconds)
+        request_ids = [engine.add_request(p, params) for p in prompts]
+        results = engine.run()
+        if graphs is not None:
+            self.graph_stats = dataclasses.asdict(graphs.stats)
+        return [results[r].tokens for r in request_ids]
+
+    def close(self) -> None:
+        if self._client is not None and self._client is not self._embedded:
+            self._client.close()
+        if self._server is not None:
+            self._server.stop(grace=1.0)
+        if self._embedded is not None:
+            self._embedded.close()
+        self._embedded = self._client = self._server = self._model = None
 
 
 RUNNERS: dict[str, Callable[..., list[list[int]]]] = {
     "generate": run_generate,
     "generate_batch": run_generate_batch,
-    "kvservice_embedded": make_kvservice_runner("embedded"),
-    "kvservice_grpc": make_kvservice_runner("grpc"),
+    "kvservice_embedded": KVServiceRunner("embedded"),
+    "kvservice_grpc": KVServiceRunner("grpc"),
 }
 
 
@@ -211,7 +237,27 @@ def measure(
     name: str, model: Any, prompts: list[list[int]], max_new_tokens: int, device: str
 ) -> dict[str, Any]:
     runner = RUNNERS[name]
-    runner(model, prompts, min(WARMUP_TOKENS, max_new_tokens), device)  # compile, allocate
+    try:
+        return {"system": name} | _measure(runner, model, prompts, max_new_tokens, device)
+    finally:
+        if isinstance(runner, KVServiceRunner):
+            runner.close()
+
+
+def _measure(
+    runner: Callable[..., list[list[int]]],
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device: str,
+) -> dict[str, Any]:
+    if isinstance(runner, KVServiceRunner):
+        runner.prepare(model, prompts, max_new_tokens, device)
+    # Warm-up prompts of the same lengths but other tokens: a service keeps its prefix
+    # cache between runs, and the timed run must find none of its prompts there.
+    vocab = model.config.vocab_size
+    warm = [[3 + (t - 2) % (vocab - 3) for t in p] for p in prompts]
+    runner(model, warm, min(WARMUP_TOKENS, max_new_tokens), device)  # compile, allocate
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -227,13 +273,14 @@ def measure(
         gc.unfreeze()
     num_tokens = sum(len(o) for o in outputs)
     row: dict[str, Any] = {
-        "system": name,
         "output_tokens": num_tokens,
         "seconds": round(seconds, 3),
         "output_tok_s": round(num_tokens / seconds, 1),
     }
     if device.startswith("cuda"):
         row["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if isinstance(runner, KVServiceRunner) and runner.graph_stats is not None:
+        row["decode_graphs"] = runner.graph_stats
     row["_outputs"] = outputs
     return row
 
@@ -350,16 +397,20 @@ def profile(
     import io
     import pstats
 
-    runner = RUNNERS["kvservice_embedded"]
-    runner(model, prompts[:2], 4, device)
-    sync(device)
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    runner(model, prompts, max_new_tokens, device)
-    sync(device)
-    profiler.disable()
-    seconds = time.perf_counter() - start
+    runner = KVServiceRunner("embedded")
+    try:
+        runner.prepare(model, prompts, max_new_tokens, device)
+        runner(model, prompts[:2], 4, device)
+        sync(device)
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        runner(model, prompts, max_new_tokens, device)
+        sync(device)
+        profiler.disable()
+        seconds = time.perf_counter() - start
+    finally:
+        runner.close()
     text = io.StringIO()
     print(f"kvservice_embedded, {len(prompts)} requests x {max_new_tokens} new tokens: "
           f"{seconds:.3f} s under the profiler", file=text)  # fmt: skip

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from kvservice.core.layout import Layout
+from kvservice.integrations.graphs import DecodeGraphs
+from kvservice.workers.graph_step import DirectDecode, StepBuffers
 
 ATTN_IMPLEMENTATION = "kvservice"
 STEP_KWARG = "kvservice_step"
@@ -44,6 +46,9 @@ class StepContext:
     seq_ids: list[int]
     q_lens: list[int]
     kv_dtype: torch.dtype | None = None
+    # A decode step planned once for every layer (kvservice.integrations.graphs): each
+    # layer's attention runs on its fixed buffers instead of calling the client.
+    direct: Any = None
 
 
 def kvservice_attention(
@@ -77,6 +82,13 @@ def kvservice_attention(
     v = value[0].transpose(0, 1)
     if step.kv_dtype is not None and q.dtype != step.kv_dtype:
         q, k, v = q.to(step.kv_dtype), k.to(step.kv_dtype), v.to(step.kv_dtype)
+    if step.direct is not None:
+        out = step.direct.attend(
+            module.layer_idx, q, k, v, scale=scaling, sliding_window=sliding_window
+        )
+        if out.dtype != query.dtype:
+            out = out.to(query.dtype)
+        return out.unsqueeze(0), None
     out = step.client.attend(
         module.layer_idx,
         step.seq_ids,
@@ -119,7 +131,7 @@ def torch_dtype(layout: Layout) -> torch.dtype:
 class ServiceModel:
     """A causal LM whose attention runs in kvservice, stepped on packed ragged batches."""
 
-    def __init__(self, model: Any, client: Any) -> None:
+    def __init__(self, model: Any, client: Any, *, decode_graphs: bool | None = None) -> None:
         self.model = model
         self.client = client
         layout = getattr(client, "layout", None)
@@ -132,6 +144,47 @@ class ServiceModel:
         self.layout: Layout | None = layout
         self.kv_dtype = torch_dtype(layout) if layout is not None else None
         self.device = next(model.parameters()).device
+        self.graphs = self._decode_graphs(decode_graphs)
+
+    def _decode_graphs(self, wanted: bool | None) -> DecodeGraphs | None:
+        """Whole-step decode (a CUDA graph on a GPU) when the service is embedded on the
+        model's device and the model has no sliding-window layers; ``wanted`` None = where
+        possible, False = never, True = or raise."""
+        if wanted is False:
+            return None
+        coord = getattr(self.client, "service", None)
+        why = None
+        if not DecodeGraphs.supports(coord, self.device):
+            why = "the service is not embedded with its workers on the model's device"
+        elif _has_sliding_window(self.model.config):
+            why = "the model has sliding-window attention"
+        if why is not None:
+            if wanted:
+                raise ValueError(f"decode graphs unavailable: {why}")
+            return None
+        return DecodeGraphs(
+            coord, self.device, self._forward_buffers, tenant=getattr(self.client, "tenant", None)
+        )
+
+    def capture_graphs(self, max_batch: int, max_tokens: int) -> int:
+        """Capture the decode graphs of up to ``max_batch`` sequences of ``max_tokens``
+        tokens now (else each on first use); returns how many there are (0: none used)."""
+        if self.graphs is None:
+            return 0
+        with torch.inference_mode():
+            return self.graphs.capture(max_batch, max_tokens)
+
+    def _forward_buffers(self, buffers: StepBuffers, direct: DirectDecode) -> torch.Tensor:
+        """The model over a decode step's fixed buffers: float32 logits [rows, vocab]."""
+        context = StepContext(None, [], [], self.kv_dtype, direct)
+        output = self.model(
+            input_ids=buffers.token_ids.unsqueeze(0),
+            position_ids=buffers.positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=0,
+            **{STEP_KWARG: context},
+        )
+        return output.logits[0].float()
 
     @torch.inference_mode()
     def step(
@@ -148,6 +201,12 @@ class ServiceModel:
         q_lens = [len(tokens) for tokens in new_tokens]
         if min(q_lens) < 1:
             raise ValueError("every sequence in a step needs at least one new token")
+        if self.graphs is not None and max(q_lens) == 1:
+            logits = self.graphs.step(
+                list(seq_ids), [tokens[0] for tokens in new_tokens], list(start_positions)
+            )
+            if logits is not None:
+                return logits
         flat = [token for tokens in new_tokens for token in tokens]
         positions = [
             p
@@ -171,15 +230,24 @@ class ServiceModel:
         return output.logits[0].float()
 
 
-def wrap_model(model: Any, client: Any) -> ServiceModel:
-    """Switch ``model`` (in place) to kvservice attention and return it ready to step."""
+def _has_sliding_window(config: Any) -> bool:
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return True
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    return getattr(config, "sliding_window", None) is not None
+
+
+def wrap_model(model: Any, client: Any, *, decode_graphs: bool | None = None) -> ServiceModel:
+    """Switch ``model`` (in place) to kvservice attention and return it ready to step.
+    ``decode_graphs``: see ``ServiceModel`` (whole-step decode over an embedded service)."""
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
         model.config._attn_implementation = ATTN_IMPLEMENTATION
     model.eval()
-    return ServiceModel(model, client)
+    return ServiceModel(model, client, decode_graphs=decode_graphs)
 
 
 def load_model(

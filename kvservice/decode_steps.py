@@ -1,0 +1,164 @@
+"""Steps whose attention kernels the caller runs itself, on a worker in its own process.
+
+A forward step normally calls ``attend`` once per layer, and the coordinator plans each
+call into worker commands. A caller that holds the worker in its own process (the
+embedded transport) can do better for a whole step: the coordinator plans the step once
+for every layer (positions checked, shared blocks copied on write, every block brought
+to the device tier), the caller launches all layers' kernels on the worker's pools (one
+CUDA graph of the model's forward, say), and the coordinator then records the writes of
+every layer at once. The page tables, prefix cache, copy-on-write and swapping stay the
+coordinator's; only the per-layer calls go.
+
+Invariants:
+- The caller's ``launch`` runs under the coordinator's lock, after the planned commands
+  were issued to the worker: no other call can move, swap or reuse the step's blocks
+  before its kernels are queued on the worker's stream (later commands are ordered after
+  them, as the worker's own calls are).
+- Writes are recorded only after ``launch`` returns; a failed launch records nothing, so
+  the step can be retried through the per-layer path (rewriting the same positions).
+- Only a batch on one in-process worker, of sequences held whole (no segments), takes
+  this path; otherwise ``run_local_step`` returns None before changing anything and the
+  caller uses ``attend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvservice.coordinator_workers import LocalWorkerHandle, PendingCall, WorkerLost, resolve_all
+from kvservice.core import errors
+from kvservice.core.ids import DEFAULT_TENANT
+
+if TYPE_CHECKING:
+    from kvservice.coordinator import Coordinator
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStep:
+    """One planned step: the worker to launch on and, per sequence in batch order, its
+    block table and length (new tokens included; they sit at the end)."""
+
+    worker: Any
+    block_tables: list[list[int]]
+    seq_lens: list[int]
+
+
+def local_handle(coord: Coordinator, worker_id: int) -> LocalWorkerHandle | None:
+    """The handle of ``worker_id`` when its worker is in this process, else None."""
+    handle = coord._handles.get(worker_id)
+    return handle if isinstance(handle, LocalWorkerHandle) else None
+
+
+def run_local_step(
+    coord: Coordinator,
+    seq_ids: Sequence[int],
+    q_lens: Sequence[int],
+    launch: Callable[[LocalStep], T],
+    *,
+    tenant: str = DEFAULT_TENANT,
+) -> T | None:
+    """Plan a step that writes and attends the sequences' last ``q_lens`` tokens in every
+    layer, call ``launch`` with it (under the lock), then record every layer's writes.
+
+    Returns ``launch``'s result, or None when the batch cannot take this path (it spans
+    workers, a remote worker holds it, or a sequence is segmented); errors are the same
+    as ``attend``'s (unknown sequence, a hole before the new tokens, no memory).
+    """
+    from kvservice.coordinator import _check_tenant
+
+    tenant = _check_tenant(tenant)
+    _layer, ids, lens = coord._check_batch(0, seq_ids, q_lens)
+    calls: list[PendingCall] = []
+    with coord._lock:
+        coord._check_open()
+        if coord._spans.any_span(ids):
+            return None
+        starts, versions = _check_all_layers(coord, ids, lens, tenant)
+        groups = coord._split_by_worker(ids, lens)
+        if len(groups) != 1:
+            return None
+        handle = local_handle(coord, groups[0][0])
+        if handle is None:
+            return None
+        commands: list[Any] = []
+        try:
+            tables, seq_lens = coord._plan_group(ids, starts, lens, commands)
+        finally:
+            coord._submit(commands, calls, ledger=bool(commands))
+            # A local worker runs queued calls when they are awaited. Every call planned
+            # before this step (another caller's swap-out of a block since given to one of
+            # these sequences, say) and this step's copies on write and swap-ins must be
+            # on the worker's streams before the step's kernels: a cheap call last drains
+            # the queue.
+            calls.append(handle.submit("info"))
+            _await(coord, calls)
+        result = launch(LocalStep(handle.worker, tables, seq_lens))
+    _record_all_layers(coord, ids, starts, lens, versions)
+    return result
+
+
+def _await(coord: Coordinator, calls: list[PendingCall]) -> None:
+    try:
+        resolve_all(calls)
+    except WorkerLost as exc:
+        raise coord._lose_worker(exc.worker_id) from exc
+
+
+def _check_all_layers(
+    coord: Coordinator, seq_ids: list[int], q_lens: list[int], tenant: str
+) -> tuple[list[int], list[int]]:
+    """First new position and version of each sequence; every layer must hold the K/V of
+    every position before it (the per-layer path checks one layer at a time)."""
+    starts: list[int] = []
+    versions: list[int] = []
+    for sid, q_len in zip(seq_ids, q_lens, strict=True):
+        state = coord._own(sid, tenant)
+        start = state.length - q_len
+        if start < 0:
+            raise errors.FailedPrecondition(
+                f"sequence {sid} has {state.length} tokens; q_len {q_len} is past its start"
+            )
+        if state.tracked:
+            have = min(state.written)
+            if start > have:
+                raise errors.FailedPrecondition(
+                    f"sequence {sid}: positions {have}..{start - 1} have no K/V in every "
+                    f"layer; write them first"
+                )
+        starts.append(start)
+        versions.append(state.version)
+    return starts, versions
+
+
+def _record_all_layers(
+    coord: Coordinator,
+    seq_ids: list[int],
+    starts: list[int],
+    q_lens: list[int],
+    versions: list[int],
+) -> None:
+    """What ``_record_writes`` does for one layer, for all of them in one pass."""
+    calls: list[PendingCall] = []
+    advanced = False
+    with coord._lock:
+        for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
+            state = coord._seqs.get(sid)
+            if state is None or state.lost or state.version != version:
+                continue  # freed, lost or truncated meanwhile
+            end = start + q_len
+            written = state.written
+            for layer, have in enumerate(written):
+                if start <= have < end:
+                    written[layer] = end
+            computed = min(written)
+            if computed > state.computed:
+                coord._spans.mark_computed(sid, computed)
+                state.computed = computed
+                advanced = True
+        if advanced:
+            coord._submit_progress(calls)
+    _await(coord, calls)
