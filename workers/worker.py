@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import kvservice.kernels as kernels
@@ -430,6 +430,16 @@ class Worker(TransferMixin):
                 self._pending.wait_on_host(which, blocks)
                 pool[ids] = data.to("cpu")
             self._counters["blocks_imported"] += len(blocks)
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (k_cache, v_cache) views of the device tier, for a caller in this
+        process that launches the kernels itself (``kvservice.workers.graph_step``)."""
+        return list(self._layer_caches)
+
+    def wait_for_blocks(self, blocks: Iterable[int]) -> None:
+        """Order the current stream after pending copies into these device-tier blocks
+        (swap-ins still in flight), as ``attend`` does before reading them."""
+        self._pending.wait_on_stream(Tier.GPU, blocks, self._compute_stream())
 
     def synchronize(self) -> None:
         """Wait until every copy and kernel this worker started has finished."""
