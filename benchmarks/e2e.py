@@ -208,7 +208,9 @@ class KVServiceRunner:
         params = SamplingParams(max_new_tokens=max_new_tokens)
         graphs = self._model.graphs
         if graphs is not None:  # this run's figures (captures made in prepare stay counted)
-            graphs.stats = GraphStats(graphs.stats.captures, graphs.stats.capture_seconds)
+            graphs.stats = GraphStats(
+                captures=graphs.stats.captures, capture_seconds=graphs.stats.capture_seconds
+            )
         request_ids = [engine.add_request(p, params) for p in prompts]
         results = engine.run()
         if graphs is not None:
