@@ -26,7 +26,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,8 @@ class TransferMixin:
     _chunk_bytes: int = CHUNK_BYTES
     _transfer_device: torch.device | None = None
     _probe_buffer: torch.Tensor | None = None
+    _copy_stream: Any = None
+    _staging_buffers: list[torch.Tensor | None] | None = None
 
     if TYPE_CHECKING:
 
@@ -125,6 +127,7 @@ class TransferMixin:
         self._transfer_rank = None
         self._transfer_device = None
         self._probe_buffer = None
+        self._staging_buffers = None
 
     def transfer_info(self) -> dict[str, Any]:
         """This worker's rank and group, or rank None outside any group."""
@@ -143,14 +146,17 @@ class TransferMixin:
         the bytes sent."""
         with self._entry("send_blocks"):
             peer, runs = self._transfer_args(dst_rank, blocks)
-            in_flight: deque[tuple[Any, torch.Tensor]] = deque()
-            for run in runs:
-                if len(in_flight) >= CHUNKS_IN_FLIGHT:
-                    in_flight.popleft()[0].wait()  # then its buffer may be reused
-                tensor = self._gather(run)
-                in_flight.append((dist.isend(tensor, peer), tensor))
-            while in_flight:
-                in_flight.popleft()[0].wait()
+            with self._transfer_stream():
+                indices = self._run_indices(runs)
+                in_flight: deque[Any] = deque()
+                for i, run in enumerate(runs):
+                    if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                        # Its buffer is reused next: the gather waits (on the device) for its send.
+                        in_flight.popleft().wait()
+                    tensor = self._gather(run, indices[i], i % CHUNKS_IN_FLIGHT)
+                    in_flight.append(dist.isend(tensor, peer))
+                while in_flight:
+                    in_flight.popleft().wait()
             self._finish()
             return self._count("blocks_sent", blocks)
 
@@ -159,14 +165,19 @@ class TransferMixin:
         these blocks, in order; returns the bytes received."""
         with self._entry("recv_blocks"):
             peer, runs = self._transfer_args(src_rank, blocks)
-            posted: deque[tuple[Any, torch.Tensor, list[tuple[Tier, int]]]] = deque()
-            for run in runs:
-                tensor = self._landing(run)
-                posted.append((dist.irecv(tensor, peer), tensor, run))
-                if len(posted) >= CHUNKS_IN_FLIGHT:
-                    self._scatter(*posted.popleft())
-            while posted:
-                self._scatter(*posted.popleft())
+            with self._transfer_stream():
+                indices = self._run_indices(runs)
+                posted: deque[tuple[Any, torch.Tensor, int]] = deque()
+                for i, run in enumerate(runs):
+                    tensor = self._landing(run, i % CHUNKS_IN_FLIGHT)
+                    posted.append((dist.irecv(tensor, peer), tensor, i))
+                    if len(posted) >= CHUNKS_IN_FLIGHT:
+                        # Scattered before the next receive into its buffer is posted.
+                        work, landed, j = posted.popleft()
+                        self._scatter(work, landed, runs[j], indices[j])
+                while posted:
+                    work, landed, j = posted.popleft()
+                    self._scatter(work, landed, runs[j], indices[j])
             self._finish()
             return self._count("blocks_received", blocks)
 
@@ -225,41 +236,117 @@ class TransferMixin:
             return None
         return pool[first : first + len(run)]
 
-    def _gather(self, run: list[tuple[Tier, int]]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _transfer_stream(self) -> Iterator[None]:
+        """On CUDA, the transfer's own stream as the current one, after the work queued
+        before it (earlier writes of these blocks): NCCL orders its sends and receives
+        after the current stream, so gathers, scatters and the wire overlap on the device
+        while this thread only queues work, and attention kernels never wait behind a
+        transfer. The compute stream waits for the transfer's end (``_finish`` also
+        waits on the host)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        stream = self._copy_stream
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            yield
+        compute.wait_stream(stream)
+
+    def _run_indices(
+        self, runs: list[list[tuple[Tier, int]]]
+    ) -> list[list[tuple[Tier, list[int], torch.Tensor]]]:
+        """Per run, per tier: (tier, positions in the run, block ids as an index on the
+        pool's device). All ids go to the device in one asynchronous copy from pinned
+        memory: one pageable copy per chunk would stall the host on the stream each time."""
+        parts: list[list[tuple[Tier, list[int], list[int]]]] = [_by_tier(run) for run in runs]
+        out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
+        for tier in Tier:
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            ids = [b for per_run in parts for t, _pos, bs in per_run if t is tier for b in bs]
+            if not ids:
+                continue
+            host = torch.tensor(ids, dtype=torch.int64)
+            if pool.device.type == "cuda":
+                index = host.pin_memory().to(pool.device, non_blocking=True)
+            else:
+                index = host
+            at = 0
+            for k, per_run in enumerate(parts):
+                for t, positions, bs in per_run:
+                    if t is tier:
+                        out[k].append((t, positions, index[at : at + len(bs)]))
+                        at += len(bs)
+        order = {tier: i for i, tier in enumerate(Tier)}
+        for per_run in out:
+            per_run.sort(key=lambda part: order[part[0]])
+        return out
+
+    def _gather(
+        self,
+        run: list[tuple[Tier, int]],
+        parts: list[tuple[Tier, list[int], torch.Tensor]],
+        slot: int,
+    ) -> torch.Tensor:
         direct = self._direct_view(run)
         if direct is not None:
             return direct
-        out = self._staging(len(run))
-        for tier, positions, ids in _by_tier(run):
+        out = self._staging(len(run), slot)
+        for tier, positions, index in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
-            index = torch.tensor(ids, dtype=torch.int64, device=pool.device)
             if len(positions) == len(run) and pool.device == out.device:
                 torch.index_select(pool, 0, index, out=out)
             elif len(positions) == len(run):
-                out.copy_(pool.index_select(0, index))
+                out.copy_(pool.index_select(0, index), non_blocking=True)
             else:
                 where = torch.tensor(positions, device=out.device)
                 out[where] = pool.index_select(0, index).to(out.device)
         return out
 
-    def _landing(self, run: list[tuple[Tier, int]]) -> torch.Tensor:
+    def _landing(self, run: list[tuple[Tier, int]], slot: int) -> torch.Tensor:
         direct = self._direct_view(run)
-        return direct if direct is not None else self._staging(len(run))
+        return direct if direct is not None else self._staging(len(run), slot)
 
-    def _staging(self, num_blocks: int) -> torch.Tensor:
+    def _staging(self, num_blocks: int, slot: int) -> torch.Tensor:
+        """Staging buffer ``slot`` (of ``CHUNKS_IN_FLIGHT``), at least ``num_blocks`` long.
+        On CUDA the buffers are kept between transfers (no allocation per chunk; their
+        reuse is ordered on the transfer stream); on CPU each chunk gets its own."""
         shape = (num_blocks, *self.gpu_pool.shape[1:])
-        return torch.empty(shape, dtype=self.gpu_pool.dtype, device=self._transfer_device)
+        device = self._transfer_device
+        if device is None or device.type != "cuda":
+            return torch.empty(shape, dtype=self.gpu_pool.dtype, device=device)
+        buffers = self._staging_buffers
+        if buffers is None:
+            buffers = self._staging_buffers = [None] * CHUNKS_IN_FLIGHT
+        buffer = buffers[slot]
+        if buffer is None or buffer.shape[0] < num_blocks:
+            per_chunk = max(1, self._chunk_bytes // self._block_bytes())
+            buffer = torch.empty(
+                (max(num_blocks, per_chunk), *self.gpu_pool.shape[1:]),
+                dtype=self.gpu_pool.dtype,
+                device=device,
+            )
+            buffers[slot] = buffer
+        return buffer[:num_blocks]
 
-    def _scatter(self, work: Any, tensor: torch.Tensor, run: list[tuple[Tier, int]]) -> None:
-        work.wait()
+    def _scatter(
+        self,
+        work: Any,
+        tensor: torch.Tensor,
+        run: list[tuple[Tier, int]],
+        parts: list[tuple[Tier, list[int], torch.Tensor]],
+    ) -> None:
+        work.wait()  # on CUDA: the current (transfer) stream waits for the receive
         if self._direct_view(run) is not None:
             return  # received in place
-        for tier, positions, ids in _by_tier(run):
+        for tier, positions, index in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             part = tensor
             if len(positions) != len(run):
                 part = tensor[torch.tensor(positions, device=tensor.device)]
-            index = torch.tensor(ids, dtype=torch.int64, device=pool.device)
             pool.index_copy_(0, index, part.to(pool.device))
 
     def _finish(self) -> None:
