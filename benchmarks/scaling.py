@@ -2,6 +2,8 @@
 transfers between two workers against a plain NCCL send/recv of the same bytes.
 
     python -m benchmarks.scaling [--json] [--small] [--workers 1,2,4] [--out FILE]
+        [--phases decode,capacity,transfer] [--skip-capacity] [--depth N] [--steps N]
+    python -m benchmarks.scaling --table-from FILE   (the table of a JSON written before)
 
 Starts Ray (``ray.init(num_gpus=<visible GPUs>)`` unless already connected) and, for each
 worker count (default 1, 2 and 4, as far as there are GPUs; 1 and 2 CPU workers without
@@ -12,14 +14,19 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
 - **Decode throughput** over one fixed workload: ``num_seqs`` sequences of ``context``
   tokens, placed by the service, their K/V written through it; then ``steps`` decode
   steps, each one attention call per group of up to ``batch`` sequences of one worker,
-  issued by one client thread per group (every worker always has work queued). Reported:
-  tokens/s (one token per sequence per step), the K/V bytes read per second, the
-  speedup over one worker, and the kernel's share of the workers' attention-call time
-  (the rest is per-call work: the block tables crossing Ray and becoming index tensors,
-  q and the output moving). Each sequence holds one K/V row repeated, so its attention
-  output is known exactly (its V row): checked.
-- **Maximum concurrent sequences**: sequences of ``max_context`` tokens created until the
-  service answers RESOURCE_EXHAUSTED (no CPU tier), against one worker.
+  issued by ``depth`` client threads per group (so a worker has its next call queued
+  while the driver takes a result). Reported: tokens/s (one token per sequence per
+  step), the K/V bytes read per second, the speedup over one worker, wall ms per call
+  per worker, the workers' busy share of the wall time (below 100 %: they waited for
+  calls), and the kernel's share of the workers' attention-call time (the rest is
+  per-call work in the worker). Ray's max_direct_call_object_size is raised
+  (``INLINE_BYTES``) so q and the output travel inline with the call, not through the
+  object store. Each sequence holds one K/V row repeated, so its attention output is
+  known exactly (its V row): checked.
+- **Maximum concurrent sequences**: with the workload's sequences in place, sequences of
+  ``max_context`` tokens created until the service answers RESOURCE_EXHAUSTED (no CPU
+  tier); the count includes the workload's own. Tokens go as a tensor (the service
+  checks a list one element at a time).
 - **Block transfer** (two workers): ``transfer_blocks`` scattered blocks of the 8B-Llama
   shape (2 MiB each) sent GPU to GPU by the service's transfer path (gather, send, recv,
   scatter), against ``transfer_probe``: a plain send/recv of one buffer of the same bytes
@@ -27,19 +34,26 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
   median of ``iters``). Also the same transfer through host memory (the fallback) and a
   whole migration of sequences through the coordinator. The moved blocks are checked.
 
-Writes the JSON to ``--out`` too; prints the table last. Exit status 1 when a check fails.
+Progress lines with the elapsed seconds go to stderr as each phase starts and ends; the
+JSON so far is written to ``--out`` after each part (a run cut short keeps what it
+measured), and SIGTERM dumps every thread's stack first. Prints the table last. Exit
+status 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,6 +79,8 @@ from kvservice.transfers import submit_transfer  # noqa: E402
 from kvservice.transport_ray import start_ray_service  # noqa: E402
 
 NAMESPACE = "kvservice-bench-scaling"
+INLINE_BYTES = 2 << 20
+BARRIER_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +98,7 @@ class Setup:
     transfer_blocks: int
     transfer_pool_blocks: int
     iters: int
+    depth: int  # client threads (calls in flight) per call group
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -97,10 +114,13 @@ GPU_SETUP = Setup(
     warmup_steps=3,
     num_gpu_blocks=300_000,  # 18.3 GiB per worker
     max_context=16384,
-    transfer_layout=Layout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16),
+    transfer_layout=Layout(
+        num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16
+    ),
     transfer_blocks=512,  # 1 GiB
     transfer_pool_blocks=2048,
     iters=10,
+    depth=2,
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
@@ -112,14 +132,19 @@ SMALL_SETUP = Setup(
     warmup_steps=1,
     num_gpu_blocks=640,
     max_context=512,
-    transfer_layout=Layout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
+    transfer_layout=Layout(
+        num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16
+    ),
     transfer_blocks=64,
     transfer_pool_blocks=128,
     iters=5,
+    depth=2,
 )
 
 
-def start(layout: Layout, num_workers: int, num_gpu_blocks: int, use_gpu: bool, tag: str) -> Coordinator:
+def start(
+    layout: Layout, num_workers: int, num_gpu_blocks: int, use_gpu: bool, tag: str
+) -> Coordinator:
     return start_ray_service(
         layout,
         num_workers=num_workers,
@@ -133,21 +158,49 @@ def start(layout: Layout, num_workers: int, num_gpu_blocks: int, use_gpu: bool, 
     )
 
 
-def max_sequences(coord: Coordinator, setup: Setup) -> int:
-    """Sequences of ``max_context`` distinct tokens created until the service refuses."""
+_START = time.perf_counter()
+
+
+def progress(message: str, *args: Any) -> None:
+    """One progress line on stderr with the seconds since the benchmark started."""
+    text = message % args if args else message
+    print(f"[scaling {time.perf_counter() - _START:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def tokens_at(start: int, count: int) -> torch.Tensor:
+    # A tensor crosses the coordinator's token check in one tolist(), a range one int at a time.
+    return torch.arange(start, start + count, dtype=torch.int64)
+
+
+def max_sequences(coord: Coordinator, setup: Setup, already: int) -> int:
+    """Sequences of ``max_context`` distinct tokens the service holds: ``already`` (the
+    workload's, of ``context`` tokens) plus those created until it refuses."""
+    assert setup.context == setup.max_context, "the workload's sequences count as capacity"
     made: list[int] = []
+    started = time.perf_counter()
     try:
         while True:
-            base = len(made) * setup.max_context
-            made.append(coord.create_sequence(range(base, base + setup.max_context)).seq_id)
+            made.append(
+                coord.create_sequence(
+                    tokens_at(len(made) * setup.max_context, setup.max_context)
+                ).seq_id
+            )
+            if len(made) % 100 == 0:
+                progress(
+                    "  capacity: %d created, %.1f ms each",
+                    len(made),
+                    1e3 * (time.perf_counter() - started) / len(made),
+                )
     except ResourceExhausted:
         pass
     for i in range(0, len(made), 256):
         coord.free(made[i : i + 256])
-    return len(made)
+    return already + len(made)
 
 
-def fill(coord: Coordinator, setup: Setup) -> dict[int, tuple[int, torch.Tensor]]:
+def fill(
+    coord: Coordinator, setup: Setup, num_seqs: int | None = None
+) -> dict[int, tuple[int, torch.Tensor]]:
     """The workload's sequences, each one random K/V row repeated over its context
     (expanded tensors: a few bytes cross Ray, the worker materializes them); returns
     sequence -> (worker, its V row)."""
@@ -155,9 +208,8 @@ def fill(coord: Coordinator, setup: Setup) -> dict[int, tuple[int, torch.Tensor]
     dtype = getattr(torch, layout.dtype)
     gen = torch.Generator().manual_seed(0)
     out: dict[int, tuple[int, torch.Tensor]] = {}
-    for i in range(setup.num_seqs):
-        tokens = range(10**9 + i * setup.context, 10**9 + (i + 1) * setup.context)
-        info = coord.create_sequence(tokens)
+    for i in range(setup.num_seqs if num_seqs is None else num_seqs):
+        info = coord.create_sequence(tokens_at(10**9 + i * setup.context, setup.context))
         k_row, v_row = (
             torch.randn((1, layout.num_kv_heads, layout.head_dim), generator=gen).to(dtype)
             for _ in range(2)
@@ -168,27 +220,40 @@ def fill(coord: Coordinator, setup: Setup) -> dict[int, tuple[int, torch.Tensor]
     return out
 
 
-def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]) -> dict[str, Any]:
-    """``steps`` decode steps over every sequence: one thread per call group."""
+def decode(
+    coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]
+) -> dict[str, Any]:
+    """``steps`` decode steps over every sequence: ``depth`` client threads per call
+    group, so that many of each group's calls are in flight (a worker has the next call
+    queued while the driver takes the last one's result)."""
     layout = setup.layout
     dtype = getattr(torch, layout.dtype)
     by_worker: dict[int, list[int]] = {}
     for sid, (worker_id, _) in sorted(seqs.items()):
         by_worker.setdefault(worker_id, []).append(sid)
-    groups = [ids[i : i + setup.batch] for ids in by_worker.values() for i in range(0, len(ids), setup.batch)]
+    groups = [
+        ids[i : i + setup.batch]
+        for ids in by_worker.values()
+        for i in range(0, len(ids), setup.batch)
+    ]
     errors: list[float] = []
     failures: list[BaseException] = []
-    barrier = threading.Barrier(len(groups) + 1)
+    num_threads = len(groups) * setup.depth
+    barrier = threading.Barrier(num_threads + 1)
     group_size = setup.num_q_heads // layout.num_kv_heads
 
-    def client(ids: list[int]) -> None:
+    def client(ids: list[int], lane: int) -> None:
         gen = torch.Generator().manual_seed(ids[0])
         q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
         ones = [1] * len(ids)
+        # The group's steps, shared among its lanes.
+        steps = setup.steps // setup.depth + (lane < setup.steps % setup.depth)
         try:
             out = coord.attend(0, ids, ones, q)
             want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
-            errors.append(float((out.float() - want.float()).abs().max() / want.float().abs().max()))
+            errors.append(
+                float((out.float() - want.float()).abs().max() / want.float().abs().max())
+            )
             for _ in range(setup.warmup_steps):
                 coord.attend(0, ids, ones, q)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
@@ -196,20 +261,30 @@ def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Te
         barrier.wait()
         barrier.wait()
         try:
-            for _ in range(setup.steps):
+            for _ in range(steps):
                 coord.attend(0, ids, ones, q)
         except BaseException as exc:  # noqa: BLE001
             failures.append(exc)
         barrier.wait()
 
-    threads = [threading.Thread(target=client, args=(g,), daemon=True) for g in groups]
+    threads = [
+        threading.Thread(target=client, args=(g, lane), daemon=True)
+        for g in groups
+        for lane in range(setup.depth)
+    ]
     for t in threads:
         t.start()
-    barrier.wait()  # warmed up
+    barrier.wait(timeout=BARRIER_TIMEOUT_S)  # warmed up
+    progress(
+        "  warm-up done (%d groups x %d threads); timing %d steps",
+        len(groups),
+        setup.depth,
+        setup.steps,
+    )
     before = worker_times(coord)
     started = time.perf_counter()
-    barrier.wait()
-    barrier.wait()  # done
+    barrier.wait(timeout=BARRIER_TIMEOUT_S)
+    barrier.wait(timeout=BARRIER_TIMEOUT_S)  # done
     seconds = time.perf_counter() - started
     after = worker_times(coord)
     for t in threads:
@@ -218,15 +293,22 @@ def decode(coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Te
         raise failures[0]
     tokens = setup.num_seqs * setup.steps
     kv_bytes = tokens * setup.context * layout.token_bytes
+    calls = len(groups) * setup.steps
+    worker_call_s = after["call"] - before["call"]
     return {
         "calls_per_step": len(groups),
+        "threads_per_group": setup.depth,
         "seconds": seconds,
         "tokens_s": tokens / seconds,
         "kv_read_gbps": kv_bytes / seconds / 1e9,
+        "call_ms": 1e3 * seconds * len(by_worker) / calls,  # wall time per call per worker
         # Inside the workers, summed over them: the attention calls and their kernels.
-        "worker_call_s": after["call"] - before["call"],
+        "worker_call_s": worker_call_s,
+        "worker_call_ms": 1e3 * worker_call_s / calls,
         "worker_kernel_s": after["kernel"] - before["kernel"],
-        "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, after["call"] - before["call"]),
+        "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, worker_call_s),
+        # The workers' busy share of the wall time: below 100 %, they waited for calls.
+        "worker_busy_pct": 100 * worker_call_s / (seconds * len(by_worker)),
         "max_rel_err": max(errors),
         "ok": max(errors) <= (2e-2 if layout.dtype == "bfloat16" else 1e-5),
     }
@@ -241,27 +323,59 @@ def worker_times(coord: Coordinator) -> dict[str, float]:
     }
 
 
-def run_workers(setup: Setup, num_workers: int, use_gpu: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    coord = start(setup.layout, num_workers, setup.num_gpu_blocks, use_gpu, f"w{num_workers}")
-    startup_s = time.perf_counter() - started
+class Phases:
+    """Seconds per phase, each announced on stderr as it starts and ends."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        progress("%s: %s ...", self.name, phase)
+        started = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - started
+        progress("%s: %s done in %.1f s", self.name, phase, self.seconds[phase])
+
+
+def run_workers(
+    setup: Setup,
+    num_workers: int,
+    use_gpu: bool,
+    phases: set[str],
+    result: dict[str, Any],
+    saved: Callable[[], None],
+) -> dict[str, Any]:
+    """Fill ``result`` (already in the report) part by part, ``saved()`` after each."""
+    phase = Phases(f"{num_workers} worker(s)")
+    with phase("service start"):
+        coord = start(setup.layout, num_workers, setup.num_gpu_blocks, use_gpu, f"w{num_workers}")
+    result.update(workers=num_workers, phase_s=phase.seconds)
     try:
-        capacity = max_sequences(coord, setup)
-        seqs = fill(coord, setup)
+        with phase(f"fill ({setup.num_seqs} sequences)"):
+            seqs = fill(coord, setup)
         placement: dict[str, int] = {}
         for worker_id, _ in seqs.values():
             placement[str(worker_id)] = placement.get(str(worker_id), 0) + 1
-        result = decode(coord, setup, seqs)
-        coord.free(list(seqs))
+        result["placement"] = placement
+        if "decode" in phases:
+            with phase("decode (warm-up and timed)"):
+                result["decode"] = decode(coord, setup, seqs)
+            saved()
+            progress("  %.0f tokens/s, %.2f ms per call per worker, workers busy %.0f %%",
+                     result["decode"]["tokens_s"], result["decode"]["call_ms"], result["decode"]["worker_busy_pct"])  # fmt: skip
+        if "capacity" in phases:
+            # The workload's sequences are of max_context tokens too: they count.
+            with phase("capacity"):
+                result["max_sequences"] = max_sequences(coord, setup, len(seqs))
+            progress("  capacity %d sequences", result["max_sequences"])
+        with phase("free"):
+            coord.free(list(seqs))
     finally:
-        coord.close()
-    return {
-        "workers": num_workers,
-        "startup_s": startup_s,
-        "placement": placement,
-        "max_sequences": capacity,
-        "decode": result,
-    }
+        with phase("stop"):
+            coord.close()
+    return result
 
 
 def median_seconds(fn: Any, iters: int) -> float:
@@ -276,7 +390,9 @@ def median_seconds(fn: Any, iters: int) -> float:
 
 def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
     layout = setup.transfer_layout
-    coord = start(layout, 2, setup.transfer_pool_blocks, use_gpu, "transfer")
+    phase = Phases("transfer")
+    with phase("service start (2 workers, transfer group)"):
+        coord = start(layout, 2, setup.transfer_pool_blocks, use_gpu, "transfer")
     try:
         group = coord.migrator.group
         handles = dict(coord._handles)
@@ -285,8 +401,11 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
         n = setup.transfer_blocks
         src = torch.randperm(setup.transfer_pool_blocks, generator=gen)[:n].tolist()
         dst = torch.randperm(setup.transfer_pool_blocks, generator=gen)[:n].tolist()
-        data = torch.randn((n, *layout.block_shape), generator=gen).to(getattr(torch, layout.dtype))
-        handles[0].call("import_blocks", Tier.GPU, src, data)
+        with phase(f"source blocks ({n * layout.block_bytes / 2**20:.0f} MiB) into worker 0"):
+            data = torch.randn((n, *layout.block_shape), generator=gen).to(
+                getattr(torch, layout.dtype)
+            )
+            handles[0].call("import_blocks", Tier.GPU, src, data)
         transfer = TransferBlocks(
             WorkerId(0), WorkerId(1),
             tuple((Tier.GPU, BlockId(s), Tier.GPU, BlockId(d)) for s, d in zip(src, dst, strict=True)),
@@ -312,21 +431,32 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             ])  # fmt: skip
             probe_in_worker.append(seconds[1])
 
-        plain_s = median_seconds(plain, setup.iters)
-        block_s = median_seconds(by_group, setup.iters)
-        plain_s = min(plain_s, median_seconds(plain, setup.iters))  # either side of it
-        host_s = median_seconds(through_host, max(2, setup.iters // 3))
-        moved = handles[1].call("export_blocks", Tier.GPU, dst)
-        ok = bool(torch.equal(moved, data))
+        with phase("plain send/recv and block transfer"):
+            plain_s = median_seconds(plain, setup.iters)
+            block_s = median_seconds(by_group, setup.iters)
+            plain_s = min(plain_s, median_seconds(plain, setup.iters))  # either side of it
+        progress(
+            "  blocks %.1f GB/s, plain send/recv %.1f GB/s",
+            num_bytes / block_s / 1e9,
+            num_bytes / plain_s / 1e9,
+        )
+        with phase("check the moved blocks"):
+            moved = handles[1].call("export_blocks", Tier.GPU, dst)
+            ok = bool(torch.equal(moved, data))
+        with phase("through host memory"):
+            host_s = median_seconds(through_host, max(2, setup.iters // 3))
         recv = handles[1].call("stats")["call_time"]["recv_blocks"]
         # A whole migration through the coordinator: sequences over about the same blocks.
         per_seq = max(1, n // 8)
         seq_ids = [
-            coord.create_sequence(range(i * per_seq * layout.block_size, (i + 1) * per_seq * layout.block_size)).seq_id
+            coord.create_sequence(
+                range(i * per_seq * layout.block_size, (i + 1) * per_seq * layout.block_size)
+            ).seq_id
             for i in range(8)
         ]
         on_0 = [s for s in seq_ids if coord.get_sequence(s).worker_id == 0]
-        migration = coord.migrate(on_0, 1) if on_0 else {"bytes": 0, "seconds": 0.0}
+        with phase("migration"):
+            migration = coord.migrate(on_0, 1) if on_0 else {"bytes": 0, "seconds": 0.0}
         coord.free(seq_ids)
         return {
             "workers": 2,
@@ -340,37 +470,74 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "in_worker_recv_blocks_gbps": num_bytes * recv["calls"] / recv["seconds"] / 1e9,
             "in_worker_plain_recv_gbps": num_bytes / statistics.median(probe_in_worker) / 1e9,
             "host_path_gbps": num_bytes / host_s / 1e9,
-            "migration_gbps": migration["bytes"] / migration["seconds"] / 1e9 if migration["seconds"] else None,
+            "migration_gbps": migration["bytes"] / migration["seconds"] / 1e9
+            if migration["seconds"]
+            else None,
             "migration_bytes": migration["bytes"],
             "ok": ok,
+            "phase_s": phase.seconds,
         }
     finally:
-        coord.close()
+        with phase("stop"):
+            coord.close()
 
 
-def run(setup: Setup, counts: list[int]) -> dict[str, Any]:
-    num_gpus = init_ray_for_checkout(NAMESPACE, log_to_driver=False, env_vars=TRANSFER_ENV)
-    use_gpu = num_gpus > 0
-    runs = [run_workers(setup, w, use_gpu) for w in counts]
-    base = runs[0]
+TARGETS = {"decode_2_over_1": 1.9, "decode_4_over_1": 3.6, "block_over_nccl_pct": 80.0}
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Ratios, targets met and checks of what the report holds so far (also a partial one)."""
+    runs = report["runs"]
+    base = runs[0] if runs else {}
+    met: dict[str, bool] = {}
+    checks: list[bool] = []
     for r in runs:
-        r["decode"]["tokens_s_over_1"] = r["decode"]["tokens_s"] / base["decode"]["tokens_s"]
-        r["max_sequences_over_1"] = r["max_sequences"] / base["max_sequences"]
-    transfer = run_transfer(setup, use_gpu) if max(counts) >= 2 else None
-    card = torch.cuda.get_device_name(0) if use_gpu else platform.processor() or "cpu"
-    targets = {"tokens_s_over_1": {2: 1.9, 4: 3.6}, "block_over_nccl_pct": 80.0}
-    met = {
-        f"decode_{r['workers']}_over_1": r["decode"]["tokens_s_over_1"] >= targets["tokens_s_over_1"][r["workers"]]
-        for r in runs
-        if r["workers"] in targets["tokens_s_over_1"]
-    }
+        d = r.get("decode")
+        if d is not None and "decode" in base:
+            d["tokens_s_over_1"] = d["tokens_s"] / base["decode"]["tokens_s"]
+            target = TARGETS.get(f"decode_{r['workers']}_over_1")
+            if target is not None and base is not r:
+                met[f"decode_{r['workers']}_over_1"] = d["tokens_s_over_1"] >= target
+        if d is not None:
+            checks.append(d["ok"])
+        if "max_sequences" in r and "max_sequences" in base:
+            r["max_sequences_over_1"] = r["max_sequences"] / base["max_sequences"]
+    transfer = report.get("transfer")
     if transfer is not None:
-        met["block_over_nccl"] = transfer["block_over_nccl_pct"] >= targets["block_over_nccl_pct"]
-    checks = [r["decode"]["ok"] for r in runs] + ([transfer["ok"]] if transfer else [])
-    return {
+        met["block_over_nccl"] = transfer["block_over_nccl_pct"] >= TARGETS["block_over_nccl_pct"]
+        checks.append(transfer["ok"])
+    report["met"] = met
+    report["ok"] = all(checks)
+    return report
+
+
+def save(report: dict[str, Any], out: Path | None) -> None:
+    """Write the report so far (a run cut short still leaves what it measured)."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_text(json.dumps(summarize(report), indent=2) + "\n")
+    partial.replace(out)
+
+
+def run(
+    setup: Setup, counts: list[int], phases: set[str], out: Path | None = None
+) -> dict[str, Any]:
+    progress("ray init ...")
+    # q and the output of a decode call (512 KiB each at the GPU shapes) go inline with
+    # the call and its reply instead of through the object store.
+    os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
+    num_gpus = init_ray_for_checkout(NAMESPACE, log_to_driver=False, env_vars=TRANSFER_ENV)
+    progress("ray up: %d GPU(s)", num_gpus)
+    # A hard timeout's SIGTERM shows where every thread was, then goes on to Ray's handler
+    # (registered after ray.init, which installs its own).
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    use_gpu = num_gpus > 0
+    report: dict[str, Any] = {
         "benchmark": "scaling",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "card": card,
+        "card": torch.cuda.get_device_name(0) if use_gpu else platform.processor() or "cpu",
         "gpus": num_gpus,
         "host": platform.node(),
         "versions": versions(),
@@ -379,12 +546,23 @@ def run(setup: Setup, counts: list[int]) -> dict[str, Any]:
             "layout": setup.layout.key(),
             "transfer_layout": setup.transfer_layout.key(),
         },
-        "runs": runs,
-        "transfer": transfer,
-        "targets": {"decode_2_over_1": 1.9, "decode_4_over_1": 3.6, "block_over_nccl_pct": 80.0},
-        "met": met,
-        "ok": all(checks),
+        "phases": sorted(phases),
+        "inline_bytes": int(os.environ["RAY_max_direct_call_object_size"]),
+        "runs": [],
+        "transfer": None,
+        "targets": TARGETS,
     }
+    if phases & {"decode", "capacity"}:
+        for w in counts:
+            result: dict[str, Any] = {"workers": w}
+            report["runs"].append(result)
+            run_workers(setup, w, use_gpu, phases, result, lambda: save(report, out))
+            save(report, out)
+    if "transfer" in phases and max(counts) >= 2:
+        report["transfer"] = run_transfer(setup, use_gpu)
+        save(report, out)
+    progress("done")
+    return summarize(report)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -392,17 +570,29 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"scaling on {report['card']} x{report['gpus']}: {setup['num_seqs']} sequences x "
         f"{setup['context']} tokens ({setup['layout']}), batch {setup['batch']}, "
-        f"{setup['steps']} steps; checks {'ok' if report['ok'] else 'FAILED'}",
-        f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'kernel %':>10}"
-        f"{'max seqs':>10}{'x 1 worker':>12}  placement",
+        f"{setup['steps']} steps, {setup['depth']} threads per group; checks "
+        f"{'ok' if report['ok'] else 'FAILED'}",
+        f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'ms/call':>9}"
+        f"{'busy %':>8}{'kernel %':>10}{'max seqs':>10}{'x 1 worker':>12}  placement",
     ]
     for r in report["runs"]:
-        d = r["decode"]
+        d = r.get("decode")
+        cells = (
+            f"{d['tokens_s']:>12.0f}{d['kv_read_gbps']:>10.1f}{d.get('tokens_s_over_1', 1.0):>12.2f}"
+            f"{d['call_ms']:>9.2f}{d['worker_busy_pct']:>8.0f}{d['kernel_share_pct']:>10.0f}"
+            if d
+            else f"{'-':>12}{'-':>10}{'-':>12}{'-':>9}{'-':>8}{'-':>10}"
+        )
+        cap = (
+            f"{r['max_sequences']:>10}{r.get('max_sequences_over_1', 1.0):>12.2f}"
+            if "max_sequences" in r
+            else f"{'-':>10}{'-':>12}"
+        )
+        lines.append(f"{r['workers']:>8}{cells}{cap}  {r.get('placement', '-')}")
+    for r in report["runs"]:
         lines.append(
-            f"{r['workers']:>8}{d['tokens_s']:>12.0f}{d['kv_read_gbps']:>10.1f}"
-            f"{d['tokens_s_over_1']:>12.2f}{d['kernel_share_pct']:>10.0f}"
-            f"{r['max_sequences']:>10}{r['max_sequences_over_1']:>12.2f}"
-            f"  {r['placement']}"
+            f"  {r['workers']} worker(s) phases: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in r.get("phase_s", {}).items())
         )
     t = report["transfer"]
     if t:
@@ -413,8 +603,16 @@ def table(report: dict[str, Any]) -> str:
             f"through host {t['host_path_gbps']:.1f} GB/s; migration "
             + (f"{t['migration_gbps']:.1f} GB/s" if t["migration_gbps"] else "-")
         )
-    lines.append("targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["met"].items()))
+        lines.append(
+            "  transfer phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in t["phase_s"].items())
+        )
+    lines.append(
+        "targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["met"].items())
+    )
     return "\n".join(lines)
+
+
+PHASES = ("decode", "capacity", "transfer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,17 +621,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="the small CPU shapes even on a GPU")
     parser.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--depth", type=int, default=None, help="client threads (calls in flight) per call group"
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"which of {','.join(PHASES)} to run (comma-separated)",
+    )
+    parser.add_argument("--skip-capacity", action="store_true", help="leave out the capacity count")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the JSON here (after each part)"
+    )
+    parser.add_argument(
+        "--table-from", type=Path, default=None, help="only print the table of this JSON"
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        print(table(summarize(json.loads(args.table_from.read_text()))))
+        return 0
+    phases = {p for p in args.phases.split(",") if p}
+    if phases - set(PHASES):
+        parser.error(f"unknown phases {sorted(phases - set(PHASES))}")
+    if args.skip_capacity:
+        phases.discard("capacity")
     gpus = torch.cuda.device_count()
     setup = SMALL_SETUP if args.small or not gpus else GPU_SETUP
     if args.steps:
         setup = replace(setup, steps=args.steps)
+    if args.depth:
+        setup = replace(setup, depth=args.depth)
     if args.workers:
         counts = [int(w) for w in args.workers.split(",")]
     else:
         counts = [w for w in (1, 2, 4) if w <= gpus] if gpus else [1, 2]
-    report = run(setup, counts)
+    report = run(setup, counts, phases, args.out)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
