@@ -45,6 +45,7 @@ class TransferGroup:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int | None = None,
+        block_messages: bool | None = None,
     ) -> None:
         import torch.distributed as dist
 
@@ -55,6 +56,8 @@ class TransferGroup:
         self.host = host or _node_address()
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        # One message per block (None: the workers choose by backend and block size).
+        self.block_messages = block_messages
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),
@@ -64,7 +67,9 @@ class TransferGroup:
         self.ranks: dict[int, int] = {}  # worker id -> rank in the current group
         self.backend: str | None = None
 
-    def form(self, handles: Mapping[int, WorkerHandle], devices: Mapping[int, str]) -> dict[int, int]:
+    def form(
+        self, handles: Mapping[int, WorkerHandle], devices: Mapping[int, str]
+    ) -> dict[int, int]:
         """Every Ray worker of ``handles`` joins a new group (ranks in worker-id order);
         with fewer than two there is no group. Returns the ranks."""
         members = sorted(w for w, h in handles.items() if isinstance(h, RayWorkerHandle))
@@ -76,8 +81,16 @@ class TransferGroup:
         key = f"kvservice-transfer-{self.generation}/"
         calls = [
             handles[w].submit(
-                "transfer_join", self.host, self.port, key, rank, len(members), backend,
-                self.timeout_s, self.chunk_bytes,
+                "transfer_join",
+                self.host,
+                self.port,
+                key,
+                rank,
+                len(members),
+                backend,
+                self.timeout_s,
+                self.chunk_bytes,
+                self.block_messages,
             )  # fmt: skip
             for rank, w in enumerate(members)
         ]
@@ -117,8 +130,20 @@ def submit_transfer(
     src_id, dst_id = transfer.src_worker_id, transfer.dst_worker_id
     src, dst = handles[src_id], handles[dst_id]
     if group is not None and group.joined(src_id, dst_id):
-        calls.append(src.submit("send_blocks", group.ranks[dst_id], [(int(t), int(b)) for t, b, _, _ in transfer.blocks]))
-        calls.append(dst.submit("recv_blocks", group.ranks[src_id], [(int(t), int(b)) for _, _, t, b in transfer.blocks]))
+        calls.append(
+            src.submit(
+                "send_blocks",
+                group.ranks[dst_id],
+                [(int(t), int(b)) for t, b, _, _ in transfer.blocks],
+            )
+        )
+        calls.append(
+            dst.submit(
+                "recv_blocks",
+                group.ranks[src_id],
+                [(int(t), int(b)) for _, _, t, b in transfer.blocks],
+            )
+        )
         return "group"
     by_tiers: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     for src_tier, src_block, dst_tier, dst_block in transfer.blocks:

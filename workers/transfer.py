@@ -10,6 +10,13 @@ chunk is gathered, and the last one scattered, while one is on the wire), with a
 ``CHUNKS_IN_FLIGHT`` staging buffers per side. A run of consecutive blocks of one pool on
 the transfer device goes straight from and into the pool, with no staging copy.
 
+Blocks of a megabyte and more (``BLOCK_MESSAGE_MIN_BYTES``; a block holds every layer of
+its tokens, so 2 MiB for an 8B Llama) go as one message each instead, grouped per chunk
+(``batch_isend_irecv``): each is sent from and received into its place in the pool, so the
+device copies nothing and the link carries the bytes at its own rate. Only blocks of a
+pool that is not on the transfer device pass through a staging buffer. The group decides
+the mode once for all members, so both sides of a transfer cut the same messages.
+
 Invariants:
 - Both sides cut the same chunks from the block count alone, and the coordinator submits
   the two halves of every transfer in one global order on all workers, so sends and
@@ -44,6 +51,7 @@ TRANSFER_ENV = {
 }
 CHUNK_BYTES = 64 << 20
 CHUNKS_IN_FLIGHT = 3
+BLOCK_MESSAGE_MIN_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
 TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
@@ -72,6 +80,7 @@ class TransferMixin:
     _probe_buffer: torch.Tensor | None = None
     _copy_stream: Any = None
     _staging_buffers: list[torch.Tensor | None] | None = None
+    _block_messages: bool = False
 
     if TYPE_CHECKING:
 
@@ -88,10 +97,13 @@ class TransferMixin:
         backend: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int = CHUNK_BYTES,
+        block_messages: bool | None = None,
     ) -> dict[str, Any]:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
-        every rank has joined. Every member must get the same ``chunk_bytes``."""
+        every rank has joined. Every member must get the same ``chunk_bytes`` and
+        ``block_messages`` (None: one message per block over NCCL for blocks of
+        ``BLOCK_MESSAGE_MIN_BYTES`` or more, which members of one layout agree on)."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
@@ -115,6 +127,11 @@ class TransferMixin:
             self._transfer_rank = rank
             self._chunk_bytes = chunk_bytes
             self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
+            if block_messages is None:
+                block_messages = (
+                    backend == "nccl" and self._block_bytes() >= BLOCK_MESSAGE_MIN_BYTES
+                )
+            self._block_messages = bool(block_messages)
             return self.transfer_info()
 
     def transfer_leave(self) -> None:
@@ -138,6 +155,7 @@ class TransferMixin:
             "backend": dist.get_backend() if joined else None,
             "device": str(self._transfer_device) if joined else None,
             "chunk_bytes": self._chunk_bytes,
+            "block_messages": self._block_messages if joined else None,
         }
 
     # ----------------------------------------------------------------- blocks
@@ -146,6 +164,11 @@ class TransferMixin:
         the bytes sent."""
         with self._entry("send_blocks"):
             peer, runs = self._transfer_args(dst_rank, blocks)
+            if self._block_messages:
+                with self._transfer_stream():
+                    self._send_messages(peer, runs)
+                self._finish()
+                return self._count("blocks_sent", blocks)
             with self._transfer_stream():
                 indices = self._run_indices(runs)
                 in_flight: deque[Any] = deque()
@@ -165,6 +188,11 @@ class TransferMixin:
         these blocks, in order; returns the bytes received."""
         with self._entry("recv_blocks"):
             peer, runs = self._transfer_args(src_rank, blocks)
+            if self._block_messages:
+                with self._transfer_stream():
+                    self._recv_messages(peer, runs)
+                self._finish()
+                return self._count("blocks_received", blocks)
             with self._transfer_stream():
                 indices = self._run_indices(runs)
                 posted: deque[tuple[Any, torch.Tensor, int]] = deque()
@@ -198,6 +226,55 @@ class TransferMixin:
                 (dist.send if send else dist.recv)(buffer, peer)
             self._finish()
             return time.perf_counter() - start
+
+    # ----------------------------------------------------------------- one message a block
+    def _send_messages(self, peer: int, runs: list[list[tuple[Tier, int]]]) -> None:
+        in_flight: deque[list[Any]] = deque()
+        for i, run in enumerate(runs):
+            if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                _wait_all(in_flight.popleft())  # its staging slot is reused next
+            tensors = self._message_tensors(run, i % CHUNKS_IN_FLIGHT, fill=True)
+            in_flight.append(_batch(dist.isend, tensors, peer))
+        while in_flight:
+            _wait_all(in_flight.popleft())
+
+    def _recv_messages(self, peer: int, runs: list[list[tuple[Tier, int]]]) -> None:
+        posted: deque[tuple[list[Any], list[tuple[Tier, int]], list[torch.Tensor]]] = deque()
+        for i, run in enumerate(runs):
+            if len(posted) >= CHUNKS_IN_FLIGHT:
+                self._land(*posted.popleft())
+            tensors = self._message_tensors(run, i % CHUNKS_IN_FLIGHT, fill=False)
+            posted.append((_batch(dist.irecv, tensors, peer), run, tensors))
+        while posted:
+            self._land(*posted.popleft())
+
+    def _message_tensors(
+        self, run: list[tuple[Tier, int]], slot: int, *, fill: bool
+    ) -> list[torch.Tensor]:
+        """One tensor per block: the block in its pool when that pool is on the transfer
+        device, else a staging row (filled from the block first when sending)."""
+        staging: torch.Tensor | None = None
+        tensors = []
+        for j, (tier, block_id) in enumerate(run):
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            if pool.device == self._transfer_device:
+                tensors.append(pool[block_id])
+                continue
+            if staging is None:
+                staging = self._staging(len(run), slot)
+            if fill:
+                staging[j].copy_(pool[block_id], non_blocking=True)
+            tensors.append(staging[j])
+        return tensors
+
+    def _land(
+        self, works: list[Any], run: list[tuple[Tier, int]], tensors: list[torch.Tensor]
+    ) -> None:
+        _wait_all(works)  # on CUDA: the current (transfer) stream waits for the receives
+        for (tier, block_id), tensor in zip(run, tensors, strict=True):
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            if pool.device != tensor.device:
+                pool[block_id].copy_(tensor, non_blocking=True)
 
     # ----------------------------------------------------------------- internals
     def _transfer_args(
@@ -357,6 +434,16 @@ class TransferMixin:
     def _count(self, counter: str, blocks: TierBlocks) -> int:
         self._counters[counter] += len(blocks)
         return len(blocks) * self._block_bytes()
+
+
+def _batch(op: Any, tensors: list[torch.Tensor], peer: int) -> list[Any]:
+    """One group of point-to-point messages (NCCL launches them together)."""
+    return dist.batch_isend_irecv([dist.P2POp(op, t, peer) for t in tensors])
+
+
+def _wait_all(works: list[Any]) -> None:
+    for work in works:
+        work.wait()
 
 
 def _by_tier(run: list[tuple[Tier, int]]) -> list[tuple[Tier, list[int], list[int]]]:
