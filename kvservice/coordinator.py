@@ -25,7 +25,9 @@ Invariants:
   and calls ``mark_computed`` with the minimum over layers when it grows. Writes that
   would leave a hole, and attention over positions without K/V, are FAILED_PRECONDITION.
 - Each worker's ledger gets the manager's record changes after every call that allocates,
-  frees or moves blocks, so a restarted coordinator can ``recover`` from the ledgers.
+  frees or moves blocks, so a restarted coordinator can ``recover`` from the ledgers: a
+  record the worker holds changes by a ``RecordDelta`` (new tokens, changed blocks,
+  counts), so an append to many sequences sends only what each one gained.
   A computed count that grows (a step's last layer written) reaches the ledgers at once
   as a compact ``update_progress`` ({seq_id: count}); whole records go out only when a
   record changes otherwise (tokens, blocks, pins, prefix hashes).
@@ -324,15 +326,19 @@ class Coordinator:
                 raise errors.InvalidArgument(
                     f"{len(seq_ids)} seq_ids but {len(tokens)} token lists"
                 )
-            token_lists = [
-                self._check_tokens(f"tokens[{i}]", t, allow_empty=True)
-                for i, t in enumerate(tokens)
-            ]
+            token_lists = self._exact_token_lists(tokens)
+            if token_lists is None:
+                token_lists = [
+                    self._check_tokens(f"tokens[{i}]", t, allow_empty=True)
+                    for i, t in enumerate(tokens)
+                ]
             with self._planning() as batch:
                 states = [self._own(sid, tenant) for sid in seq_ids]
                 commands: list[Any] = []
                 done: list[int] = []
                 try:
+                    if self._append_whole(seq_ids, states, token_lists, commands):
+                        return
                     for sid, state, new in zip(seq_ids, states, token_lists, strict=True):
                         if not new:
                             continue
@@ -355,6 +361,38 @@ class Coordinator:
                             state.version += 1
                 finally:
                     self._submit(commands, batch.calls)
+
+    def _append_whole(
+        self,
+        seq_ids: list[int],
+        states: list[_SeqState],
+        token_lists: list[list[int]],
+        commands: list[Any],
+    ) -> bool:
+        """The usual append: no sequence is or becomes a long one (segments), so the
+        manager appends them all in one call. False (nothing done) otherwise. All or
+        nothing, as the per-sequence path."""
+        manager = self._manager
+        if not isinstance(manager, KVCacheManager) or self._spans.any_span(seq_ids):
+            return False
+        size = self._spans.segment_tokens
+        for state, new in zip(states, token_lists, strict=True):
+            if 0 <= size - state.length < len(new):
+                return False  # it would open a segment
+        step, num_done, failed = manager.append_many(seq_ids, token_lists)
+        commands += step
+        if failed is not None:
+            for i in reversed(range(num_done)):  # give back what the earlier ones took
+                if token_lists[i]:
+                    commands += manager.truncate(seq_ids[i], states[i].length)
+            raise errors.ResourceExhausted(
+                f"append_tokens: sequence {seq_ids[num_done]}: {failed.reason}"
+            )
+        for state, new in zip(states, token_lists, strict=True):
+            if new:
+                state.length += len(new)
+                state.version += 1
+        return True
 
     def fork(self, seq_id: int, n: int, *, tenant: str = DEFAULT_TENANT) -> list[int]:
         with self.metrics.time_call("fork"):
@@ -885,11 +923,16 @@ class Coordinator:
             self._submit_ledger(calls)
 
     def _submit_ledger(self, calls: list[PendingCall]) -> None:
-        for updates in (self._manager.take_ledger_updates(), self._spans.take_ledger_updates()):
-            for wid, (upserts, deletes) in updates.items():
-                handle = self._handles.get(wid)
-                if handle is not None and (upserts or deletes):
-                    calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
+        for wid, changes in self._manager.take_ledger_changes().items():
+            handle = self._handles.get(wid)
+            delta = changes.delta()
+            if handle is not None and (changes.upserts or changes.deletes or delta):
+                args = (changes.upserts, changes.deletes) + ((delta,) if delta else ())
+                calls.append(handle.submit("update_ledger", *args))
+        for wid, (upserts, deletes) in self._spans.take_ledger_updates().items():
+            handle = self._handles.get(wid)
+            if handle is not None and (upserts or deletes):
+                calls.append(handle.submit("update_ledger", dict(upserts), list(deletes)))
         self._submit_progress(calls)
 
     def _submit_progress(self, calls: list[PendingCall]) -> None:
@@ -975,6 +1018,18 @@ class Coordinator:
                     f"{name}: token ids must be ints in [0, {high}], got {t!r}"
                 )
         return values
+
+    def _exact_token_lists(self, tokens: Sequence[Sequence[int]]) -> list[list[int]] | None:
+        """``tokens`` when it is lists of plain ints in range, checked in one pass (an
+        append to many sequences); None otherwise (``_check_tokens`` then says what is
+        wrong with which list)."""
+        if set(map(type, tokens)) != {list}:
+            return [] if not tokens else None
+        high = (self._vocab_size - 1) if self._vocab_size is not None else _INT64_MAX
+        flat = [t for new in tokens for t in new]
+        if flat and exact_ints(flat, 0, high) is None:
+            return None
+        return list(tokens)  # type: ignore[arg-type]
 
     def _check_batch(
         self, layer: object, seq_ids: object, q_lens: object

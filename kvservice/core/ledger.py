@@ -5,6 +5,13 @@ prefix hash is recomputed from the recorded tokens and tenant, and a record whos
 disagree (another layout, a corrupted ledger) is refused rather than cached wrongly.
 Cached blocks nobody holds are not recorded, so after a rebuild they are free. New
 sequence ids continue above any id issued before (see ``rebuild``).
+
+Updates (``take_changes``): a record the worker already holds is changed by a
+``RecordDelta`` from the marks kept on each ``SeqState`` (tokens and blocks that still
+match); a record is sent whole when the worker holds none, the
+sequence moved, it has a pin, or a shared block entered the prefix cache since
+(``_ledger_epoch``: other holders' hashes changed without their marks). Folding the
+deltas gives the record ``build_record`` would make at the same moment.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from kvservice.core.ids import BlockHash, SeqId, TenantId, Tier
 from kvservice.core.pins import Pin
 from kvservice.core.planner import WorkerState
 from kvservice.core.prefix_cache import chain_hash, encode_tokens, register
-from kvservice.core.records import BlockRecord, PinRecord, SeqRecord
+from kvservice.core.records import BlockRecord, PinRecord, RecordDelta, SeqRecord
 from kvservice.core.sequence import SeqState
 
 if TYPE_CHECKING:
@@ -53,6 +60,79 @@ def build_record(seq_id: int, seq: SeqState | None, pin: Pin | None) -> SeqRecor
         seq.seq_id, seq.tenant, tuple(seq.tokens), _block_records(seq.blocks), seq.num_computed,
         pin_record, live=True,
     )
+
+
+class LedgerChanges:
+    """What one worker's ledger needs after some calls: whole records, deletes, and the
+    delta entries (seq_id, num_tokens, new_tokens, num_blocks, new_blocks, computed)."""
+
+    __slots__ = ("upserts", "deletes", "entries")
+
+    def __init__(self) -> None:
+        self.upserts: dict[int, SeqRecord] = {}
+        self.deletes: list[int] = []
+        self.entries: list[tuple[int, int, tuple[int, ...], int, tuple[BlockRecord, ...], int]] = []
+
+    def delta(self) -> RecordDelta | None:
+        if not self.entries:
+            return None
+        return RecordDelta(*map(tuple, zip(*self.entries, strict=True)))  # type: ignore[arg-type]
+
+
+def take_changes(
+    manager: KVCacheManager, *, deltas: bool = True
+) -> dict[int, LedgerChanges]:
+    """The ledger changes of every record marked changed, per worker, and the marks reset.
+
+    A live, unpinned sequence whose record its worker holds (``SeqState.ledger_*``) gets
+    a delta past what still matches; any other gets its whole record. ``deltas=False``: whole records only.
+    """
+    out: dict[int, LedgerChanges] = {}
+    seqs, pins, epoch = manager._seqs, manager._pins, manager._ledger_epoch
+    changes = LedgerChanges()
+    changes_worker = -1
+    for seq_id in sorted(manager._upserts):
+        seq = seqs.get(seq_id)
+        pin = pins.get(seq_id) if pins else None
+        if seq is None:
+            if pin is not None:
+                _changes_of(out, pin.worker_id).upserts[seq_id] = build_record(seq_id, None, pin)
+            continue
+        worker_id = seq.worker_id
+        if worker_id != changes_worker:
+            changes, changes_worker = _changes_of(out, worker_id), worker_id
+        tokens, blocks = seq.tokens, seq.blocks
+        num_tokens, num_blocks = len(tokens), len(blocks)
+        if seq.ledger_worker == worker_id and pin is None and seq.ledger_epoch == epoch and deltas:
+            # Sent even when the marks are at the ends: a cut to them changed the record.
+            kept_tokens, kept_blocks = seq.ledger_tokens, seq.ledger_blocks
+            changes.entries.append((
+                seq_id, kept_tokens, tuple(tokens[kept_tokens:]), kept_blocks,
+                _block_records(blocks[kept_blocks:]) if kept_blocks != num_blocks else (),
+                seq.num_computed,
+            ))  # fmt: skip
+        else:
+            changes.upserts[seq_id] = build_record(seq_id, seq, pin)
+            # A pinned record is always sent whole (its pin's blocks are not tracked).
+            seq.ledger_worker = worker_id if pin is None else -1
+            seq.ledger_epoch = epoch
+        seq.ledger_tokens = num_tokens
+        seq.ledger_blocks = num_blocks
+    for seq_id, deleted_from in sorted(manager._deletes.items()):
+        if seq_id not in seqs and seq_id not in pins:
+            _changes_of(out, deleted_from).deletes.append(seq_id)
+    manager._progress.difference_update(manager._upserts)
+    manager._progress.difference_update(manager._deletes)
+    manager._upserts.clear()
+    manager._deletes.clear()
+    return out
+
+
+def _changes_of(out: dict[int, LedgerChanges], worker_id: int) -> LedgerChanges:
+    changes = out.get(worker_id)
+    if changes is None:
+        changes = out[worker_id] = LedgerChanges()
+    return changes
 
 
 def rebuild(

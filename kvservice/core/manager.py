@@ -21,6 +21,8 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
         num_cached_tokens is a multiple of block_size and < len(tokens) (>= 1 token).
     append(seq_id, tokens) -> StepResult(commands) | OutOfMemory
         swaps the sequence in if any block is on CPU; copies a shared last block (COW).
+    append_many(seq_ids, tokens: Sequence[Sequence[int]]) -> (commands, num_done,
+        OutOfMemory | None)        (append to each in order; stops at the first OOM)
     prepare_decode(seq_ids, tokens: Sequence[int]) -> DecodePlan(worker_id, block_tables,
         seq_lens, slots, commands) | OutOfMemory
         one token per sequence, all on one worker: append + prepare_write + prepare_attention.
@@ -51,6 +53,8 @@ API (ids are plain ints at the boundary; tenant is a str, None = "default")::
     record(seq_id) -> SeqRecord                    (what the worker should keep for it)
     take_ledger_updates() -> dict[int, tuple[dict[int, SeqRecord], list[int]]]
         (upserts, deletes) per worker for everything changed since the last call.
+    take_ledger_changes() -> dict[int, LedgerChanges(upserts, deletes, delta())]
+        the same, but records the worker holds change by a RecordDelta (ledger.py).
     take_progress_updates() -> dict[int, dict[int, int]]
         {seq_id: num_computed_tokens} per worker for sequences whose computed count grew
         and whose record was not otherwise re-sent (take it after take_ledger_updates).
@@ -161,22 +165,57 @@ class KVCacheManager(ManagerSteps):
         token_list = self._token_array(tokens).tolist()
         if not token_list:
             return StepResult([])
-        ws = self._workers[seq.worker_id]
         self._expire_pins()
+        commands = self._append(seq, token_list)
+        if commands is None:
+            return OutOfMemory(f"no room to grow sequence {seq_id}", seq.worker_id)
+        return StepResult(commands)
+
+    def append_many(
+        self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]
+    ) -> tuple[list[Command], int, OutOfMemory | None]:
+        """``append`` of ``tokens[i]`` to ``seq_ids[i]`` for each i in order, as one call
+        (a decode step's tokens). Every id and token is checked before anything changes.
+        Returns the commands, how many appends were done, and None or, when the next one
+        ran out of memory, its OutOfMemory (it and those after it are unchanged; the
+        caller may ``truncate`` the done ones back)."""
+        if len(seq_ids) != len(tokens):
+            raise InvalidArgument(f"{len(seq_ids)} sequences but {len(tokens)} token lists")
+        get = self._seqs.get
+        seqs = [get(s) or self._seq(s) for s in seq_ids]
+        # Every id checked at once, as plain ints.
+        flat = self._token_array([t for new in tokens for t in new]).tolist()
+        self._expire_pins()
+        commands: list[Command] = []
+        end = 0
+        for i, (seq, new) in enumerate(zip(seqs, tokens, strict=True)):
+            if not new:
+                continue
+            start, end = end, end + len(new)
+            step = self._append(seq, flat[start:end])
+            if step is None:
+                return commands, i, OutOfMemory(
+                    f"no room to grow sequence {seq.seq_id}", seq.worker_id
+                )
+            commands += step
+        return commands, len(seqs), None
+
+    def _append(self, seq: SeqState, token_list: list[int]) -> list[Command] | None:
+        ws = self._workers[seq.worker_id]
         old_len = len(seq.tokens)
-        num_new = self.layout.num_blocks_for(old_len + len(token_list)) - len(seq.blocks)
+        num_new = -(-(old_len + len(token_list)) // self.block_size) - len(seq.blocks)
         write: Write = (seq, old_len // self.block_size, len(seq.blocks))
         commands = self._make_writable(ws, [seq], [write], num_new)
         if commands is None:
-            return OutOfMemory(f"no room to grow sequence {seq_id}", ws.worker_id)
+            return None
         for _ in range(num_new):
             meta = ws.gpu.allocate()
             assert meta is not None, "planned room is missing"
             seq.add_block(meta)
-        seq.tokens.extend(token_list)
-        ws.eviction.touch(seq_id)
-        self._upserts.add(seq_id)
-        return StepResult(commands)
+        seq.tokens += token_list
+        ws.eviction.touch(seq.seq_id)
+        self._upserts.add(seq.seq_id)
+        return commands
 
     def fork(self, seq_id: int, n: int) -> list[SeqId]:
         seq = self._seqs.get(seq_id)
@@ -205,13 +244,14 @@ class KVCacheManager(ManagerSteps):
         ws = self._workers[seq.worker_id]
         dropped = seq.cut_blocks(self.layout.num_blocks_for(length))
         commands = self._release(ws, reversed(dropped))
-        del seq.tokens[length:]
+        seq.cut_tokens(length)
         seq.num_computed = min(seq.num_computed, length)
         del seq.hashes[length // self.block_size :]
         if length % self.block_size:
             last = seq.blocks[-1]
             if last.ref_cnt == 1 and last.block_hash is not None:
                 ws.pool(last.tier).uncache(last)  # the next append overwrites its tail
+                seq.block_changed(len(seq.blocks) - 1)
         self._upserts.add(seq_id)
         return commands
 

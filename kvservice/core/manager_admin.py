@@ -10,7 +10,7 @@ from kvservice.core.commands import Command, PoolSizes, SeqView, TierUsage
 from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import Tier
 from kvservice.core.invariants import check_manager
-from kvservice.core.ledger import build_record
+from kvservice.core.ledger import LedgerChanges, build_record, take_changes
 from kvservice.core.manager_base import ManagerBase, check_count
 from kvservice.core.pins import Pin
 from kvservice.core.planner import choose_victims, cpu_blocks_of, swap_in, swap_out
@@ -162,20 +162,15 @@ class ManagerAdmin(ManagerBase):
 
     def take_ledger_updates(self) -> dict[int, tuple[dict[int, SeqRecord], list[int]]]:
         """(upserts, deletes) per worker for every record changed since the last call."""
-        out: dict[int, tuple[dict[int, SeqRecord], list[int]]] = {}
-        for seq_id in sorted(self._upserts):
-            seq, pin = self._seqs.get(seq_id), self._pins.get(seq_id)
-            worker_id: int | None = seq.worker_id if seq else pin.worker_id if pin else None
-            if worker_id is not None:
-                out.setdefault(worker_id, ({}, []))[0][seq_id] = build_record(seq_id, seq, pin)
-        for seq_id, worker_id in sorted(self._deletes.items()):
-            if seq_id not in self._seqs and seq_id not in self._pins:
-                out.setdefault(worker_id, ({}, []))[1].append(seq_id)
-        self._progress.difference_update(self._upserts)
-        self._progress.difference_update(self._deletes)
-        self._upserts.clear()
-        self._deletes.clear()
-        return out
+        return {
+            w: (changes.upserts, changes.deletes)
+            for w, changes in take_changes(self, deltas=False).items()  # type: ignore[arg-type]
+        }
+
+    def take_ledger_changes(self) -> dict[int, LedgerChanges]:
+        """As ``take_ledger_updates``, but a record the worker holds gets a delta:
+        per worker ``upserts``, ``deletes`` and ``delta()`` (a RecordDelta or None)."""
+        return take_changes(self)  # type: ignore[arg-type]
 
     def take_progress_updates(self) -> dict[int, dict[int, int]]:
         """{seq_id: num_computed_tokens} per worker for every live sequence whose computed

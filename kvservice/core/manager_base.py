@@ -72,6 +72,9 @@ class ManagerBase:
         # Computed counts advanced since the last ledger update, of records not otherwise
         # changed: they reach the workers as a compact progress update, not whole records.
         self._progress: set[int] = set()
+        # Bumped when a block that several records hold enters the prefix cache: records
+        # sent before may lack its hash, so each is sent whole once more (ledger.py).
+        self._ledger_epoch = 0
         for worker_id, sizes in workers.items():
             self._add_worker(worker_id, sizes)
 
@@ -188,7 +191,13 @@ class ManagerBase:
         """Plan and commit (below); None if out of memory. Skips both when the write
         ranges are already private, uncached and on the GPU, as on most decode steps."""
         if num_new <= ws.gpu.num_queued and not any(s.num_cpu_blocks for s in seqs):
-            if all(
+            if len(writes) == 1 and writes[0][2] - writes[0][1] <= 1:  # one block or none
+                seq, lo, hi = writes[0]
+                meta = seq.blocks[lo] if hi > lo else None
+                if meta is None or (meta.ref_cnt == 1 and meta.block_hash is None):
+                    del seq.hashes[lo:]
+                    return []
+            elif all(
                 m.ref_cnt == 1 and m.block_hash is None for s, lo, hi in writes for m in s.blocks[lo:hi]
             ):
                 for seq, lo, _ in writes:
@@ -242,6 +251,7 @@ class ManagerBase:
                     pairs.append((meta.block_id, copy.block_id))
                 elif meta.block_hash is not None:
                     gpu.uncache(meta)  # its contents are about to change
+                    seq.block_changed(i)
         if pairs:
             commands.append(CopyBlocks(ws.worker_id, tuple(pairs)))
         return commands

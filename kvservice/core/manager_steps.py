@@ -123,5 +123,10 @@ class ManagerSteps(ManagerAdmin):
             parent = seq.blocks[i - 1] if i else None
             if parent is not None and parent.block_hash != parent_hash:
                 continue  # the parent is not the cached copy of this prefix
-            register(ws.pool(meta.tier), meta, hashes[i], parent, block_bytes, seq.tenant)
+            if meta.block_hash is None and register(
+                ws.pool(meta.tier), meta, hashes[i], parent, block_bytes, seq.tenant
+            ):
+                seq.block_changed(i)
+                if meta.ref_cnt > 1:
+                    self._ledger_epoch += 1  # other holders' records changed too
         self._upserts.add(seq_id)

@@ -4,6 +4,8 @@ The coordinator sends these records to the worker that holds the blocks
 (``Worker.update_ledger``); ``KVCacheManager.from_ledgers`` turns the records of all
 live workers back into page tables, refcounts, pins and the prefix index. Cached blocks
 that no sequence holds are not recorded: after a rebuild they are simply free.
+A record the worker holds is then kept current by ``RecordDelta``s (what changed since
+it was sent), so a decode step does not re-send every sequence's tokens and blocks.
 Plain dataclasses of ints and strings, so they pickle and map onto any wire format.
 """
 
@@ -48,3 +50,26 @@ class SeqRecord:
     num_computed_tokens: int = 0
     pin: PinRecord | None = None
     live: bool = True  # False: freed, kept only because its pin still holds blocks
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDelta:
+    """Changes to live, unpinned records a worker already holds, one entry per sequence
+    in parallel tuples (a decode step changes hundreds of records by a token each).
+
+    Entry ``i`` turns the held record of ``seq_ids[i]`` into one whose tokens are its first
+    ``num_tokens[i]`` followed by ``new_tokens[i]``, whose blocks are its first
+    ``num_blocks[i]`` followed by ``new_blocks[i]``, and whose computed count is
+    ``num_computed_tokens[i]``; tenant, pin (none) and liveness stay. Folding it gives
+    exactly the record ``build_record`` makes of the sequence at the same moment.
+    """
+
+    seq_ids: tuple[int, ...]
+    num_tokens: tuple[int, ...]
+    new_tokens: tuple[tuple[int, ...], ...]
+    num_blocks: tuple[int, ...]
+    new_blocks: tuple[tuple[BlockRecord, ...], ...]
+    num_computed_tokens: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)

@@ -8,6 +8,8 @@ wrong prefix hit, copy-on-write, swap or eviction shows up as a wrong slot. Also
 after every step: the manager's own invariants, refcounts == page-table refs + pins
 (from the model's pins), used + cached + free == pool size, tokens == the model.
 A second machine makes block hashes collide constantly, so hits rest on token compares.
+The ledgers are workers' ledger books fed whole records and deltas as the coordinator
+feeds them; a restart rebuilds the manager from them and must find every sequence.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import xxhash
 from core_helpers import snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kvservice.workers.records import LedgerBook
 
 import kvservice.core.ledger as ledger_module
 import kvservice.core.manager_steps as steps_module
@@ -38,7 +41,6 @@ from kvservice.core.errors import DataLoss, InvalidArgument, NotFound
 from kvservice.core.ids import Tier
 from kvservice.core.layout import Layout
 from kvservice.core.manager import KVCacheManager
-from kvservice.core.records import SeqRecord
 
 BS = 4
 LAYOUT = Layout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=BS)
@@ -63,7 +65,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.written: dict[int, int] = {}
         self.mem: dict[Key, list[Any]] = {}
         self.pins: dict[int, tuple[int, list[tuple[Tier, int]], float | None]] = {}
-        self.ledgers: dict[int, dict[int, SeqRecord]] = {w: {} for w in self.sizes}
+        self.ledgers = {w: LedgerBook() for w in self.sizes}
         self.freed: list[int] = []
         self.lost: list[int] = []
 
@@ -300,17 +302,31 @@ class CoreMachine(RuleBasedStateMachine):
         del self.sizes[w], self.ledgers[w]
         new = max(self.m.workers) + 1
         self.sizes[new] = PoolSizes(8, 4)
-        self.ledgers[new] = {}
+        self.ledgers[new] = LedgerBook()
         self.m.add_worker(new, self.sizes[new])
 
     @rule()
+    def send_ledgers(self) -> None:
+        """What the coordinator sends after a call: whole records or deltas, then the
+        computed counts. A record folded from deltas equals the whole one, every time."""
+        for w, changes in self.m.take_ledger_changes().items():
+            book = self.ledgers[w]
+            delta = changes.delta()
+            sizes = (self.sizes[w].num_gpu_blocks, self.sizes[w].num_cpu_blocks)
+            book.update(changes.upserts, changes.deletes, sizes, delta)
+            held = book.snapshot(0).records
+            for sid in (*changes.upserts, *(delta.seq_ids if delta else ())):
+                assert held[sid] == self.m.record(sid), sid
+            assert not set(changes.deletes) & set(held)
+        for w, progress in self.m.take_progress_updates().items():
+            self.ledgers[w].update_progress(progress)
+
+    @rule()
     def restart_coordinator(self) -> None:
-        for w, (upserts, deletes) in self.m.take_ledger_updates().items():
-            self.ledgers[w].update(upserts)
-            for sid in deletes:
-                self.ledgers[w].pop(sid, None)
+        self.send_ledgers()
+        records = {w: book.snapshot(0).records for w, book in self.ledgers.items()}
         rebuilt = KVCacheManager.from_ledgers(
-            LAYOUT, self.sizes, self.ledgers, clock=self.clock, **OPTIONS
+            LAYOUT, self.sizes, records, clock=self.clock, **OPTIONS
         )
         for sid in self.live():
             assert rebuilt.sequence(sid) == self.m.sequence(sid)
