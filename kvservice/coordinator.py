@@ -71,6 +71,7 @@ from kvservice.spanning import (
     split_span_records,
 )
 from kvservice.step_plan import StepPlans, exact_ints
+from kvservice.tickets import DEFAULT_TTL_S, Ticket, TicketTable
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class Coordinator:
         self.migrator = Migrator(self)
         self._lock = threading.RLock()
         self._steps = StepPlans(layout.num_layers)
+        # Steps the clients run on the workers themselves (kvservice.tickets).
+        self._tickets = TicketTable()
+        self._revoked_tickets: dict[int, str] = {}  # recent ones: why they ended
         self._seqs: dict[int, _SeqState] = {}
         self._pin_tenants: dict[int, str] = {}  # pinned sequences (live or freed) -> tenant
         self._closed = False
@@ -427,6 +431,7 @@ class Coordinator:
                     raise errors.FailedPrecondition(
                         f"cannot truncate sequence {seq_id} of {current} tokens to {length}"
                     )
+                self._revoke_tickets(self._tickets.naming_seqs([seq_id]), batch.calls)
                 commands = self._spans.truncate(seq_id, length)
                 state.written = [min(w, length) for w in state.written]
                 state.computed = min(state.computed, length)
@@ -441,6 +446,7 @@ class Coordinator:
             with self._planning() as batch:
                 for sid in seq_ids:
                     self._own(sid, tenant, allow_lost=True)
+                self._revoke_tickets(self._tickets.naming_seqs(seq_ids), batch.calls)
                 commands: list[Any] = []
                 for sid in seq_ids:
                     state = self._seqs.pop(sid)
@@ -519,6 +525,39 @@ class Coordinator:
             self._submit(getattr(self._manager, method)(self._spans.core_ids(ids)), batch.calls)
 
     # ------------------------------------------------------------------ data plane
+
+    def open_ticket(
+        self,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        *,
+        writes: bool = True,
+        ttl_s: float = DEFAULT_TTL_S,
+        tenant: str = DEFAULT_TENANT,
+    ) -> Ticket:
+        """Plan one step for the client to run on the workers itself (``Ticket.attend``
+        per layer, then ``close_ticket``); see ``kvservice.tickets``."""
+        from kvservice.tickets import open_ticket
+
+        with self.metrics.time_call("open_ticket"):
+            return open_ticket(self, seq_ids, q_lens, writes=writes, tenant=tenant, ttl_s=ttl_s)
+
+    def close_ticket(
+        self, ticket_id: int, *, commit: bool = True, tenant: str = DEFAULT_TENANT
+    ) -> None:
+        """End a ticket; a writing one's writes of every layer are recorded (``commit``)."""
+        from kvservice.tickets import close_ticket
+
+        with self.metrics.time_call("close_ticket"):
+            close_ticket(self, _check_int("ticket_id", ticket_id, low=1), commit=commit, tenant=tenant)
+
+    def _revoke_tickets(
+        self, ticket_ids: list[int], calls: list[PendingCall], *, reason: str = "revoked"
+    ) -> None:
+        if ticket_ids:
+            from kvservice.tickets import revoke
+
+            revoke(self, ticket_ids, calls, reason=reason)
 
     def write_kv(
         self,
@@ -902,6 +941,8 @@ class Coordinator:
         """Submit the manager's commands in order (then, by default, the ledger updates)."""
         block_bytes = self._layout.block_bytes
         for cmd in _coalesce(commands):
+            if self._tickets:
+                self._revoke_tickets(self._tickets.naming_blocks(cmd.worker_id, _gpu_blocks(cmd)), calls)
             if isinstance(cmd, FreeBlocks):
                 continue  # informational: a freed block needs nothing from its worker
             self._steps.invalidate()  # blocks move: kept step plans may name old places
@@ -977,6 +1018,12 @@ class Coordinator:
                 for sid in lost:
                     if sid in self._seqs:
                         self._seqs[sid].lost = True
+                fences: list[PendingCall] = []
+                self._revoke_tickets(self._tickets.on_worker(worker_id), fences, reason="lost")
+                try:
+                    resolve_all(fences)
+                except Exception:  # noqa: BLE001 - best effort: the other workers fence it
+                    log.exception("closing the tickets of lost worker %d", worker_id)
                 log.error("worker %d lost with sequences %s", worker_id, lost)
             else:
                 lost = sorted(s for s, st in self._seqs.items() if st.lost and st.worker_id == worker_id)
@@ -1174,6 +1221,17 @@ def _merge_results(
                 lse[a:b] = part_lse[offset : offset + b - a]
             offset += b - a
     return (out, lse) if lse is not None else out
+
+
+def _gpu_blocks(cmd: Any) -> Iterable[int]:
+    """The device-tier blocks a command reads, writes or frees (tickets name only those)."""
+    if isinstance(cmd, FreeBlocks):
+        return cmd.block_ids if cmd.tier is Tier.GPU else ()
+    if isinstance(cmd, SwapIn):
+        return (gpu for _cpu, gpu in cmd.pairs)
+    if isinstance(cmd, SwapOut):
+        return (gpu for gpu, _cpu in cmd.pairs)
+    return (b for pair in cmd.pairs for b in pair)  # CopyBlocks: both ends
 
 
 def _coalesce(commands: Iterable[Any]) -> list[Any]:

@@ -181,6 +181,10 @@ class RayWorkerHandle:
         self.epoch = epoch
         self._plans = PlanEncoder()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Another process gets its own plan encoder: plan keys name one sender's plans.
+        return (RayWorkerHandle, (self.worker_id, self.actor, self.epoch))
+
     def forget_epoch(self) -> None:
         self.epoch = None
 

@@ -77,7 +77,7 @@ def run_local_step(
         coord._check_open()
         if coord._spans.any_span(ids):
             return None
-        starts, versions = _check_all_layers(coord, ids, lens, tenant)
+        starts, versions = check_all_layers(coord, ids, lens, tenant, writes=True)
         groups = coord._split_by_worker(ids, lens)
         if len(groups) != 1:
             return None
@@ -97,7 +97,7 @@ def run_local_step(
             calls.append(handle.submit("info"))
             _await(coord, calls)
         result = launch(LocalStep(handle.worker, tables, seq_lens))
-    _record_all_layers(coord, ids, starts, lens, versions)
+    record_all_layers(coord, ids, starts, lens, versions)
     return result
 
 
@@ -108,11 +108,12 @@ def _await(coord: Coordinator, calls: list[PendingCall]) -> None:
         raise coord._lose_worker(exc.worker_id) from exc
 
 
-def _check_all_layers(
-    coord: Coordinator, seq_ids: list[int], q_lens: list[int], tenant: str
+def check_all_layers(
+    coord: Coordinator, seq_ids: list[int], q_lens: list[int], tenant: str, *, writes: bool
 ) -> tuple[list[int], list[int]]:
-    """First new position and version of each sequence; every layer must hold the K/V of
-    every position before it (the per-layer path checks one layer at a time)."""
+    """First new position and version of each sequence, after the checks the per-layer
+    path makes one layer at a time, for every layer: a write needs the K/V of every
+    position before its new tokens, a read that of every position."""
     starts: list[int] = []
     versions: list[int] = []
     for sid, q_len in zip(seq_ids, q_lens, strict=True):
@@ -124,9 +125,10 @@ def _check_all_layers(
             )
         if state.tracked:
             have = min(state.written)
-            if start > have:
+            need = start if writes else state.length
+            if have < need:
                 raise errors.FailedPrecondition(
-                    f"sequence {sid}: positions {have}..{start - 1} have no K/V in every "
+                    f"sequence {sid}: positions {have}..{need - 1} have no K/V in every "
                     f"layer; write them first"
                 )
         starts.append(start)
@@ -134,7 +136,7 @@ def _check_all_layers(
     return starts, versions
 
 
-def _record_all_layers(
+def record_all_layers(
     coord: Coordinator,
     seq_ids: list[int],
     starts: list[int],

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from kvservice.coordinator_workers import PendingCall, WorkerHandle, WorkerLost
 from kvservice.core import errors
 from kvservice.core.commands import OutOfMemory, PoolSizes
+from kvservice.core.ids import Tier
 from kvservice.core.migration import (
     Migration,
     TransferBlocks,
@@ -209,6 +210,11 @@ class Migrator:
     # ------------------------------------------------------------------ internals
     def _transfer(self, transfer: TransferBlocks, calls: list[PendingCall]) -> None:
         self._c._steps.invalidate()  # blocks move: kept step plans may name old places
+        tickets = self._c._tickets
+        if tickets:  # and tickets naming the blocks that leave are revoked first
+            gpu = Tier.GPU
+            src = [b for st, b, _dt, _d in transfer.blocks if st == gpu]
+            self._c._revoke_tickets(tickets.naming_blocks(transfer.src_worker_id, src), calls)
         path = submit_transfer(transfer, self._c._handles, self.group, calls)
         self.counters[f"transfers_{path}"] += 1
         self.counters["blocks_transferred"] += len(transfer.blocks)

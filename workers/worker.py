@@ -52,7 +52,7 @@ from kvservice.workers.tiered import TieredAttention, has_cold_blocks
 from kvservice.workers.timing import KernelTimer
 from kvservice.workers.transfer import TransferMixin
 
-from kvservice.core.errors import InvalidArgument
+from kvservice.core.errors import FailedPrecondition, InvalidArgument
 from kvservice.core.ids import Tier
 from kvservice.core.layout import Layout
 from kvservice.core.records import RecordDelta, SeqRecord
@@ -115,6 +115,9 @@ class Worker(TransferMixin):
         self._plans = PlanCache()
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
+        # Ids of the step tickets the coordinator opened here and has not closed: a call
+        # through any other ticket is refused (kvservice.tickets).
+        self._tickets: set[int] = set()
         self._counters: dict[str, int] = defaultdict(int)
         self._call_calls: dict[str, int] = defaultdict(int)
         self._call_seconds: dict[str, float] = defaultdict(float)
@@ -222,9 +225,12 @@ class Worker(TransferMixin):
         )
 
     # ----------------------------------------------------------------- KV and attention
-    def write_kv(self, layer: int, slots: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_kv(
+        self, layer: int, slots: Any, k: torch.Tensor, v: torch.Tensor, *, ticket: int | None = None
+    ) -> None:
         """Write ``k``/``v`` ``[T, Hkv, D]`` of ``layer`` at ``slots`` ``[T]`` (-1 = skip)."""
         with self._entry("write_kv"):
+            self._check_ticket(ticket)
             layer = check_index("layer", layer, self.layout.num_layers)
             k = check_tensor("k", k, self._kv_shape(None), self._dtype, self.device)
             num_tokens = k.shape[0]
@@ -253,6 +259,7 @@ class Worker(TransferMixin):
         scale: float | None = None,
         sliding_window: int | None = None,
         return_lse: bool = False,
+        ticket: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention of a mixed decode/extend batch over ``layer``'s cache.
 
@@ -260,8 +267,10 @@ class Worker(TransferMixin):
         ``v_new`` ``[T, Hkv, D]``, when given, are written into the new tokens' slots first.
         Returns ``out`` ``[T, Hq, D]`` on ``q``'s device, with ``lse`` ``[T, Hq]`` float32
         when ``return_lse``. A batch of single-token queries takes the decode kernel.
+        ``ticket``: the step ticket the call runs under (refused once it is closed).
         """
         with self._entry("attend"):
+            self._check_ticket(ticket)
             layer = check_index("layer", layer, self.layout.num_layers)
             q = check_tensor("q", q, (None, None, self.layout.head_dim), self._dtype, self.device)
             num_tokens, num_q_heads = q.shape[0], q.shape[1]
@@ -430,6 +439,20 @@ class Worker(TransferMixin):
                 self._pending.wait_on_host(which, blocks)
                 pool[ids] = data.to("cpu")
             self._counters["blocks_imported"] += len(blocks)
+
+    # ----------------------------------------------------------------- step tickets
+    def open_ticket(self, ticket_id: int) -> None:
+        self._tickets.add(check_index("ticket_id", ticket_id, 1 << 62))
+
+    def close_ticket(self, ticket_id: int) -> None:
+        """Calls through ``ticket_id`` are refused from now on (closing twice is harmless)."""
+        self._tickets.discard(ticket_id)
+
+    def _check_ticket(self, ticket: int | None) -> None:
+        if ticket is not None and ticket not in self._tickets:
+            raise FailedPrecondition(
+                f"ticket {ticket} is closed or was revoked (its blocks moved): plan the step again"
+            )
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (k_cache, v_cache) views of the device tier, for a caller in this
