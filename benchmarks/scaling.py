@@ -13,13 +13,19 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
 
 - **Decode throughput** over one fixed workload: ``num_seqs`` sequences of ``context``
   tokens, placed by the service, their K/V written through it; then ``steps`` decode
-  steps, each one attention call per group of up to ``batch`` sequences of one worker,
-  issued by ``depth`` client threads per group (so a worker has its next call queued
-  while the driver takes a result). Reported: tokens/s (one token per sequence per
-  step), the K/V bytes read per second, the speedup over one worker, wall ms per call
-  per worker, the workers' busy share of the wall time (below 100 %: they waited for
-  calls), and the kernel's share of the workers' attention-call time (the rest is
-  per-call work in the worker). Ray's max_direct_call_object_size is raised
+  steps, each one attention call per group of up to ``batch`` sequences of one worker.
+  Two ways, both reported:
+  ``decode`` (the figure the targets use): as a serving deployment runs, each group is
+  one client process (a Ray actor) that takes a step ticket from the coordinator
+  (``kvservice.tickets``: planned once, read-only, so it serves every step) and sends
+  its attention calls straight to its worker, ``depth`` calls in flight, so the
+  coordinator is off the per-call path; ``decode_via_coordinator``: every call through
+  ``Coordinator.attend`` from ``depth`` threads per group of this one process, which
+  bounds the calls per second whatever the number of workers. Reported: tokens/s (one
+  token per sequence per step), the K/V bytes read per second, the speedup over one
+  worker, wall ms per call per worker, the workers' busy share of the wall time (below
+  100 %: they waited for calls), and the kernel's share of the workers' attention-call
+  time (the rest is per-call work in the worker). Ray's max_direct_call_object_size is raised
   (``INLINE_BYTES``) so q and the output travel inline with the call, not through the
   object store. Each sequence holds one K/V row repeated, so its attention output is
   known exactly (its V row): checked.
@@ -228,14 +234,8 @@ def decode(
     queued while the driver takes the last one's result)."""
     layout = setup.layout
     dtype = getattr(torch, layout.dtype)
-    by_worker: dict[int, list[int]] = {}
-    for sid, (worker_id, _) in sorted(seqs.items()):
-        by_worker.setdefault(worker_id, []).append(sid)
-    groups = [
-        ids[i : i + setup.batch]
-        for ids in by_worker.values()
-        for i in range(0, len(ids), setup.batch)
-    ]
+    groups = _groups(setup, seqs)
+    num_workers = len({w for w, _ in seqs.values()})
     errors: list[float] = []
     failures: list[BaseException] = []
     num_threads = len(groups) * setup.depth
@@ -291,26 +291,124 @@ def decode(
         t.join()
     if failures:
         raise failures[0]
+    result = _decode_result(setup, len(groups), num_workers, seconds, before, after, errors)
+    return result | {"threads_per_group": setup.depth}
+
+
+def _groups(setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]) -> list[list[int]]:
+    by_worker: dict[int, list[int]] = {}
+    for sid, (worker_id, _) in sorted(seqs.items()):
+        by_worker.setdefault(worker_id, []).append(sid)
+    return [
+        ids[i : i + setup.batch]
+        for ids in by_worker.values()
+        for i in range(0, len(ids), setup.batch)
+    ]
+
+
+class StepClient:
+    """One client process of the ticket-driven decode: its group's calls, straight to the
+    group's worker through a step ticket, ``depth`` in flight. (A Ray actor class.)"""
+
+    def run(
+        self, ticket: Any, q: torch.Tensor, want: torch.Tensor, warmup: int, steps: int, depth: int
+    ) -> dict[str, float]:
+        out = ticket.attend(0, q)
+        err = float((out.float() - want.float()).abs().max() / want.float().abs().max())
+        for _ in range(warmup):
+            ticket.attend(0, q)
+        return {"err": err, **self.timed(ticket, q, steps, depth)}
+
+    def timed(self, ticket: Any, q: torch.Tensor, steps: int, depth: int) -> dict[str, float]:
+        from collections import deque
+
+        in_flight: deque[Any] = deque()
+        start = time.time()
+        for _ in range(steps):
+            if len(in_flight) >= depth:
+                ticket.wait(in_flight.popleft())
+            in_flight.append(ticket.submit(0, q))
+        while in_flight:
+            ticket.wait(in_flight.popleft())
+        return {"start": start, "end": time.time()}
+
+
+def decode_tickets(
+    coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]], clients: list[Any]
+) -> dict[str, Any]:
+    """``steps`` decode steps over every sequence, one client process per call group,
+    each through a read-only step ticket (the coordinator plans each group once)."""
+    import ray
+
+    layout = setup.layout
+    dtype = getattr(torch, layout.dtype)
+    groups = _groups(setup, seqs)
+    if len(clients) < len(groups):
+        raise RuntimeError(f"{len(groups)} call groups but {len(clients)} client processes")
+    group_size = setup.num_q_heads // layout.num_kv_heads
+    tickets = [coord.open_ticket(ids, [1] * len(ids), writes=False, ttl_s=3600) for ids in groups]
+    try:
+        args = []
+        for ids in groups:
+            gen = torch.Generator().manual_seed(ids[0])
+            q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
+            want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
+            args.append((q, want))
+        # Warm-up (and the check) in every client, then the timed steps all at once.
+        warm = [
+            c.run.remote(t, q, want, setup.warmup_steps, 0, setup.depth)
+            for c, t, (q, want) in zip(clients, tickets, args, strict=False)
+        ]
+        errors = [r["err"] for r in ray.get(warm, timeout=BARRIER_TIMEOUT_S)]
+        progress("  warm-up done (%d client processes, %d calls in flight each); timing %d steps",
+                 len(groups), setup.depth, setup.steps)  # fmt: skip
+        before = worker_times(coord)
+        timed = ray.get(
+            [
+                c.timed.remote(t, q, setup.steps, setup.depth)
+                for c, t, (q, _want) in zip(clients, tickets, args, strict=False)
+            ],
+            timeout=BARRIER_TIMEOUT_S,
+        )
+        after = worker_times(coord)
+    finally:
+        for t in tickets:
+            coord.close_ticket(t.ticket_id)
+    seconds = max(r["end"] for r in timed) - min(r["start"] for r in timed)
+    num_workers = len({w for w, _ in seqs.values()})
+    return _decode_result(setup, len(groups), num_workers, seconds, before, after, errors) | {
+        "clients": len(groups),
+        "calls_in_flight_per_client": setup.depth,
+    }
+
+
+def _decode_result(
+    setup: Setup,
+    num_groups: int,
+    num_workers: int,
+    seconds: float,
+    before: dict[str, float],
+    after: dict[str, float],
+    errors: list[float],
+) -> dict[str, Any]:
     tokens = setup.num_seqs * setup.steps
-    kv_bytes = tokens * setup.context * layout.token_bytes
-    calls = len(groups) * setup.steps
+    calls = num_groups * setup.steps
     worker_call_s = after["call"] - before["call"]
     return {
-        "calls_per_step": len(groups),
-        "threads_per_group": setup.depth,
+        "calls_per_step": num_groups,
         "seconds": seconds,
         "tokens_s": tokens / seconds,
-        "kv_read_gbps": kv_bytes / seconds / 1e9,
-        "call_ms": 1e3 * seconds * len(by_worker) / calls,  # wall time per call per worker
+        "kv_read_gbps": tokens * setup.context * setup.layout.token_bytes / seconds / 1e9,
+        "call_ms": 1e3 * seconds * num_workers / calls,  # wall time per call per worker
         # Inside the workers, summed over them: the attention calls and their kernels.
         "worker_call_s": worker_call_s,
         "worker_call_ms": 1e3 * worker_call_s / calls,
         "worker_kernel_s": after["kernel"] - before["kernel"],
         "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, worker_call_s),
         # The workers' busy share of the wall time: below 100 %, they waited for calls.
-        "worker_busy_pct": 100 * worker_call_s / (seconds * len(by_worker)),
+        "worker_busy_pct": 100 * worker_call_s / (seconds * num_workers),
         "max_rel_err": max(errors),
-        "ok": max(errors) <= (2e-2 if layout.dtype == "bfloat16" else 1e-5),
+        "ok": max(errors) <= (2e-2 if setup.layout.dtype == "bfloat16" else 1e-5),
     }
 
 
@@ -339,6 +437,11 @@ class Phases:
         progress("%s: %s done in %.1f s", self.name, phase, self.seconds[phase])
 
 
+def report_decode(d: dict[str, Any]) -> None:
+    progress("  %.0f tokens/s, %.2f ms per call per worker, workers busy %.0f %%",
+             d["tokens_s"], d["call_ms"], d["worker_busy_pct"])  # fmt: skip
+
+
 def run_workers(
     setup: Setup,
     num_workers: int,
@@ -346,6 +449,7 @@ def run_workers(
     phases: set[str],
     result: dict[str, Any],
     saved: Callable[[], None],
+    clients: list[Any],
 ) -> dict[str, Any]:
     """Fill ``result`` (already in the report) part by part, ``saved()`` after each."""
     phase = Phases(f"{num_workers} worker(s)")
@@ -360,11 +464,14 @@ def run_workers(
             placement[str(worker_id)] = placement.get(str(worker_id), 0) + 1
         result["placement"] = placement
         if "decode" in phases:
-            with phase("decode (warm-up and timed)"):
-                result["decode"] = decode(coord, setup, seqs)
+            with phase("decode, client processes with step tickets"):
+                result["decode"] = decode_tickets(coord, setup, seqs, clients)
             saved()
-            progress("  %.0f tokens/s, %.2f ms per call per worker, workers busy %.0f %%",
-                     result["decode"]["tokens_s"], result["decode"]["call_ms"], result["decode"]["worker_busy_pct"])  # fmt: skip
+            report_decode(result["decode"])
+            with phase("decode, every call through the coordinator"):
+                result["decode_via_coordinator"] = decode(coord, setup, seqs)
+            saved()
+            report_decode(result["decode_via_coordinator"])
         if "capacity" in phases:
             # The workload's sequences are of max_context tokens too: they count.
             with phase("capacity"):
@@ -552,11 +659,20 @@ def run(
         "transfer": None,
         "targets": TARGETS,
     }
+    clients: list[Any] = []
+    if "decode" in phases:
+        import ray
+
+        progress("client processes ...")
+        actor = ray.remote(num_cpus=0)(StepClient)
+        clients = [actor.remote() for _ in range(-(-setup.num_seqs // setup.batch))]
+        ray.get([c.__ray_ready__.remote() for c in clients], timeout=BARRIER_TIMEOUT_S)
+        progress("client processes up: %d", len(clients))
     if phases & {"decode", "capacity"}:
         for w in counts:
             result: dict[str, Any] = {"workers": w}
             report["runs"].append(result)
-            run_workers(setup, w, use_gpu, phases, result, lambda: save(report, out))
+            run_workers(setup, w, use_gpu, phases, result, lambda: save(report, out), clients)
             save(report, out)
     if "transfer" in phases and max(counts) >= 2:
         report["transfer"] = run_transfer(setup, use_gpu)
@@ -573,7 +689,8 @@ def table(report: dict[str, Any]) -> str:
         f"{setup['steps']} steps, {setup['depth']} threads per group; checks "
         f"{'ok' if report['ok'] else 'FAILED'}",
         f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'ms/call':>9}"
-        f"{'busy %':>8}{'kernel %':>10}{'max seqs':>10}{'x 1 worker':>12}  placement",
+        f"{'busy %':>8}{'kernel %':>10}{'via coord':>11}{'max seqs':>10}{'x 1 worker':>12}"
+        "  placement",
     ]
     for r in report["runs"]:
         d = r.get("decode")
@@ -583,6 +700,8 @@ def table(report: dict[str, Any]) -> str:
             if d
             else f"{'-':>12}{'-':>10}{'-':>12}{'-':>9}{'-':>8}{'-':>10}"
         )
+        via = r.get("decode_via_coordinator")
+        cells += f"{via['tokens_s']:>11.0f}" if via else f"{'-':>11}"
         cap = (
             f"{r['max_sequences']:>10}{r.get('max_sequences_over_1', 1.0):>12.2f}"
             if "max_sequences" in r
