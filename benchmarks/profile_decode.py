@@ -125,6 +125,18 @@ def per_call_ms(before: dict[str, Any], after: dict[str, Any], name: str) -> flo
     return 1e3 * (s1 - s0) / (c1 - c0) if c1 > c0 else None
 
 
+class TicketLoop:
+    """A client process: ``calls`` attention calls through a ticket, one at a time."""
+
+    def loop(self, ticket: Any, q: torch.Tensor, calls: int) -> float:
+        for _ in range(3):
+            ticket.attend(0, q)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            ticket.attend(0, q)
+        return 1e3 * (time.perf_counter() - t0) / calls
+
+
 def run(num_workers: int, calls: int, depth: int, profile: str | None) -> dict[str, Any]:
     from benchmarks.scaling import GPU_SETUP, fill, start
 
@@ -181,6 +193,19 @@ def run(num_workers: int, calls: int, depth: int, profile: str | None) -> dict[s
             with open(profile, "w") as f:
                 pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(40)
                 pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(25)
+
+        # The same calls from another process through a step ticket (the coordinator off
+        # the per-call path): the serial cost and the worker's own time per call.
+        import ray
+
+        ticket = coord.open_ticket(ids, ones, writes=False)
+        client_actor = ray.remote(num_cpus=0)(TicketLoop).remote()
+        before = call_times(coord)
+        report["ticket_serial_call_ms"] = ray.get(client_actor.loop.remote(ticket, q, calls))
+        after = call_times(coord)
+        report["ticket_worker_attend_ms"] = per_call_ms(before[wid], after[wid], "attend")
+        report["ticket_worker_wire_call_ms"] = per_call_ms(before[wid], after[wid], "wire_call")
+        coord.close_ticket(ticket.ticket_id)
 
         # One thread per group, all at once: are calls to different workers overlapped?
         def client(ids: list[int], q: torch.Tensor) -> None:

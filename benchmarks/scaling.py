@@ -227,14 +227,24 @@ def fill(
 
 
 def decode(
-    coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]
+    coord: Coordinator,
+    setup: Setup,
+    seqs: dict[int, tuple[int, torch.Tensor]],
+    *,
+    tickets: bool = False,
 ) -> dict[str, Any]:
     """``steps`` decode steps over every sequence: ``depth`` client threads per call
     group, so that many of each group's calls are in flight (a worker has the next call
-    queued while the driver takes the last one's result)."""
+    queued while the driver takes the last one's result). Every call goes through the
+    coordinator, or with ``tickets`` straight to the worker through a step ticket."""
     layout = setup.layout
     dtype = getattr(torch, layout.dtype)
     groups = _groups(setup, seqs)
+    opened = (
+        {g[0]: coord.open_ticket(g, [1] * len(g), writes=False, ttl_s=3600) for g in groups}
+        if tickets
+        else {}
+    )
     num_workers = len({w for w, _ in seqs.values()})
     errors: list[float] = []
     failures: list[BaseException] = []
@@ -246,23 +256,30 @@ def decode(
         gen = torch.Generator().manual_seed(ids[0])
         q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
         ones = [1] * len(ids)
+        ticket = opened.get(ids[0])
+
+        def attend(layer: int, ids: list[int], ones: list[int], q: torch.Tensor) -> Any:
+            if ticket is not None:
+                return ticket.attend(layer, q)
+            return coord.attend(layer, ids, ones, q)
+
         # The group's steps, shared among its lanes.
         steps = setup.steps // setup.depth + (lane < setup.steps % setup.depth)
         try:
-            out = coord.attend(0, ids, ones, q)
+            out = attend(0, ids, ones, q)
             want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
             errors.append(
                 float((out.float() - want.float()).abs().max() / want.float().abs().max())
             )
             for _ in range(setup.warmup_steps):
-                coord.attend(0, ids, ones, q)
+                attend(0, ids, ones, q)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failures.append(exc)
         barrier.wait()
         barrier.wait()
         try:
             for _ in range(steps):
-                coord.attend(0, ids, ones, q)
+                attend(0, ids, ones, q)
         except BaseException as exc:  # noqa: BLE001
             failures.append(exc)
         barrier.wait()
@@ -289,6 +306,8 @@ def decode(
     after = worker_times(coord)
     for t in threads:
         t.join()
+    for ticket in opened.values():
+        coord.close_ticket(ticket.ticket_id)
     if failures:
         raise failures[0]
     result = _decode_result(setup, len(groups), num_workers, seconds, before, after, errors)
@@ -309,6 +328,12 @@ def _groups(setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]) -> list[lis
 class StepClient:
     """One client process of the ticket-driven decode: its group's calls, straight to the
     group's worker through a step ticket, ``depth`` in flight. (A Ray actor class.)"""
+
+    def __init__(self) -> None:
+        # A client only sends and receives: no GPU, one torch thread (a Ray actor that
+        # asks for no CPU gets no thread limit, and every process here sees all GPUs).
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        torch.set_num_threads(1)
 
     def run(
         self, ticket: Any, q: torch.Tensor, want: torch.Tensor, warmup: int, steps: int, depth: int
@@ -472,6 +497,10 @@ def run_workers(
                 result["decode_via_coordinator"] = decode(coord, setup, seqs)
             saved()
             report_decode(result["decode_via_coordinator"])
+            with phase("decode, tickets from threads of this process"):
+                result["decode_tickets_one_process"] = decode(coord, setup, seqs, tickets=True)
+            saved()
+            report_decode(result["decode_tickets_one_process"])
         if "capacity" in phases:
             # The workload's sequences are of max_context tokens too: they count.
             with phase("capacity"):
@@ -547,12 +576,26 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             num_bytes / block_s / 1e9,
             num_bytes / plain_s / 1e9,
         )
+        recv = handles[1].call("stats")["call_time"]["recv_blocks"]
+        # Other ways to cut the same transfer: bigger chunks, one message per block.
+        variants: dict[str, float] = {}
+        with phase("chunk size and message variants"):
+            default = (group.chunk_bytes, group.block_messages)
+            for name, chunk, messages in (
+                ("chunks_256MiB", 256 << 20, False),
+                ("block_messages", default[0], True),
+            ):
+                group.chunk_bytes, group.block_messages = chunk, messages
+                coord.form_transfer_group()
+                variants[name] = num_bytes / median_seconds(by_group, setup.iters) / 1e9
+                progress("  %s: %.1f GB/s", name, variants[name])
+            group.chunk_bytes, group.block_messages = default
+            coord.form_transfer_group()
         with phase("check the moved blocks"):
             moved = handles[1].call("export_blocks", Tier.GPU, dst)
             ok = bool(torch.equal(moved, data))
         with phase("through host memory"):
-            host_s = median_seconds(through_host, max(2, setup.iters // 3))
-        recv = handles[1].call("stats")["call_time"]["recv_blocks"]
+            host_s = median_seconds(through_host, 1)
         # A whole migration through the coordinator: sequences over about the same blocks.
         per_seq = max(1, n // 8)
         seq_ids = [
@@ -574,6 +617,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "block_transfer_gbps": num_bytes / block_s / 1e9,
             "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
             "block_over_nccl_pct": 100 * plain_s / block_s,
+            "variants_gbps": variants,
             "in_worker_recv_blocks_gbps": num_bytes * recv["calls"] / recv["seconds"] / 1e9,
             "in_worker_plain_recv_gbps": num_bytes / statistics.median(probe_in_worker) / 1e9,
             "host_path_gbps": num_bytes / host_s / 1e9,

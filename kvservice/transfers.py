@@ -45,7 +45,7 @@ class TransferGroup:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int | None = None,
-        block_messages: bool | None = None,
+        block_messages: bool = False,
     ) -> None:
         import torch.distributed as dist
 
@@ -56,8 +56,8 @@ class TransferGroup:
         self.host = host or _node_address()
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
-        # One message per block (None: the workers choose by backend and block size).
-        self.block_messages = block_messages
+        # One message per block instead of gathered chunks (kvservice.workers.transfer).
+        self.block_messages = bool(block_messages)
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),

@@ -10,12 +10,11 @@ chunk is gathered, and the last one scattered, while one is on the wire), with a
 ``CHUNKS_IN_FLIGHT`` staging buffers per side. A run of consecutive blocks of one pool on
 the transfer device goes straight from and into the pool, with no staging copy.
 
-Blocks of a megabyte and more (``BLOCK_MESSAGE_MIN_BYTES``; a block holds every layer of
-its tokens, so 2 MiB for an 8B Llama) go as one message each instead, grouped per chunk
-(``batch_isend_irecv``): each is sent from and received into its place in the pool, so the
-device copies nothing and the link carries the bytes at its own rate. Only blocks of a
-pool that is not on the transfer device pass through a staging buffer. The group decides
-the mode once for all members, so both sides of a transfer cut the same messages.
+With ``block_messages`` (a group-wide choice, so both sides cut the same messages) every
+block goes as a message of its own, grouped per chunk (``batch_isend_irecv``), sent from
+and received into its place in the pool: no staging copy, but on an H200 pair 2 MiB
+messages reached 59 GB/s against 110 GB/s for gathered 64 MiB chunks, so chunks are the
+default. Only blocks of a pool that is not on the transfer device are staged then.
 
 Invariants:
 - Both sides cut the same chunks from the block count alone, and the coordinator submits
@@ -51,7 +50,6 @@ TRANSFER_ENV = {
 }
 CHUNK_BYTES = 64 << 20
 CHUNKS_IN_FLIGHT = 3
-BLOCK_MESSAGE_MIN_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
 TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
@@ -102,8 +100,7 @@ class TransferMixin:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
         every rank has joined. Every member must get the same ``chunk_bytes`` and
-        ``block_messages`` (None: one message per block over NCCL for blocks of
-        ``BLOCK_MESSAGE_MIN_BYTES`` or more, which members of one layout agree on)."""
+        ``block_messages`` (one message per block instead of gathered chunks)."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
@@ -127,10 +124,6 @@ class TransferMixin:
             self._transfer_rank = rank
             self._chunk_bytes = chunk_bytes
             self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
-            if block_messages is None:
-                block_messages = (
-                    backend == "nccl" and self._block_bytes() >= BLOCK_MESSAGE_MIN_BYTES
-                )
             self._block_messages = bool(block_messages)
             return self.transfer_info()
 

@@ -92,12 +92,11 @@ SCATTERED = moves(
 )
 
 
-@pytest.mark.parametrize("block_messages", [None, True])
+@pytest.mark.parametrize("block_messages", [False, True])
 def test_blocks_cross_the_group_in_pipelined_chunks(
-    handles: dict[int, RayWorkerHandle], block_messages: bool | None
+    handles: dict[int, RayWorkerHandle], block_messages: bool
 ) -> None:
-    # None: small blocks over gloo are gathered into chunks; True: one message per block
-    # (what NCCL does with blocks of a megabyte or more), grouped per chunk.
+    # Blocks gathered into chunks, or one message per block grouped per chunk.
     group = TransferGroup(
         "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes, block_messages=block_messages
     )
@@ -105,7 +104,7 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     assert ranks == {0: 0, 1: 1} and group.backend == "gloo"
     info = handles[1].call("transfer_info")
     assert (info["rank"], info["world_size"], info["backend"]) == (1, 2, "gloo")
-    assert info["block_messages"] is bool(block_messages)
+    assert info["block_messages"] is block_messages
     sent = fill(handles[0], seed=1)
     fill(handles[1], seed=2)
     received_before = handles[1].call("stats")["blocks_received"]
