@@ -104,8 +104,8 @@ class _SeqState:
     # truncate): a data-plane call planned before a truncate records no writes, and a
     # write range made writable (copied on write) under one version stays so.
     version: int = 0
-    # (version, start, end) of the last range prepare_write made writable.
-    writable: tuple[int, int, int] | None = None
+    # (version, start, end, computed) of the last range prepare_write made writable.
+    writable: tuple[int, int, int, int] | None = None
     lost: bool = False
 
 
@@ -707,11 +707,12 @@ class Coordinator:
         if starts is not None:
             for sid, start, q_len in zip(seq_ids, starts, q_lens, strict=True):
                 state = self._seqs[sid]
-                key = (state.version, start, start + q_len)
+                key = (state.version, start, start + q_len, state.computed)
                 # The layers of one step write the same range: once it is writable (its
-                # shared blocks copied), it stays so until the sequence changes. A range
-                # reaching into computed positions may touch cached, shared blocks: ask.
-                if state.writable == key and start >= state.computed:
+                # shared blocks copied, cached ones uncached), it stays so until the
+                # sequence changes or its computed count moves (blocks re-enter the prefix
+                # cache only then; kvservice.step_plan says why).
+                if state.writable == key:
                     continue
                 wp = self._manager.prepare_write(sid, start, start + q_len)
                 if isinstance(wp, OutOfMemory):

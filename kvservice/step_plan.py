@@ -20,6 +20,12 @@ Invariants (what makes a kept plan still true when it is used):
 - Written positions are recorded per layer as on the full path; the prefix cache is fed
   (``_record_writes``) once every layer has gone through the kept plan, and on every
   full-path call, so ``computed`` lags at most within a step, never passes what is written.
+- A write into computed positions (a rewrite) reuses a kept plan only while the
+  sequence's computed count is what it was when the plan was made. The full path made
+  the range private and took it out of the prefix cache (copy on write, uncache); a
+  block shares again only through a fork (a new version) or a prefix-cache hit, and it
+  re-enters the cache only through ``mark_computed``, which the coordinator calls only
+  when the computed count grows. So an unchanged count keeps the range private.
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ class _Step:
     q_lens: list[int]
     starts: list[int]
     versions: list[int]
-    # (seq_id, state, version, worker_id, first new position, length)
-    seqs: list[tuple[int, _SeqState, int, int, int, int]]
+    # (seq_id, state, version, worker_id, first new position, length, computed count)
+    seqs: list[tuple[int, _SeqState, int, int, int, int, int]]
     # (worker_id, q row ranges, plan), one per worker
     groups: list[tuple[int, list[tuple[int, int]], AttendPlan]]
     num_rows: int
@@ -114,7 +120,9 @@ class StepPlans:
         seqs = []
         for sid, q_len, start, version in zip(seq_ids, q_lens, starts, versions, strict=True):
             state = coord._seqs[sid]
-            seqs.append((sid, state, version, state.worker_id, start, start + q_len))
+            seqs.append(
+                (sid, state, version, state.worker_id, start, start + q_len, state.computed)
+            )
         key = (tenant, tuple(seq_ids), tuple(q_lens), writes)
         self._steps.pop(key, None)
         if len(self._steps) >= self._size:
@@ -183,7 +191,7 @@ class StepPlans:
             coord._record_writes(layer, step.seq_ids, step.starts, step.q_lens, step.versions)
             return
         with coord._lock:
-            for _sid, state, version, _wid, start, end in step.seqs:
+            for _sid, state, version, _wid, start, end, _computed in step.seqs:
                 if state.lost or state.version != version:
                     continue  # lost or changed meanwhile (a freed state is nobody's now)
                 written = state.written
@@ -194,10 +202,11 @@ class StepPlans:
 def _still_holds(coord: Coordinator, step: _Step, layer: int, writes: bool) -> bool:
     """Every sequence unchanged since the plan was made, and the layer's own precondition
     (no hole before the new tokens; for a read, every position written) met. A write into
-    computed positions plans in full every time, as the full path does: their blocks may
-    have been shared since (a prefix-cache hit moves no block and changes no version)."""
+    computed positions plans in full once the computed count moved: blocks in its range
+    may have entered the prefix cache since, and a cache hit shares a block without
+    changing any version (see the module docstring)."""
     seqs = coord._seqs
-    for sid, state, version, wid, start, end in step.seqs:
+    for sid, state, version, wid, start, end, computed in step.seqs:
         if (
             seqs.get(sid) is not state
             or state.lost
@@ -207,6 +216,6 @@ def _still_holds(coord: Coordinator, step: _Step, layer: int, writes: bool) -> b
             return False
         if state.tracked and state.written[layer] < (start if writes else end):
             return False
-        if writes and start < state.computed:
-            return False  # rewrites computed positions, which the prefix cache may share
+        if writes and start < state.computed and state.computed != computed:
+            return False  # rewrites positions that may have been cached since the plan
     return True

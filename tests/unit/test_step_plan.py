@@ -37,6 +37,20 @@ def count_plans(coord: Coordinator) -> list[int]:
     return calls
 
 
+def count_prepared_writes(coord: Coordinator) -> list[int]:
+    """A list that grows by one whenever the coordinator asks to make a range writable."""
+    calls: list[int] = []
+    manager = coord.manager
+    original = manager.prepare_write
+
+    def counted(seq_id: int, start: int, end: int) -> Any:
+        calls.append(seq_id)
+        return original(seq_id, start, end)
+
+    manager.prepare_write = counted  # type: ignore[method-assign]
+    return calls
+
+
 def start(coord: Coordinator, shadow: Shadow, lengths: list[int]) -> list[int]:
     ids = []
     for i, n in enumerate(lengths):
@@ -114,6 +128,53 @@ def test_a_layer_left_behind_is_still_refused() -> None:
     close(*shadow.attend(coord, 0, [seq], [1], [7]))
     with pytest.raises(errors.FailedPrecondition, match="layer 2"):
         shadow.attend(coord, 2, [seq], [1], [7])
+
+
+def test_rewrites_of_private_positions_keep_their_plan() -> None:
+    coord = make_coordinator(LAYOUT)
+    shadow = Shadow(LAYOUT)
+    ids = start(coord, shadow, [6, 7])  # last blocks partial: private, never cached
+    plans = count_plans(coord)
+    prepared = count_prepared_writes(coord)
+    for _ in range(3):
+        for layer in range(LAYOUT.num_layers):
+            close(*shadow.attend(coord, layer, ids, [1, 1], [6, 7]))  # the last token again
+    assert len(plans) == 1
+    assert len(prepared) == 2  # one per sequence, for the first layer of the first step
+    assert [coord.get_sequence(s).num_cached_tokens for s in ids] == [6, 7]
+    coord.check_invariants()
+
+
+def test_a_rewrite_after_its_blocks_were_cached_and_shared_copies_them() -> None:
+    coord = make_coordinator(LAYOUT)
+    shadow = Shadow(LAYOUT)
+    tokens = list(range(8))  # what ``start`` gives its first sequence, and two more
+    (a,) = start(coord, shadow, [6])
+    coord.append_tokens([a], [tokens[6:]])
+    for layer in range(3):  # layer 3 lags: 6 tokens computed
+        close(*shadow.attend(coord, layer, [a], [2], [8]))
+    plans = count_plans(coord)
+    # Rewrite positions 4..7 (4 and 5 computed) on every layer: one plan for the step.
+    close(*shadow.attend(coord, 0, [a], [4], [8]))
+    for layer in (3, 1, 2):
+        close(*shadow.attend(coord, layer, [a], [4], [8]))
+    assert len(plans) == 1
+    # Now all 8 are computed: block 1 entered the prefix cache, and b shares it.
+    assert coord.get_sequence(a).num_cached_tokens == 8
+    info = coord.create_sequence([*tokens, 99])
+    assert info.num_cached_tokens == 8
+    shadow.share(a, info.seq_id, 8)
+    shadow.prefill(coord, info.seq_id, 9, 8)
+    # The same rewrite again must copy the shared block, not write into b's K/V.
+    plans.clear()
+    cow_blocks = coord.stats()["cow_blocks"]
+    for layer in range(LAYOUT.num_layers):
+        close(*shadow.attend(coord, layer, [a], [4], [8]))
+    assert len(plans) == 1
+    assert coord.stats()["cow_blocks"] == cow_blocks + 1
+    for layer in range(LAYOUT.num_layers):
+        close(*shadow.attend(coord, layer, [info.seq_id], [1], [9]))
+    coord.check_invariants()
 
 
 # ----------------------------------------------------------------------------- differential
