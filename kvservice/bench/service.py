@@ -18,6 +18,14 @@ per ``attend`` call, read from the ``call_time`` entries of the workers in the s
 Stats over that phase. Targets on a 2-core machine (reported, not asserted):
 AppendTokens(256) p50 <= 2 ms, ``attend_added_ms`` <= 1.5 ms.
 
+Also reported, to read those against: ``floor``, the p50 of an empty AppendTokens (no
+sequences: gRPC, the servicer and its thread pool, no work) at one client, and the load
+average before and after the run (``os.getloadavg``), since other processes on a small
+machine move every figure. The floor under-states what a call costs after its threads
+slept a while (waiting for the worker): they wake slower. On the 2-core machine the
+targets were set on, a bare grpc.aio call whose handler waits 16 ms on a thread pool
+took about 2.1 ms beyond the wait, against 1.0 ms in all without it.
+
 Clients and, by default, the server share this process: on a small machine the numbers
 are the whole system's, not the server's alone.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -125,6 +134,25 @@ class _Client:
             await self.timed(self.transport.attend(0, ids, [1] * n, q, k, v, tenant=TENANT))
 
 
+async def _floor(address: str, token: str | None, seconds: float) -> float:
+    """p50 (ms) of an empty AppendTokens: the per-call cost with no work behind it."""
+    client = AsyncGrpcTransport(address, token=token, timeout=CALL_TIMEOUT_S)
+    latencies: list[float] = []
+    try:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            await client.append_tokens([], [], tenant=TENANT)
+            latencies.append(time.perf_counter() - start)
+    finally:
+        await client.close()
+    return round(1e3 * _percentile(sorted(latencies), 0.5), 3)
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _worker_attend(stats: dict[str, Any]) -> tuple[int, float]:
     """(calls, seconds) of the workers' ``attend`` entry point, over every worker."""
     calls, seconds = 0, 0.0
@@ -209,6 +237,7 @@ def run_service_bench(
             LAYOUT, block_size=BLOCK_SIZE, num_gpu_blocks=blocks, num_cpu_blocks=256
         )
 
+    load_before = _load()
     threads = torch.get_num_threads()
     if address is None:
         torch.set_num_threads(1)  # as in ``bench load``: many tiny kernels from many threads
@@ -216,6 +245,7 @@ def run_service_bench(
         with open_target(address, token=token, build=build) as target:
             with GrpcTransport(target.address, token=token, timeout=CALL_TIMEOUT_S) as admin:
                 layout = admin.layout()
+            floor_ms = asyncio.run(_floor(target.address, token, min(seconds, 1.0)))
             results: dict[str, Any] = {}
             worker_ms = 0.0
             for n in clients:
@@ -235,6 +265,8 @@ def run_service_bench(
         "seconds_per_phase": seconds,
         "clients": list(clients),
         "results": results,
+        "floor": {"empty_append_p50_ms": floor_ms},
+        "load_avg": {"before": load_before, "after": _load()},
         "attend_added": {
             "clients": clients[0],
             "attend_p50_ms": attend_p50,
@@ -289,6 +321,10 @@ def _print_table(result: dict[str, Any]) -> None:
                 f"  {op:<8}{n:>8}{row['calls']:>8}{row['ops_per_s']:>10}"
                 f"{row['p50_ms']:>10}{row['p99_ms']:>10}\n"
             )
+    out.write(
+        f"floor (empty AppendTokens p50): {result['floor']['empty_append_p50_ms']} ms; "
+        f"load average before {result['load_avg']['before']}, after {result['load_avg']['after']}\n"
+    )
     added = result["attend_added"]
     out.write(
         f"attend at {added['clients']} client(s): p50 {added['attend_p50_ms']} ms, worker mean "

@@ -33,3 +33,5 @@ def test_the_command_reports_every_phase_as_json(capsys: pytest.CaptureFixture[s
         added["attend_p50_ms"] - added["worker_attend_mean_ms"], abs=1e-2
     )
     assert set(report["targets"]) == {"append_p50_ms", "attend_added_ms"}
+    assert report["floor"]["empty_append_p50_ms"] > 0
+    assert len(report["load_avg"]["before"]) == len(report["load_avg"]["after"]) == 3
