@@ -583,6 +583,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             default = (group.chunk_bytes, group.block_messages)
             for name, chunk, messages in (
                 ("chunks_256MiB", 256 << 20, False),
+                ("chunks_1GiB", 1 << 30, False),
                 ("block_messages", default[0], True),
             ):
                 group.chunk_bytes, group.block_messages = chunk, messages
@@ -591,6 +592,20 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
                 progress("  %s: %.1f GB/s", name, variants[name])
             group.chunk_bytes, group.block_messages = default
             coord.form_transfer_group()
+            # The link itself with the default chunk's message size: 1 GiB as 16 messages.
+            pieces = max(1, num_bytes // group.chunk_bytes)
+
+            def plain_pieces() -> None:
+                resolve_all([
+                    handles[0].submit("transfer_probe", group.ranks[1], num_bytes, True, 1, pieces),
+                    handles[1].submit("transfer_probe", group.ranks[0], num_bytes, False, 1, pieces),
+                ])  # fmt: skip
+
+            variants[f"plain_in_{pieces}_messages"] = (
+                num_bytes / median_seconds(plain_pieces, setup.iters) / 1e9
+            )
+            progress("  plain send/recv in %d messages: %.1f GB/s", pieces,
+                     variants[f"plain_in_{pieces}_messages"])  # fmt: skip
         with phase("check the moved blocks"):
             moved = handles[1].call("export_blocks", Tier.GPU, dst)
             ok = bool(torch.equal(moved, data))

@@ -202,9 +202,12 @@ class TransferMixin:
             self._finish()
             return self._count("blocks_received", blocks)
 
-    def transfer_probe(self, peer_rank: int, num_bytes: int, send: bool, iters: int = 1) -> float:
+    def transfer_probe(
+        self, peer_rank: int, num_bytes: int, send: bool, iters: int = 1, pieces: int = 1
+    ) -> float:
         """Plain send (or recv) of one contiguous ``num_bytes`` buffer to ``peer_rank``,
-        ``iters`` times: the link's baseline. Returns the seconds the loop took."""
+        ``iters`` times: the link's baseline (with ``pieces``, the buffer goes as that
+        many messages, queued together). Returns the seconds the loop took."""
         with self._entry("transfer_probe"):
             peer, _ = self._transfer_args(peer_rank, [])
             num_bytes = check_index("num_bytes", num_bytes, 1 << 40)
@@ -214,9 +217,15 @@ class TransferMixin:
                     0, 255, (num_bytes,), dtype=torch.uint8, device=self._transfer_device
                 )
                 self._probe_buffer = buffer
+            pieces = check_index("pieces", pieces, num_bytes + 1)
+            parts = buffer.chunk(max(1, pieces))
             start = time.perf_counter()
             for _ in range(iters):
-                (dist.send if send else dist.recv)(buffer, peer)
+                if len(parts) == 1:
+                    (dist.send if send else dist.recv)(buffer, peer)
+                else:
+                    op = dist.isend if send else dist.irecv
+                    _wait_all([op(part, peer) for part in parts])
             self._finish()
             return time.perf_counter() - start
 
