@@ -298,12 +298,14 @@ def decode(
         setup.depth,
         setup.steps,
     )
+    profiled = profile_worker(coord, True)
     before = worker_times(coord)
     started = time.perf_counter()
     barrier.wait(timeout=BARRIER_TIMEOUT_S)
     barrier.wait(timeout=BARRIER_TIMEOUT_S)  # done
     seconds = time.perf_counter() - started
     after = worker_times(coord)
+    profile_worker(coord, False, profiled)
     for t in threads:
         t.join()
     for ticket in opened.values():
@@ -387,6 +389,7 @@ def decode_tickets(
         errors = [r["err"] for r in ray.get(warm, timeout=BARRIER_TIMEOUT_S)]
         progress("  warm-up done (%d client processes, %d calls in flight each); timing %d steps",
                  len(groups), setup.depth, setup.steps)  # fmt: skip
+        profiled = profile_worker(coord, True)
         before = worker_times(coord)
         timed = ray.get(
             [
@@ -396,6 +399,7 @@ def decode_tickets(
             timeout=BARRIER_TIMEOUT_S,
         )
         after = worker_times(coord)
+        profile_worker(coord, False, profiled)
     finally:
         for t in tickets:
             coord.close_ticket(t.ticket_id)
@@ -435,6 +439,27 @@ def _decode_result(
         "max_rel_err": max(errors),
         "ok": max(errors) <= (2e-2 if setup.layout.dtype == "bfloat16" else 1e-5),
     }
+
+
+PROFILE_WORKERS = False  # --profile-workers (the profiler slows the calls it watches)
+
+
+def profile_worker(coord: Coordinator, start: bool, worker_id: int | None = None) -> int | None:
+    """With ``--profile-workers``: profile one worker's calls (the last one's) while a
+    decode is timed; on stop, the table goes to stderr. None when not profiling."""
+    if not PROFILE_WORKERS or (not start and worker_id is None):
+        return None
+    worker_id = max(coord._handles) if worker_id is None else worker_id
+    actor = getattr(coord._handles[worker_id], "actor", None)
+    if actor is None:
+        return None
+    import ray
+
+    text = ray.get(actor.profile_calls.remote(start))
+    if not start:
+        lines = [line for line in (text or "").splitlines()[:36] if line.strip()]
+        progress("  worker %d's calls, profiled:\n%s", worker_id, "\n".join(lines))
+    return worker_id
 
 
 def worker_times(coord: Coordinator) -> dict[str, float]:
@@ -796,6 +821,10 @@ PHASES = ("decode", "capacity", "transfer")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--profile-workers", action="store_true",
+        help="cProfile one worker's calls in each timed decode (stderr; slows those calls)",
+    )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="the small CPU shapes even on a GPU")
     parser.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps")
@@ -815,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         "--table-from", type=Path, default=None, help="only print the table of this JSON"
     )
     args = parser.parse_args(argv)
+    global PROFILE_WORKERS
+    PROFILE_WORKERS = args.profile_workers
     if args.table_from:
         print(table(summarize(json.loads(args.table_from.read_text()))))
         return 0

@@ -54,13 +54,38 @@ class RayWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wire_plans = PlanDecoder()
+        self._profiler: Any = None
 
     def wire_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """``fenced(epoch, method, ...)`` with wire plans and tensors decoded; tensors in
         the result come back in wire form."""
-        decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
-        options = {k: decode_tensor(v) for k, v in kwargs.items()}
-        return encode_result(self.fenced(epoch, method, *decoded, **options))
+        profiler = self._profiler
+        if profiler is not None:
+            profiler.enable()
+        try:
+            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
+            options = {k: decode_tensor(v) for k, v in kwargs.items()}
+            return encode_result(self.fenced(epoch, method, *decoded, **options))
+        finally:
+            if profiler is not None:
+                profiler.disable()
+
+    def profile_calls(self, start: bool, top: int = 25) -> str | None:
+        """Operators' view of where a worker's wire calls spend host time: ``start`` turns
+        a cProfile of every call on; stopping returns its table (by own time) and ends it."""
+        import cProfile
+        import io
+        import pstats
+
+        if start:
+            self._profiler = cProfile.Profile()
+            return None
+        profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            return None
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+        return text.getvalue()
 
 
 def actor_name(worker_id: int) -> str:
@@ -139,7 +164,9 @@ def start_worker_actors(
             f"within {ready_timeout_s}s (strategy {strategy})"
         ) from exc
 
-    group = WorkerGroup(namespace, pg, use_gpu=use_gpu, detached=detached, max_restarts=max_restarts)
+    group = WorkerGroup(
+        namespace, pg, use_gpu=use_gpu, detached=detached, max_restarts=max_restarts
+    )
     for index, worker_id in enumerate(worker_ids):
         _launch(group, layout, worker_id, index, worker_kwargs)
     try:
