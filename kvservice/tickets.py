@@ -124,8 +124,10 @@ class Ticket:
                 f"worker {exc.worker_id} was lost during a step over {self.seq_ids}",
                 list(self.seq_ids),
             ) from exc
-        groups = [(g.worker_id, g.rows, []) for g in self.groups]
-        return _merge_results(results, groups, self.num_rows, return_lse)  # type: ignore[arg-type]
+        groups: list[tuple[int, list[tuple[int, int]], list[int]]] = [
+            (g.worker_id, g.rows, []) for g in self.groups
+        ]
+        return _merge_results(results, groups, self.num_rows, return_lse)
 
 
 @dataclass(slots=True)
