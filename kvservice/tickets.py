@@ -246,7 +246,10 @@ def open_ticket(
             ids,
             lens,
             writes,
-            [TicketGroup(wid, coord._handles[wid], rows, plan) for wid, rows, plan in planned],
+            [
+                TicketGroup(wid, coord._handles[wid], rows, _sendable(coord._handles[wid], plan))
+                for wid, rows, plan in planned
+            ],
             sum(lens),
         )
         entry = _Entry(
@@ -284,6 +287,14 @@ def close_ticket(
     if entry.ticket.writes and commit:
         t = entry.ticket
         record_all_layers(coord, t.seq_ids, entry.starts, t.q_lens, entry.versions)
+
+
+def _sendable(handle: Any, plan: Any) -> Any:
+    """A Ray worker's plan in its wire form, encoded once here: every copy of the ticket
+    (one per client process) then sends the same key, and the worker decodes, checks and
+    uploads the plan once, not once per copy."""
+    encoder = getattr(handle, "_plans", None)
+    return plan if encoder is None else encoder.encode(plan)
 
 
 def revoke(

@@ -53,7 +53,14 @@ class RayWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._wire_plans = PlanDecoder()
+        if self.device.type == "cuda":
+            # A GPU actor asks Ray for no CPU, so nothing limits torch's threads: on a
+            # many-core host each small CPU op of a plan then costs milliseconds of thread
+            # wake-ups, worse with every actor on the host. Its CPU work is small: one.
+            import torch
+
+            torch.set_num_threads(1)
+        self._wire_plans = PlanDecoder(size=32)
         self._profiler: Any = None
 
     def wire_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:

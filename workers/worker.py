@@ -112,7 +112,7 @@ class Worker(TransferMixin):
         ]
         self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
-        self._plans = PlanCache()
+        self._plans = PlanCache(size=16)  # a few steps' plans, several clients' tickets
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
         # Ids of the step tickets the coordinator opened here and has not closed: a call
