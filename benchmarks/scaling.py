@@ -104,7 +104,7 @@ class Setup:
     transfer_blocks: int
     transfer_pool_blocks: int
     iters: int
-    depth: int  # client threads (calls in flight) per call group
+    depth: int  # calls each client (thread or process) of a call group keeps in flight
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -126,7 +126,7 @@ GPU_SETUP = Setup(
     transfer_blocks=512,  # 1 GiB
     transfer_pool_blocks=2048,
     iters=10,
-    depth=2,
+    depth=4,  # a worker with one client still has calls queued
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
