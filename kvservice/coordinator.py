@@ -161,7 +161,10 @@ class Coordinator:
         if manager is None:
             manager = KVCacheManager(
                 layout,
-                {wid: PoolSizes(i.num_gpu_blocks, i.num_cpu_blocks) for wid, i in self._infos.items()},
+                {
+                    wid: PoolSizes(i.num_gpu_blocks, i.num_cpu_blocks)
+                    for wid, i in self._infos.items()
+                },
                 high_watermark=high_watermark,
                 low_watermark=low_watermark,
                 vocab_size=vocab_size,
@@ -549,7 +552,9 @@ class Coordinator:
         from kvservice.tickets import close_ticket
 
         with self.metrics.time_call("close_ticket"):
-            close_ticket(self, _check_int("ticket_id", ticket_id, low=1), commit=commit, tenant=tenant)
+            close_ticket(
+                self, _check_int("ticket_id", ticket_id, low=1), commit=commit, tenant=tenant
+            )
 
     def _revoke_tickets(
         self, ticket_ids: list[int], calls: list[PendingCall], *, reason: str = "revoked"
@@ -726,9 +731,10 @@ class Coordinator:
         return [list(t) for t in plan.block_tables], [int(n) for n in plan.seq_lens]
 
     def _check_positions(
-        self, layer: int, seq_ids: list[int], q_lens: list[int], tenant: str, writes: bool
+        self, layer: int | None, seq_ids: list[int], q_lens: list[int], tenant: str, writes: bool
     ) -> tuple[list[int], list[int]]:
-        """First written position and version of each sequence, after the state checks."""
+        """First written position and version of each sequence, after the state checks
+        (of ``layer``, or with None of every layer: a step planned once for all of them)."""
         starts: list[int] = []
         versions: list[int] = []
         for sid, q_len in zip(seq_ids, q_lens, strict=True):
@@ -739,15 +745,16 @@ class Coordinator:
                     f"sequence {sid} has {length} tokens; q_len {q_len} is past its start"
                 )
             start = length - q_len
-            have = state.written[layer]
+            have = min(state.written) if layer is None else state.written[layer]
+            where = "every layer" if layer is None else f"layer {layer}"
             if state.tracked and writes and start > have:
                 raise errors.FailedPrecondition(
-                    f"sequence {sid}, layer {layer}: positions {have}..{start - 1} have no K/V; "
+                    f"sequence {sid}, {where}: positions {have}..{start - 1} have no K/V; "
                     f"write them first"
                 )
             if state.tracked and not writes and have < length:
                 raise errors.FailedPrecondition(
-                    f"sequence {sid}, layer {layer}: positions {have}..{length - 1} have no K/V; "
+                    f"sequence {sid}, {where}: positions {have}..{length - 1} have no K/V; "
                     f"pass k_new/v_new or write them first"
                 )
             starts.append(start)
@@ -756,13 +763,14 @@ class Coordinator:
 
     def _record_writes(
         self,
-        layer: int,
+        layer: int | None,
         seq_ids: list[int],
         starts: list[int],
         q_lens: list[int],
         versions: list[int],
     ) -> None:
-        """After a successful write: advance written[layer], feed the prefix cache.
+        """After a successful write: advance written[layer] (every layer's with None),
+        feed the prefix cache.
 
         When a sequence's computed count advances (the step's last layer is written), the
         ledgers learn it at once, so a coordinator rebuilt after a crash reports it too: as
@@ -775,9 +783,11 @@ class Coordinator:
                 state = self._seqs.get(sid)
                 if state is None or state.lost or state.version != version:
                     continue  # freed, lost or truncated meanwhile
-                if start <= state.written[layer]:
-                    state.written[layer] = max(state.written[layer], start + q_len)
-                computed = min(state.written)
+                written, end = state.written, start + q_len
+                for i in range(len(written)) if layer is None else (layer,):
+                    if start <= written[i] < end:
+                        written[i] = end
+                computed = min(written)
                 if computed > state.computed:
                     self._spans.mark_computed(sid, computed)
                     state.computed = computed
@@ -943,7 +953,9 @@ class Coordinator:
         block_bytes = self._layout.block_bytes
         for cmd in _coalesce(commands):
             if self._tickets:
-                self._revoke_tickets(self._tickets.naming_blocks(cmd.worker_id, _gpu_blocks(cmd)), calls)
+                self._revoke_tickets(
+                    self._tickets.naming_blocks(cmd.worker_id, _gpu_blocks(cmd)), calls
+                )
             if isinstance(cmd, FreeBlocks):
                 continue  # informational: a freed block needs nothing from its worker
             self._steps.invalidate()  # blocks move: kept step plans may name old places
@@ -1027,7 +1039,9 @@ class Coordinator:
                     log.exception("closing the tickets of lost worker %d", worker_id)
                 log.error("worker %d lost with sequences %s", worker_id, lost)
             else:
-                lost = sorted(s for s, st in self._seqs.items() if st.lost and st.worker_id == worker_id)
+                lost = sorted(
+                    s for s, st in self._seqs.items() if st.lost and st.worker_id == worker_id
+                )
         return errors.DataLoss(f"worker {worker_id} was lost with sequences {lost}", lost)
 
     def _split_by_worker(

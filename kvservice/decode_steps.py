@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvservice.coordinator_workers import LocalWorkerHandle, PendingCall, WorkerLost, resolve_all
-from kvservice.core import errors
 from kvservice.core.ids import DEFAULT_TENANT
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ def run_local_step(
         coord._check_open()
         if coord._spans.any_span(ids):
             return None
-        starts, versions = check_all_layers(coord, ids, lens, tenant, writes=True)
+        starts, versions = coord._check_positions(None, ids, lens, tenant, True)
         groups = coord._split_by_worker(ids, lens)
         if len(groups) != 1:
             return None
@@ -97,7 +96,7 @@ def run_local_step(
             calls.append(handle.submit("info"))
             _await(coord, calls)
         result = launch(LocalStep(handle.worker, tables, seq_lens))
-    record_all_layers(coord, ids, starts, lens, versions)
+    coord._record_writes(None, ids, starts, lens, versions)
     return result
 
 
@@ -106,61 +105,3 @@ def _await(coord: Coordinator, calls: list[PendingCall]) -> None:
         resolve_all(calls)
     except WorkerLost as exc:
         raise coord._lose_worker(exc.worker_id) from exc
-
-
-def check_all_layers(
-    coord: Coordinator, seq_ids: list[int], q_lens: list[int], tenant: str, *, writes: bool
-) -> tuple[list[int], list[int]]:
-    """First new position and version of each sequence, after the checks the per-layer
-    path makes one layer at a time, for every layer: a write needs the K/V of every
-    position before its new tokens, a read that of every position."""
-    starts: list[int] = []
-    versions: list[int] = []
-    for sid, q_len in zip(seq_ids, q_lens, strict=True):
-        state = coord._own(sid, tenant)
-        start = state.length - q_len
-        if start < 0:
-            raise errors.FailedPrecondition(
-                f"sequence {sid} has {state.length} tokens; q_len {q_len} is past its start"
-            )
-        if state.tracked:
-            have = min(state.written)
-            need = start if writes else state.length
-            if have < need:
-                raise errors.FailedPrecondition(
-                    f"sequence {sid}: positions {have}..{need - 1} have no K/V in every "
-                    f"layer; write them first"
-                )
-        starts.append(start)
-        versions.append(state.version)
-    return starts, versions
-
-
-def record_all_layers(
-    coord: Coordinator,
-    seq_ids: list[int],
-    starts: list[int],
-    q_lens: list[int],
-    versions: list[int],
-) -> None:
-    """What ``_record_writes`` does for one layer, for all of them in one pass."""
-    calls: list[PendingCall] = []
-    advanced = False
-    with coord._lock:
-        for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
-            state = coord._seqs.get(sid)
-            if state is None or state.lost or state.version != version:
-                continue  # freed, lost or truncated meanwhile
-            end = start + q_len
-            written = state.written
-            for layer, have in enumerate(written):
-                if start <= have < end:
-                    written[layer] = end
-            computed = min(written)
-            if computed > state.computed:
-                coord._spans.mark_computed(sid, computed)
-                state.computed = computed
-                advanced = True
-        if advanced:
-            coord._submit_progress(calls)
-    _await(coord, calls)

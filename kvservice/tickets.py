@@ -36,7 +36,6 @@ import torch
 from kvservice.coordinator_workers import PendingCall, WorkerLost, resolve_all
 from kvservice.core import errors
 from kvservice.core.ids import DEFAULT_TENANT
-from kvservice.decode_steps import check_all_layers, record_all_layers
 from kvservice.step_plan import frozen_plan
 
 if TYPE_CHECKING:
@@ -225,7 +224,7 @@ def open_ticket(
             raise errors.FailedPrecondition(
                 "a step over segmented (long) sequences goes through attend, not a ticket"
             )
-        starts, versions = check_all_layers(coord, ids, lens, tenant, writes=writes)
+        starts, versions = coord._check_positions(None, ids, lens, tenant, writes)
         groups = coord._split_by_worker(ids, lens)
         commands: list[Any] = []
         planned = []
@@ -286,7 +285,7 @@ def close_ticket(
         _fence(coord, entry, batch.calls)
     if entry.ticket.writes and commit:
         t = entry.ticket
-        record_all_layers(coord, t.seq_ids, entry.starts, t.q_lens, entry.versions)
+        coord._record_writes(None, t.seq_ids, entry.starts, t.q_lens, entry.versions)
 
 
 def _sendable(handle: Any, plan: Any) -> Any:
