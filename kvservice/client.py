@@ -45,6 +45,16 @@ to the client's own tenant, and that to the transport's default)::
     stats() -> dict
     layout -> Layout (property), close(), and use as a context manager.
 
+Step tickets (``Client`` over the embedded and Ray transports; ``kvservice.tickets``)::
+
+    open_ticket(seq_ids, q_lens, *, writes=True, ttl_s=None) -> Ticket
+        One step planned once; ``ticket.attend(layer, q, k_new, v_new)`` per layer goes
+        straight to the workers (from any thread or process the ticket is handed to).
+    close_ticket(ticket_id, *, commit=True) -> None
+        Ends it; a writing ticket's writes of every layer are recorded when ``commit``.
+    Over gRPC they are INVALID_ARGUMENT: a remote client reaches the workers only
+    through the server.
+
 Errors are the ``kvservice.errors`` classes whatever the transport: NotFound,
 InvalidArgument, FailedPrecondition, ResourceExhausted, DataLoss (``.seq_ids``),
 Unavailable, Unauthenticated, PermissionDenied.
@@ -85,13 +95,17 @@ class Client:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def embedded(cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any) -> Client:
+    def embedded(
+        cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any
+    ) -> Client:
         from kvservice.transport_embedded import build_embedded
 
         return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
-    def ray(cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any) -> Client:
+    def ray(
+        cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any
+    ) -> Client:
         from kvservice.transport_ray import RayTransport
 
         return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
@@ -205,6 +219,36 @@ class Client:
 
     def get_sequence(self, seq_id: int, *, tenant: str | None = None) -> SequenceInfo:
         return self._service.get_sequence(seq_id, **self._t(tenant))
+
+    def open_ticket(
+        self,
+        seq_ids: Sequence[int],
+        q_lens: Sequence[int],
+        *,
+        writes: bool = True,
+        ttl_s: float | None = None,
+        tenant: str | None = None,
+    ) -> Any:
+        options: dict[str, Any] = {} if ttl_s is None else {"ttl_s": ttl_s}
+        return self._tickets("open_ticket")(
+            seq_ids, q_lens, writes=writes, **options, **self._t(tenant)
+        )
+
+    def close_ticket(
+        self, ticket_id: int, *, commit: bool = True, tenant: str | None = None
+    ) -> None:
+        self._tickets("close_ticket")(ticket_id, commit=commit, **self._t(tenant))
+
+    def _tickets(self, method: str) -> Any:
+        call = getattr(self._service, method, None)
+        if call is None:
+            from kvservice.core.errors import InvalidArgument
+
+            raise InvalidArgument(
+                "step tickets need the embedded or Ray transport: over gRPC the workers "
+                "are reached only through the server"
+            )
+        return call
 
     def stats(self) -> dict[str, Any]:
         return self._service.stats()

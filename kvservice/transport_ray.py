@@ -279,3 +279,5 @@ class RayTransport:
     prefetch = _forward("prefetch")
     get_sequence = _forward("get_sequence")
     stats = _forward("stats")
+    open_ticket = _forward("open_ticket")
+    close_ticket = _forward("close_ticket")

@@ -117,6 +117,42 @@ def test_generation_matches_dense_attention(client: Client) -> None:
     client.free(ids)
 
 
+class _Through:
+    """``Shadow.attend`` through a step ticket."""
+
+    def __init__(self, ticket: object) -> None:
+        self.ticket = ticket
+
+    def attend(
+        self, layer: int, seq_ids: object, q_lens: object, q: object, k: object, v: object
+    ) -> object:
+        return self.ticket.attend(layer, q, k, v)  # type: ignore[attr-defined]
+
+
+def test_step_tickets_where_the_client_reaches_the_workers(served: Served, client: Client) -> None:
+    shadow = Shadow(seed=3)
+    prompts = [list(range(50, 55 + 3 * i)) for i in range(4)]
+    ids = [client.create_sequence(p).seq_id for p in prompts]
+    lengths = [len(p) for p in prompts]
+    for layer in range(LAYOUT.num_layers):
+        close(*shadow.attend(client, layer, ids, lengths, lengths))
+    client.append_tokens(ids, [[9]] * len(ids))
+    lengths = [n + 1 for n in lengths]
+    if served.transport == "grpc":
+        with pytest.raises(kvservice.errors.InvalidArgument, match="embedded or Ray"):
+            client.open_ticket(ids, [1] * len(ids))
+        client.free(ids)
+        return
+    ticket = client.open_ticket(ids, [1] * len(ids))
+    for layer in range(LAYOUT.num_layers):
+        close(*shadow.attend(_Through(ticket), layer, ids, [1] * len(ids), lengths))
+    client.close_ticket(ticket.ticket_id)
+    # Recorded: the service's own path reads what the ticket wrote.
+    for layer in range(LAYOUT.num_layers):
+        close(*shadow.attend(client, layer, ids, [1] * len(ids), lengths, write=False))
+    client.free(ids)
+
+
 def test_write_kv_and_lse(client: Client) -> None:
     shadow = Shadow(seed=2)
     info = client.create_sequence(list(range(6)))
