@@ -93,19 +93,24 @@ async def start_server(
     tls_cert: bytes | None = None,
     tls_key: bytes | None = None,
     tokens: Mapping[str, str] | None = None,
+    inline_local: bool = True,
 ) -> KVServer:
     """Binds ``host:port`` (0 picks a free port: see ``KVServer.port``) and starts serving.
 
     With ``service`` the server is SERVING at once; without, call ``attach`` later.
     ``tls_cert``/``tls_key`` (PEM) turn on TLS; ``tokens`` (token -> tenant) turn on
-    bearer-token authentication. Must be awaited on the loop that will run the server.
+    bearer-token authentication. ``inline_local``: run calls on the event loop when the
+    service's workers are all in this process (``kvservice.servicer``). Must be awaited on
+    the loop that will run the server.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
     auth = TokenAuth(tokens) if tokens is not None else None  # an empty table is an error
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvservice-rpc")
     servicer = KVServicer(
-        executor, resolve_tenant=auth.tenant_for if auth else tenant_from_metadata
+        executor,
+        resolve_tenant=auth.tenant_for if auth else tenant_from_metadata,
+        inline_local=inline_local,
     )
     server = grpc.aio.server(
         # Tokens are checked before a request is parsed; a request that does not parse

@@ -1,9 +1,21 @@
 """The gRPC servicer: decode a request, call the service, encode the reply. Nothing more.
 
 The service (the Coordinator, or anything with the ``kvservice.api.Service`` methods) is
-synchronous and may block on workers, so each call runs on a thread pool, never on the
-event loop; decoding and encoding tensors happens there too. Proto types stop here: the
-service sees ints, lists, torch tensors and a tenant string.
+synchronous and may block on workers, so by default each call runs on a thread pool, never
+on the event loop; decoding and encoding tensors happens there too. Proto types stop here:
+the service sees ints, lists, torch tensors and a tenant string.
+
+Inline calls (``inline_local``, on by default): when the attached service is a Coordinator
+whose every worker is a local ``Worker`` in this process, a call has nothing to wait on but
+our own compute, which holds the GIL most of the time anyway; then calls without an undo
+(everything but CreateSequence and Fork) run on the event-loop thread itself. That saves
+the two thread hops, and more: a pool thread that slept through a long worker call wakes
+slowly on a small VM. Calls with an undo keep the pool (they must outlive a client that
+goes away), and so does every call of a service over Ray workers or any other service
+object (waiting on ray.get on the loop would stall every client). The choice is made once,
+in ``attach``, from the workers the service has then. Inline calls are checked and
+reported exactly as pool calls are (deadline, status table); one runs to its end, so a
+cancel that arrives meanwhile finds it done.
 
 Errors: a ``KVServiceError`` becomes its status through the one table in
 ``kvservice.status``; anything else is logged and reported as INTERNAL. A call whose
@@ -27,7 +39,9 @@ from typing import Any, TypeVar
 import grpc
 
 from kvservice.api import DEFAULT_TENANT, Service
+from kvservice.coordinator import Coordinator
 from kvservice.core.errors import KVServiceError, Unavailable
+from kvservice.decode_steps import local_handle
 from kvservice.status import status_of
 from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
@@ -49,6 +63,13 @@ M = TypeVar("M")  # the reply message
 TenantResolver = Callable[[Sequence[tuple[str, Any]]], str]
 
 
+def workers_in_process(service: object) -> bool:
+    """Whether ``service`` is a Coordinator whose every worker is a ``Worker`` in this process."""
+    if not isinstance(service, Coordinator):
+        return False  # a Ray-backed or wrapped service: it may block on anything
+    return all(local_handle(service, wid) is not None for wid in service.worker_ids)
+
+
 def tenant_from_metadata(metadata: Sequence[tuple[str, Any]]) -> str:
     """The tenant a call names in its metadata, or the default one (no authentication)."""
     for key, value in metadata:
@@ -65,6 +86,8 @@ class KVServicer(pb_grpc.KVServiceServicer):
     """Serves ``kvservice.v1.KVService`` from a synchronous service object.
 
     Until ``attach`` gives it the service every call is UNAVAILABLE ("starting").
+    ``inline_local``: run calls without an undo on the event loop when the service's
+    workers are all in this process (see the module docstring); ``inline`` tells the choice.
     """
 
     def __init__(
@@ -73,16 +96,22 @@ class KVServicer(pb_grpc.KVServiceServicer):
         service: Service | None = None,
         *,
         resolve_tenant: TenantResolver = tenant_from_metadata,
+        inline_local: bool = True,
     ) -> None:
         self._executor = executor
-        self._service = service
         self._resolve_tenant = resolve_tenant
+        self._inline_local = inline_local
+        self._service: Service | None = None
+        self.inline = False
+        if service is not None:
+            self.attach(service)
 
     @property
     def service(self) -> Service | None:
         return self._service
 
     def attach(self, service: Service) -> None:
+        self.inline = self._inline_local and workers_in_process(service)
         self._service = service
 
     async def _run(
@@ -92,7 +121,8 @@ class KVServicer(pb_grpc.KVServiceServicer):
         encode: Callable[[R], M],
         undo: Callable[[Service, M, str], None] | None = None,
     ) -> M:
-        """``encode(job(service, tenant))`` on the pool; errors are reported as statuses.
+        """``encode(job(service, tenant))`` on the pool (or inline, when chosen and there is
+        no ``undo``); errors are reported as statuses.
 
         ``undo(service, reply, tenant)`` takes back what a call made when its client is
         gone before the reply (cancelled, disconnected): the job cannot be stopped once
@@ -102,6 +132,8 @@ class KVServicer(pb_grpc.KVServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             tenant = self._resolve_tenant(context.invocation_metadata() or ())
+            if undo is None and self.inline:
+                return self._guarded(deadline, job, encode, tenant)
             ran_on: list[Service] = []
             if undo is not None:
                 job = _noting_service(job, ran_on)
