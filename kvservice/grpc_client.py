@@ -29,6 +29,7 @@ from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
 from kvservice.wire import (
     MAX_MESSAGE_BYTES,
     TENANT_KEY,
+    append_tokens_to_proto,
     decode_tensor,
     encode_tensor,
     layout_from_proto,
@@ -113,8 +114,7 @@ class _Calls:
     def append_tokens(
         self, seq_ids: Sequence[int], tokens: Sequence[Sequence[int]], *, tenant: str | None = None
     ) -> Any:
-        # Dicts, not TokenList objects: the message builds its entries in C, twice as fast.
-        request = pb.AppendTokensRequest(seq_ids=seq_ids, tokens=[{"tokens": t} for t in tokens])
+        request = append_tokens_to_proto(seq_ids, tokens)
         return self._invoke("AppendTokens", request, tenant, _none)
 
     def fork(self, seq_id: int, n: int, *, tenant: str | None = None) -> Any:

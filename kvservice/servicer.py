@@ -47,6 +47,7 @@ from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
 from kvservice.wire import (
     TENANT_KEY,
+    append_tokens_from_proto,
     decode_optional_tensor,
     decode_tensor,
     encode_tensor,
@@ -204,12 +205,13 @@ class KVServicer(pb_grpc.KVServiceServicer):
         )
 
     async def AppendTokens(self, request: pb.AppendTokensRequest, context: Any) -> pb.AppendTokensResponse:
-        seq_ids = request.seq_ids[:]
         # A slice of a repeated field is a list, made at about half the cost of list().
-        tokens = [t.tokens[:] for t in request.tokens]
+        seq_ids = request.seq_ids[:]
         return await self._run(
             context,
-            lambda s, tenant: s.append_tokens(seq_ids, tokens, tenant=tenant),
+            lambda s, tenant: s.append_tokens(
+                seq_ids, append_tokens_from_proto(request), tenant=tenant
+            ),
             _empty(pb.AppendTokensResponse),
         )
 

@@ -15,6 +15,8 @@ crash or a misread tensor further in.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from itertools import chain
 from typing import cast
 
 import torch
@@ -91,6 +93,46 @@ def decode_optional_tensor(parent: object, field: str) -> torch.Tensor | None:
     if not parent.HasField(field):  # type: ignore[attr-defined]
         return None
     return decode_tensor(getattr(parent, field), field)
+
+
+def append_tokens_to_proto(
+    seq_ids: Sequence[int], tokens: Sequence[Sequence[int]]
+) -> pb.AppendTokensRequest:
+    """An AppendTokens request in the flat form: two flat repeated fields, built in C."""
+    return pb.AppendTokensRequest(
+        seq_ids=seq_ids,
+        flat_tokens=list(chain.from_iterable(tokens)),
+        token_counts=[len(t) for t in tokens],
+    )
+
+
+def append_tokens_from_proto(request: pb.AppendTokensRequest) -> list[list[int]]:
+    """Each sequence's new tokens from either form of the request (see the proto).
+
+    InvalidArgument when both forms are given, a count is negative, or the counts do not
+    add up to the flat tokens. Whether there is one list per sequence is the service's
+    check, as for the per-sequence form.
+    """
+    counts = request.token_counts[:]  # a slice of a repeated field: a list, made fast
+    flat = request.flat_tokens[:]
+    if request.tokens:
+        if counts or flat:
+            raise InvalidArgument("give tokens or flat_tokens with token_counts, not both")
+        return [t.tokens[:] for t in request.tokens]
+    if counts and min(counts) < 0:
+        raise InvalidArgument("token_counts must be >= 0")
+    if sum(counts) != len(flat):
+        raise InvalidArgument(
+            f"token_counts add up to {sum(counts)}, but there are {len(flat)} flat_tokens"
+        )
+    if counts.count(1) == len(counts):  # one token for each sequence: a decode step
+        return [[token] for token in flat]
+    token_lists: list[list[int]] = []
+    start = 0
+    for count in counts:
+        token_lists.append(flat[start : start + count])
+        start += count
+    return token_lists
 
 
 def sequence_info_to_proto(info: SequenceInfo) -> pb.SequenceInfo:

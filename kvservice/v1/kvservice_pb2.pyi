@@ -53,12 +53,16 @@ class TokenList(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AppendTokensRequest(_message.Message):
-    __slots__ = ("seq_ids", "tokens")
+    __slots__ = ("seq_ids", "tokens", "flat_tokens", "token_counts")
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FLAT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenList]
-    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[_Union[TokenList, _Mapping]]] = ...) -> None: ...
+    flat_tokens: _containers.RepeatedScalarFieldContainer[int]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[_Union[TokenList, _Mapping]]] = ..., flat_tokens: _Optional[_Iterable[int]] = ..., token_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AppendTokensResponse(_message.Message):
     __slots__ = ()

@@ -92,6 +92,15 @@ def _script(servicer: KVServicer) -> list[Any]:
         ("AppendTokens", pb.AppendTokensRequest(seq_ids=[1], tokens=[{"tokens": [7]}])),
         ("AppendTokens", pb.AppendTokensRequest(seq_ids=[99], tokens=[{"tokens": [7]}])),
         ("AppendTokens", pb.AppendTokensRequest(seq_ids=[1], tokens=[])),
+        ("AppendTokens", pb.AppendTokensRequest(seq_ids=[1, 3], flat_tokens=[8, 9, 10], token_counts=[1, 2])),
+        ("AppendTokens", pb.AppendTokensRequest(seq_ids=[1, 3], flat_tokens=[8], token_counts=[1, 1])),
+        (
+            "AppendTokens",
+            pb.AppendTokensRequest(
+                seq_ids=[1], tokens=[{"tokens": [1]}], flat_tokens=[1], token_counts=[1]
+            ),
+        ),
+        ("GetSequence", pb.GetSequenceRequest(seq_id=3)),
         ("GetSequence", pb.GetSequenceRequest(seq_id=1)),
         ("Attend", _attend_request([1], seed=0)),
         ("Attend", _attend_request([1], seed=1)),
@@ -190,3 +199,31 @@ def test_only_a_coordinator_of_local_workers_is_served_inline() -> None:
         assert servicer.inline
     finally:
         executor.shutdown()
+
+
+def test_flat_append_tokens_appends_each_sequence_its_own_and_bad_ones_change_nothing() -> None:
+    coordinator = make_coordinator()
+    servicer, executor = _served(coordinator, True)
+    try:
+        first = coordinator.create_sequence([1, 2]).seq_id
+        second = coordinator.create_sequence([3]).seq_id
+        flat = pb.AppendTokensRequest(
+            seq_ids=[first, second], flat_tokens=[4, 5, 6], token_counts=[2, 1]
+        )
+        assert _call(servicer, "AppendTokens", flat) == b""
+        bad = [
+            pb.AppendTokensRequest(seq_ids=[first, second], flat_tokens=[7, 8], token_counts=[2]),
+            pb.AppendTokensRequest(seq_ids=[first, second], flat_tokens=[7], token_counts=[2, -1]),
+            pb.AppendTokensRequest(
+                seq_ids=[first], tokens=[{"tokens": [7]}], flat_tokens=[7], token_counts=[1]
+            ),
+            pb.AppendTokensRequest(seq_ids=[first, 99], flat_tokens=[7, 8], token_counts=[1, 1]),
+        ]
+        for request in bad:
+            answer = _call(servicer, "AppendTokens", request)
+            assert answer[0] in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    finally:
+        executor.shutdown()
+    assert coordinator.manager.sequence(first).tokens == [1, 2, 4, 5]
+    assert coordinator.manager.sequence(second).tokens == [3, 6]
+    coordinator.check_invariants()

@@ -7,7 +7,14 @@ import torch
 
 from kvservice.core.errors import InvalidArgument
 from kvservice.v1 import kvservice_pb2 as pb
-from kvservice.wire import DTYPES, decode_optional_tensor, decode_tensor, encode_tensor
+from kvservice.wire import (
+    DTYPES,
+    append_tokens_from_proto,
+    append_tokens_to_proto,
+    decode_optional_tensor,
+    decode_tensor,
+    encode_tensor,
+)
 
 
 def _through_the_wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,3 +97,31 @@ def test_optional_tensor_field() -> None:
     assert decode_optional_tensor(request, "k_new") is None
     q = decode_optional_tensor(request, "q")
     assert q is not None and torch.equal(q, torch.ones(2, 1, 4))
+
+
+@pytest.mark.parametrize(
+    "tokens", [[], [[5]], [[1], [2], [3]], [[1, 2], [], [3]], [[], [7, 8, 9]], [[0], [1, 2]]]
+)
+def test_append_tokens_round_trip_in_both_forms(tokens: list[list[int]]) -> None:
+    seq_ids = list(range(1, len(tokens) + 1))
+    flat = pb.AppendTokensRequest.FromString(append_tokens_to_proto(seq_ids, tokens).SerializeToString())
+    assert not flat.tokens and list(flat.token_counts) == [len(t) for t in tokens]
+    assert append_tokens_from_proto(flat) == tokens
+    nested = pb.AppendTokensRequest(seq_ids=seq_ids, tokens=[{"tokens": t} for t in tokens])
+    assert append_tokens_from_proto(nested) == tokens
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"tokens": [{"tokens": [1]}], "flat_tokens": [1], "token_counts": [1]}, "not both"),
+        ({"tokens": [{"tokens": [1]}], "token_counts": [0]}, "not both"),
+        ({"flat_tokens": [1, 2], "token_counts": [1]}, "add up to 1"),
+        ({"flat_tokens": [1]}, "add up to 0"),
+        ({"flat_tokens": [1, 2], "token_counts": [3, -1]}, ">= 0"),
+    ],
+)
+def test_append_tokens_refuses_a_malformed_request(request_fields: dict, message: str) -> None:
+    request = pb.AppendTokensRequest(seq_ids=[1], **request_fields)
+    with pytest.raises(InvalidArgument, match=message):
+        append_tokens_from_proto(request)
