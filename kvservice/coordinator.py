@@ -3,7 +3,10 @@
 A plain class (no Ray, no gRPC); the transports wrap it. Each call is planned by the
 core ``KVCacheManager`` into worker commands (copy on write, swap out, swap in), the
 commands go to the workers, and the data-plane work (write K/V, attention) goes to the
-worker that holds each sequence, with the block tables the plan produced.
+worker that holds each sequence, with the block tables the plan produced. The data plane
+(``write_kv``, ``attend``) lives in ``kvservice.data_plane`` (a part of this class);
+argument checks in ``kvservice.arg_checks``; steps the client runs on the workers itself
+in ``kvservice.tickets`` and ``kvservice.decode_steps``.
 
 Invariants:
 - Planning is serialized under one lock, and everything a plan implies (commands, the
@@ -47,6 +50,7 @@ from typing import Any
 import torch
 
 from kvservice.api import SequenceInfo
+from kvservice.arg_checks import INT64_MAX, as_int, check_id, check_ids, check_int, check_tenant
 from kvservice.coordinator_workers import PendingCall, WorkerHandle, WorkerLost, resolve_all
 from kvservice.core import errors
 from kvservice.core.commands import (
@@ -60,10 +64,10 @@ from kvservice.core.commands import (
 from kvservice.core.ids import DEFAULT_TENANT, Tier
 from kvservice.core.layout import Layout
 from kvservice.core.manager import KVCacheManager
+from kvservice.data_plane import DataPlane
 from kvservice.metrics import Metrics
 from kvservice.migration import Migrator
 from kvservice.quotas import QuotaManager
-from kvservice.span_attention import span_data_call
 from kvservice.spanning import (
     SpanTable,
     default_segment_tokens,
@@ -77,8 +81,6 @@ log = logging.getLogger(__name__)
 
 # A single fork may not create more children than this (a typo must not fill memory).
 MAX_FORK = 4096
-MAX_TENANT_LEN = 256
-_INT64_MAX = 2**63 - 1
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Prefix affinity within a load slack: a popular prefix cannot pile every sequence onto
 # one worker (the migrator copies it to the chosen one instead).
@@ -117,7 +119,7 @@ class _Batch:
     results: list[Any] = field(default_factory=list)
 
 
-class Coordinator:
+class Coordinator(DataPlane):
     """The service API (``kvservice.api.Service``) over a KVCacheManager and worker handles.
 
     ``workers``: handles by worker id (``LocalWorkerHandle`` or ``RayWorkerHandle``).
@@ -295,7 +297,7 @@ class Coordinator:
         self, tokens: Sequence[int], *, tenant: str = DEFAULT_TENANT
     ) -> SequenceInfo:
         with self.metrics.time_call("create_sequence"):
-            tenant = _check_tenant(tenant)
+            tenant = check_tenant(tenant)
             tokens = self._check_tokens("tokens", tokens, allow_empty=False)
             with self._planning() as batch:
                 first = tokens[: self._spans.segment_tokens]  # what the prefix cache sees
@@ -325,8 +327,8 @@ class Coordinator:
         tenant: str = DEFAULT_TENANT,
     ) -> None:
         with self.metrics.time_call("append_tokens"):
-            tenant = _check_tenant(tenant)
-            seq_ids = _check_ids(seq_ids, unique=True)
+            tenant = check_tenant(tenant)
+            seq_ids = check_ids(seq_ids, unique=True)
             if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
                 raise errors.InvalidArgument("tokens must be a list of token lists")
             if len(tokens) != len(seq_ids):
@@ -403,9 +405,9 @@ class Coordinator:
 
     def fork(self, seq_id: int, n: int, *, tenant: str = DEFAULT_TENANT) -> list[int]:
         with self.metrics.time_call("fork"):
-            tenant = _check_tenant(tenant)
-            seq_id = _check_id(seq_id)
-            n = _check_int("n", n, low=1, high=MAX_FORK)
+            tenant = check_tenant(tenant)
+            seq_id = check_id(seq_id)
+            n = check_int("n", n, low=1, high=MAX_FORK)
             with self._planning() as batch:
                 parent = self._own(seq_id, tenant)
                 children = self._spans.fork(seq_id, n)
@@ -424,9 +426,9 @@ class Coordinator:
 
     def truncate(self, seq_id: int, length: int, *, tenant: str = DEFAULT_TENANT) -> None:
         with self.metrics.time_call("truncate"):
-            tenant = _check_tenant(tenant)
-            seq_id = _check_id(seq_id)
-            length = _check_int("length", length, low=0)
+            tenant = check_tenant(tenant)
+            seq_id = check_id(seq_id)
+            length = check_int("length", length, low=0)
             with self._planning() as batch:
                 state = self._own(seq_id, tenant)
                 current = state.length
@@ -444,8 +446,8 @@ class Coordinator:
 
     def free(self, seq_ids: Sequence[int], *, tenant: str = DEFAULT_TENANT) -> None:
         with self.metrics.time_call("free"):
-            tenant = _check_tenant(tenant)
-            seq_ids = _check_ids(seq_ids, unique=True)
+            tenant = check_tenant(tenant)
+            seq_ids = check_ids(seq_ids, unique=True)
             with self._planning() as batch:
                 for sid in seq_ids:
                     self._own(sid, tenant, allow_lost=True)
@@ -460,8 +462,8 @@ class Coordinator:
 
     def get_sequence(self, seq_id: int, *, tenant: str = DEFAULT_TENANT) -> SequenceInfo:
         with self.metrics.time_call("get_sequence"):
-            tenant = _check_tenant(tenant)
-            seq_id = _check_id(seq_id)
+            tenant = check_tenant(tenant)
+            seq_id = check_id(seq_id)
             with self._lock:
                 self._own(seq_id, tenant)
                 return self._info(seq_id)
@@ -470,7 +472,7 @@ class Coordinator:
         self, tokens: Sequence[int], *, tenant: str = DEFAULT_TENANT
     ) -> dict[int, int]:
         with self.metrics.time_call("lookup_prefix"):
-            tenant = _check_tenant(tenant)
+            tenant = check_tenant(tenant)
             tokens = self._check_tokens("tokens", tokens, allow_empty=True)
             with self._lock:
                 found = self._manager.lookup_prefix(tenant, tokens)
@@ -497,8 +499,8 @@ class Coordinator:
         (``hard=False``) for ``ttl_s`` seconds. A long sequence pins its first segment (its
         attention sinks and system prompt); its other segments keep paging."""
         with self.metrics.time_call("pin"):
-            tenant = _check_tenant(tenant)
-            seq_id = _check_id(seq_id)
+            tenant = check_tenant(tenant)
+            seq_id = check_id(seq_id)
             with self._planning() as batch:
                 self._own(seq_id, tenant)
                 self._submit(self._manager.pin(seq_id, hard=hard, ttl_s=ttl_s), batch.calls)
@@ -507,8 +509,8 @@ class Coordinator:
     def unpin(self, seq_id: int, *, tenant: str = DEFAULT_TENANT) -> None:
         """End the sequence's pin (also after it was freed); nothing if it has none."""
         with self.metrics.time_call("unpin"):
-            tenant = _check_tenant(tenant)
-            seq_id = _check_id(seq_id)
+            tenant = check_tenant(tenant)
+            seq_id = check_id(seq_id)
             with self._planning() as batch:
                 if seq_id in self._seqs or self._pin_tenants.get(seq_id) != tenant:
                     self._own(seq_id, tenant)
@@ -520,8 +522,8 @@ class Coordinator:
                 self._submit(commands, batch.calls)
 
     def _hint(self, method: str, seq_ids: Sequence[int], tenant: str) -> None:
-        tenant = _check_tenant(tenant)
-        ids = list(dict.fromkeys(_check_ids(seq_ids, unique=False)))
+        tenant = check_tenant(tenant)
+        ids = list(dict.fromkeys(check_ids(seq_ids, unique=False)))
         with self._planning() as batch:
             for sid in ids:
                 self._own(sid, tenant)
@@ -553,7 +555,7 @@ class Coordinator:
 
         with self.metrics.time_call("close_ticket"):
             close_ticket(
-                self, _check_int("ticket_id", ticket_id, low=1), commit=commit, tenant=tenant
+                self, check_int("ticket_id", ticket_id, low=1), commit=commit, tenant=tenant
             )
 
     def _revoke_tickets(
@@ -563,245 +565,6 @@ class Coordinator:
             from kvservice.tickets import revoke
 
             revoke(self, ticket_ids, calls, reason=reason)
-
-    def write_kv(
-        self,
-        layer: int,
-        seq_ids: Sequence[int],
-        q_lens: Sequence[int],
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        tenant: str = DEFAULT_TENANT,
-    ) -> None:
-        with self.metrics.time_call("write_kv"):
-            tenant = _check_tenant(tenant)
-            layer, seq_ids, q_lens = self._check_batch(layer, seq_ids, q_lens)
-            num_rows = sum(q_lens)
-            self._check_tensor("k", k, (num_rows, self._layout.num_kv_heads))
-            self._check_tensor("v", v, (num_rows, self._layout.num_kv_heads))
-            self._data_call("write_kv", layer, seq_ids, q_lens, tenant, q=None, k=k, v=v)
-
-    def attend(
-        self,
-        layer: int,
-        seq_ids: Sequence[int],
-        q_lens: Sequence[int],
-        q: torch.Tensor,
-        k_new: torch.Tensor | None = None,
-        v_new: torch.Tensor | None = None,
-        *,
-        scale: float | None = None,
-        sliding_window: int | None = None,
-        return_lse: bool = False,
-        tenant: str = DEFAULT_TENANT,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        with self.metrics.time_call("attend"):
-            tenant = _check_tenant(tenant)
-            layer, seq_ids, q_lens = self._check_batch(layer, seq_ids, q_lens)
-            num_rows = sum(q_lens)
-            self._check_tensor("q", q, (num_rows, None))
-            if q.shape[1] == 0 or q.shape[1] % self._layout.num_kv_heads:
-                raise errors.InvalidArgument(
-                    f"q has {q.shape[1]} heads; need a positive multiple of "
-                    f"{self._layout.num_kv_heads}"
-                )
-            if (k_new is None) != (v_new is None):
-                raise errors.InvalidArgument("give both k_new and v_new, or neither")
-            if k_new is not None:
-                self._check_tensor("k_new", k_new, (num_rows, self._layout.num_kv_heads))
-                self._check_tensor("v_new", v_new, (num_rows, self._layout.num_kv_heads))
-            if sliding_window is not None:
-                sliding_window = _check_int("sliding_window", sliding_window, low=1, high=2**31 - 1)
-            if scale is not None and (
-                isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0
-            ):
-                raise errors.InvalidArgument(f"scale must be a positive number, got {scale!r}")
-            if not isinstance(return_lse, bool):
-                raise errors.InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
-            options = {"scale": scale, "sliding_window": sliding_window, "return_lse": return_lse}
-            return self._data_call(
-                "attend", layer, seq_ids, q_lens, tenant, q=q, k=k_new, v=v_new, options=options
-            )
-
-    def _data_call(
-        self,
-        method: str,
-        layer: int,
-        seq_ids: list[int],
-        q_lens: list[int],
-        tenant: str,
-        *,
-        q: torch.Tensor | None,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
-        options: dict[str, Any] | None = None,
-    ) -> Any:
-        """Plan, submit and await one write_kv or attend batch, possibly over several workers."""
-        if self._spans.any_span(seq_ids):
-            return span_data_call(
-                self, method, layer, seq_ids, q_lens, tenant, q=q, k=k, v=v, options=options
-            )
-        if method == "attend":
-            kept = self._steps.attend(self, layer, seq_ids, q_lens, tenant, q, k, v, options or {})
-            if kept is not None:
-                return kept
-        writes = k is not None
-        num_rows = sum(q_lens)
-        with self._planning() as batch:
-            starts, versions = self._check_positions(layer, seq_ids, q_lens, tenant, writes)
-            groups = self._split_by_worker(seq_ids, q_lens)
-            commands: list[Any] = []
-            try:
-                plans = [
-                    self._plan_group(
-                        [seq_ids[i] for i in idx],
-                        [starts[i] for i in idx] if writes else None,
-                        [q_lens[i] for i in idx],
-                        commands,
-                    )
-                    for _wid, _rows, idx in groups
-                ]
-            finally:
-                # Ledger records change here only through block moves (COW, swap-in);
-                # without any, the pending updates (computed counts) wait for the next
-                # call that moves or allocates, keeping the per-layer path free of them.
-                self._submit(commands, batch.calls, ledger=bool(commands))
-            first_data = len(batch.calls)
-            # The other layers of this step reuse these plans (kvservice.step_plan).
-            kept_plans = iter(
-                self._steps.remember(
-                    self, layer, tenant, seq_ids, q_lens, writes, starts, versions, groups, plans
-                )
-                if method == "attend"
-                else ()
-            )
-            for (wid, rows, idx), (tables, seq_lens) in zip(groups, plans, strict=True):
-                handle = self._handles[wid]
-                group_q_lens = [q_lens[i] for i in idx]
-                if method == "write_kv":
-                    slots = _slots(tables, seq_lens, group_q_lens, self._layout.block_size)
-                    call = handle.submit("write_kv", layer, slots, _rows(k, rows), _rows(v, rows))
-                else:
-                    plan = next(kept_plans)
-                    call = handle.submit(
-                        "attend", layer, plan, _rows(q, rows), _rows(k, rows), _rows(v, rows),
-                        **(options or {}),
-                    )  # fmt: skip
-                batch.calls.append(call)
-        if writes:
-            self._record_writes(layer, seq_ids, starts, q_lens, versions)
-        if method == "write_kv":
-            return None
-        results = batch.results[first_data : first_data + len(groups)]
-        return _merge_results(results, groups, num_rows, bool(options and options["return_lse"]))
-
-    def _plan_group(
-        self,
-        seq_ids: list[int],
-        starts: list[int] | None,
-        q_lens: list[int],
-        commands: list[Any],
-    ) -> tuple[list[list[int]], list[int]]:
-        """Block tables for sequences of one worker, made GPU-resident and writable.
-
-        prepare_write copies shared blocks in the written range (COW); prepare_attention
-        then brings every sequence to the GPU tier and gives the final tables, from which
-        the write slots are derived (a later write plan may have moved an earlier one).
-        """
-        if starts is not None:
-            for sid, start, q_len in zip(seq_ids, starts, q_lens, strict=True):
-                state = self._seqs[sid]
-                key = (state.version, start, start + q_len, state.computed)
-                # The layers of one step write the same range: once it is writable (its
-                # shared blocks copied, cached ones uncached), it stays so until the
-                # sequence changes or its computed count moves (blocks re-enter the prefix
-                # cache only then; kvservice.step_plan says why).
-                if state.writable == key:
-                    continue
-                wp = self._manager.prepare_write(sid, start, start + q_len)
-                if isinstance(wp, OutOfMemory):
-                    raise errors.ResourceExhausted(f"sequence {sid}: {wp.reason}")
-                commands.extend(wp.commands)
-                state.writable = key
-        plan = self._manager.prepare_attention(seq_ids)
-        if isinstance(plan, OutOfMemory):
-            raise errors.ResourceExhausted(f"attention over {seq_ids}: {plan.reason}")
-        commands.extend(plan.commands)
-        return [list(t) for t in plan.block_tables], [int(n) for n in plan.seq_lens]
-
-    def _check_positions(
-        self, layer: int | None, seq_ids: list[int], q_lens: list[int], tenant: str, writes: bool
-    ) -> tuple[list[int], list[int]]:
-        """First written position and version of each sequence, after the state checks
-        (of ``layer``, or with None of every layer: a step planned once for all of them)."""
-        starts: list[int] = []
-        versions: list[int] = []
-        for sid, q_len in zip(seq_ids, q_lens, strict=True):
-            state = self._own(sid, tenant)
-            length = state.length
-            if q_len > length:
-                raise errors.FailedPrecondition(
-                    f"sequence {sid} has {length} tokens; q_len {q_len} is past its start"
-                )
-            start = length - q_len
-            have = min(state.written) if layer is None else state.written[layer]
-            where = "every layer" if layer is None else f"layer {layer}"
-            if state.tracked and writes and start > have:
-                raise errors.FailedPrecondition(
-                    f"sequence {sid}, {where}: positions {have}..{start - 1} have no K/V; "
-                    f"write them first"
-                )
-            if state.tracked and not writes and have < length:
-                raise errors.FailedPrecondition(
-                    f"sequence {sid}, {where}: positions {have}..{length - 1} have no K/V; "
-                    f"pass k_new/v_new or write them first"
-                )
-            starts.append(start)
-            versions.append(state.version)
-        return starts, versions
-
-    def _record_writes(
-        self,
-        layer: int | None,
-        seq_ids: list[int],
-        starts: list[int],
-        q_lens: list[int],
-        versions: list[int],
-    ) -> None:
-        """After a successful write: advance written[layer] (every layer's with None),
-        feed the prefix cache.
-
-        When a sequence's computed count advances (the step's last layer is written), the
-        ledgers learn it at once, so a coordinator rebuilt after a crash reports it too: as
-        a compact progress update, unless the record changed otherwise (new prefix hashes).
-        """
-        calls: list[PendingCall] = []
-        advanced = False
-        with self._lock:
-            for sid, start, q_len, version in zip(seq_ids, starts, q_lens, versions, strict=True):
-                state = self._seqs.get(sid)
-                if state is None or state.lost or state.version != version:
-                    continue  # freed, lost or truncated meanwhile
-                written, end = state.written, start + q_len
-                for i in range(len(written)) if layer is None else (layer,):
-                    if start <= written[i] < end:
-                        written[i] = end
-                computed = min(written)
-                if computed > state.computed:
-                    self._spans.mark_computed(sid, computed)
-                    state.computed = computed
-                    advanced = True
-            if advanced:
-                # Only the compact counts: full records (new prefix hashes) ride on the next
-                # call that moves or allocates blocks, so a long prefill in many chunks does
-                # not re-send whole token lists after each chunk. A crash in between loses
-                # cache entries, never data.
-                self._submit_progress(calls)
-        try:
-            resolve_all(calls)
-        except WorkerLost as exc:
-            raise self._lose_worker(exc.worker_id) from exc
 
     # ------------------------------------------------------------------ stats
 
@@ -1070,10 +833,10 @@ class Coordinator:
         elif isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
             raise errors.InvalidArgument(f"{name} must be a list of token ids")
         else:
-            values = [_as_int(t) for t in tokens]
+            values = [as_int(t) for t in tokens]
         if not values and not allow_empty:
             raise errors.InvalidArgument(f"{name} must not be empty")
-        high = (self._vocab_size - 1) if self._vocab_size is not None else _INT64_MAX
+        high = (self._vocab_size - 1) if self._vocab_size is not None else INT64_MAX
         for t in values:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= high:
                 raise errors.InvalidArgument(
@@ -1087,46 +850,11 @@ class Coordinator:
         wrong with which list)."""
         if set(map(type, tokens)) != {list}:
             return [] if not tokens else None
-        high = (self._vocab_size - 1) if self._vocab_size is not None else _INT64_MAX
+        high = (self._vocab_size - 1) if self._vocab_size is not None else INT64_MAX
         flat = [t for new in tokens for t in new]
         if flat and exact_ints(flat, 0, high) is None:
             return None
         return list(tokens)  # type: ignore[arg-type]
-
-    def _check_batch(
-        self, layer: object, seq_ids: object, q_lens: object
-    ) -> tuple[int, list[int], list[int]]:
-        layer = _check_int("layer", layer, low=0, high=self._layout.num_layers - 1)
-        ids = _check_ids(seq_ids, unique=True)
-        if not ids:
-            raise errors.InvalidArgument("seq_ids must not be empty")
-        if isinstance(q_lens, str | bytes) or not isinstance(q_lens, Sequence | torch.Tensor):
-            raise errors.InvalidArgument("q_lens must be a list of ints")
-        lens = exact_ints(q_lens, 1)
-        if lens is None:
-            lens = [_check_int(f"q_lens[{i}]", x, low=1) for i, x in enumerate(q_lens)]
-        if len(lens) != len(ids):
-            raise errors.InvalidArgument(f"{len(ids)} seq_ids but {len(lens)} q_lens")
-        return layer, ids, lens
-
-    def _check_tensor(self, name: str, t: object, lead: tuple[int, int | None]) -> None:
-        """A [rows, heads, head_dim] tensor of the layout's dtype (heads None = any)."""
-        if not isinstance(t, torch.Tensor):
-            raise errors.InvalidArgument(f"{name} must be a tensor, got {type(t).__name__}")
-        rows, heads = lead
-        shape = tuple(t.shape)
-        if (
-            len(shape) != 3
-            or shape[0] != rows
-            or (heads is not None and shape[1] != heads)
-            or shape[2] != self._layout.head_dim
-        ):
-            want = (rows, "num_q_heads" if heads is None else heads, self._layout.head_dim)
-            raise errors.InvalidArgument(f"{name} has shape {shape}, expected {want}")
-        if t.dtype != self._dtype:
-            raise errors.InvalidArgument(
-                f"{name} is {t.dtype}; the cache holds {self._layout.dtype}"
-            )
 
 
 def _handles_by_id(
@@ -1135,49 +863,6 @@ def _handles_by_id(
     if isinstance(workers, Mapping):
         return dict(workers)
     return {h.worker_id: h for h in workers}
-
-
-def _as_int(value: object) -> object:
-    """Numpy and 0-d torch integers as Python ints; anything else unchanged (checked later)."""
-    if isinstance(value, int) or isinstance(value, bool):
-        return value
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point:
-        return int(value)
-    if type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
-        return int(value)  # type: ignore[call-overload]
-    return value
-
-
-def _check_int(name: str, value: object, *, low: int, high: int = _INT64_MAX) -> int:
-    value = _as_int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.InvalidArgument(f"{name} must be an int, got {value!r}")
-    if not low <= value <= high:
-        raise errors.InvalidArgument(f"{name} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _check_id(seq_id: object) -> int:
-    return _check_int("seq_id", seq_id, low=0)
-
-
-def _check_ids(seq_ids: object, *, unique: bool) -> list[int]:
-    if isinstance(seq_ids, str | bytes) or not isinstance(seq_ids, Sequence | torch.Tensor):
-        raise errors.InvalidArgument("seq_ids must be a list of ints")
-    ids = exact_ints(seq_ids, 0)
-    if ids is None:
-        ids = [_check_id(s) for s in seq_ids]
-    if unique and len(set(ids)) != len(ids):
-        raise errors.InvalidArgument(f"seq_ids has duplicates: {ids}")
-    return ids
-
-
-def _check_tenant(tenant: object) -> str:
-    if tenant is None:
-        return DEFAULT_TENANT
-    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_LEN:
-        raise errors.InvalidArgument(f"tenant must be a non-empty string, got {tenant!r}")
-    return tenant
 
 
 def _usage_dict(usage: Any) -> dict[str, int]:
@@ -1192,50 +877,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     return str(value)
-
-
-def _slots(
-    tables: list[list[int]], seq_lens: list[int], q_lens: list[int], block_size: int
-) -> list[int]:
-    """Slots of each sequence's last q_len positions, from its block table."""
-    slots: list[int] = []
-    for table, length, q_len in zip(tables, seq_lens, q_lens, strict=True):
-        for pos in range(length - q_len, length):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    return slots
-
-
-def _rows(t: torch.Tensor | None, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
-    """The rows of ``t`` in ``ranges``: ``t`` itself, a view for one range, else a copy."""
-    if t is None:
-        return None
-    if len(ranges) == 1:
-        start, end = ranges[0]
-        return t if (start == 0 and end == t.shape[0]) else t[start:end]
-    return torch.cat([t[a:b] for a, b in ranges])
-
-
-def _merge_results(
-    results: list[Any],
-    groups: list[tuple[int, list[tuple[int, int]], list[int]]],
-    num_rows: int,
-    return_lse: bool,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Put each worker's output rows back in batch order."""
-    if len(groups) == 1:
-        return results[0]
-    parts = [(r[0], r[1]) if return_lse else (r, None) for r in results]
-    first_out, first_lse = parts[0]
-    out = first_out.new_empty((num_rows, *first_out.shape[1:]))
-    lse = first_lse.new_empty((num_rows, *first_lse.shape[1:])) if first_lse is not None else None
-    for (_, rows, _), (o, part_lse) in zip(groups, parts, strict=True):
-        offset = 0
-        for a, b in rows:
-            out[a:b] = o[offset : offset + b - a]
-            if lse is not None and part_lse is not None:
-                lse[a:b] = part_lse[offset : offset + b - a]
-            offset += b - a
-    return (out, lse) if lse is not None else out
 
 
 def _gpu_blocks(cmd: Any) -> Iterable[int]:

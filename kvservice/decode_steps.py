@@ -67,9 +67,9 @@ def run_local_step(
     workers, a remote worker holds it, or a sequence is segmented); errors are the same
     as ``attend``'s (unknown sequence, a hole before the new tokens, no memory).
     """
-    from kvservice.coordinator import _check_tenant
+    from kvservice.arg_checks import check_tenant
 
-    tenant = _check_tenant(tenant)
+    tenant = check_tenant(tenant)
     _layer, ids, lens = coord._check_batch(0, seq_ids, q_lens)
     calls: list[PendingCall] = []
     with coord._lock:

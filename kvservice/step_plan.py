@@ -160,7 +160,7 @@ class StepPlans:
         step = self._steps.get((tenant, tuple(seq_ids), tuple(q_lens), writes))
         if step is None:
             return None
-        from kvservice.coordinator import _merge_results, _rows
+        from kvservice.data_plane import _merge_results, _rows
 
         with coord._lock:
             coord._check_open()

@@ -100,7 +100,7 @@ class Ticket:
         if (k_new is not None) != self.writes or (k_new is None) != (v_new is None):
             what = "k_new and v_new" if self.writes else "no k_new or v_new"
             raise errors.InvalidArgument(f"this ticket takes {what}")
-        from kvservice.coordinator import _rows
+        from kvservice.data_plane import _rows
 
         calls = []
         for group in self.groups:
@@ -114,7 +114,7 @@ class Ticket:
         return calls
 
     def wait(self, calls: list[PendingCall], *, return_lse: bool = False) -> Any:
-        from kvservice.coordinator import _merge_results
+        from kvservice.data_plane import _merge_results
 
         try:
             results = resolve_all(calls)
@@ -208,9 +208,9 @@ def open_ticket(
     tenant: str = DEFAULT_TENANT,
     ttl_s: float = DEFAULT_TTL_S,
 ) -> Ticket:
-    from kvservice.coordinator import _check_tenant
+    from kvservice.arg_checks import check_tenant
 
-    tenant = _check_tenant(tenant)
+    tenant = check_tenant(tenant)
     _layer, ids, lens = coord._check_batch(0, seq_ids, q_lens)
     if not isinstance(writes, bool):
         raise errors.InvalidArgument(f"writes must be a bool, got {writes!r}")
@@ -268,9 +268,9 @@ def close_ticket(
     """End a ticket. A writing ticket's writes (every layer's, at the new positions) are
     recorded when ``commit``; a ticket already revoked or expired records nothing and is
     FAILED_PRECONDITION (its step must be run again), an unknown one NOT_FOUND."""
-    from kvservice.coordinator import _check_tenant
+    from kvservice.arg_checks import check_tenant
 
-    tenant = _check_tenant(tenant)
+    tenant = check_tenant(tenant)
     table = coord._tickets
     with coord._planning() as batch:
         entry = table._live.get(ticket_id)
