@@ -185,7 +185,6 @@ class Coordinator(DataPlane):
         self._steps = StepPlans(layout.num_layers)
         # Steps the clients run on the workers themselves (kvservice.tickets).
         self._tickets = TicketTable()
-        self._revoked_tickets: dict[int, str] = {}  # recent ones: why they ended
         self._seqs: dict[int, _SeqState] = {}
         self._pin_tenants: dict[int, str] = {}  # pinned sequences (live or freed) -> tenant
         self._closed = False

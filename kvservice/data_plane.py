@@ -139,22 +139,9 @@ class DataPlane:
         with self._planning() as batch:
             starts, versions = self._check_positions(layer, seq_ids, q_lens, tenant, writes)
             groups = self._split_by_worker(seq_ids, q_lens)
-            commands: list[Any] = []
-            try:
-                plans = [
-                    self._plan_group(
-                        [seq_ids[i] for i in idx],
-                        [starts[i] for i in idx] if writes else None,
-                        [q_lens[i] for i in idx],
-                        commands,
-                    )
-                    for _wid, _rows, idx in groups
-                ]
-            finally:
-                # Ledger records change here only through block moves (COW, swap-in);
-                # without any, the pending updates (computed counts) wait for the next
-                # call that moves or allocates, keeping the per-layer path free of them.
-                self._submit(commands, batch.calls, ledger=bool(commands))
+            plans = self._plan_groups(
+                groups, seq_ids, starts if writes else None, q_lens, batch.calls
+            )
             first_data = len(batch.calls)
             # The other layers of this step reuse these plans (kvservice.step_plan).
             kept_plans = iter(
@@ -183,6 +170,34 @@ class DataPlane:
             return None
         results = batch.results[first_data : first_data + len(groups)]
         return _merge_results(results, groups, num_rows, bool(options and options["return_lse"]))
+
+    def _plan_groups(
+        self,
+        groups: list[tuple[int, list[tuple[int, int]], list[int]]],
+        seq_ids: list[int],
+        starts: list[int] | None,
+        q_lens: list[int],
+        calls: list[PendingCall],
+    ) -> list[tuple[list[list[int]], list[int]]]:
+        """``_plan_group`` for each worker's group (``_split_by_worker``), its commands
+        submitted to ``calls`` even when a later group fails (the pools follow the tables).
+        ``starts`` None: nothing is written."""
+        commands: list[Any] = []
+        try:
+            return [
+                self._plan_group(
+                    [seq_ids[i] for i in idx],
+                    None if starts is None else [starts[i] for i in idx],
+                    [q_lens[i] for i in idx],
+                    commands,
+                )
+                for _wid, _rows, idx in groups
+            ]
+        finally:
+            # Ledger records change here only through block moves (COW, swap-in); without
+            # any, the pending updates (computed counts) wait for the next call that moves
+            # or allocates, keeping the per-layer path free of them.
+            self._submit(commands, calls, ledger=bool(commands))
 
     def _plan_group(
         self,

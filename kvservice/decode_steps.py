@@ -83,11 +83,9 @@ def run_local_step(
         handle = local_handle(coord, groups[0][0])
         if handle is None:
             return None
-        commands: list[Any] = []
         try:
-            tables, seq_lens = coord._plan_group(ids, starts, lens, commands)
+            ((tables, seq_lens),) = coord._plan_groups(groups, ids, starts, lens, calls)
         finally:
-            coord._submit(commands, calls, ledger=bool(commands))
             # A local worker runs queued calls when they are awaited. Every call planned
             # before this step (another caller's swap-out of a block since given to one of
             # these sequences, say) and this step's copies on write and swap-ins must be

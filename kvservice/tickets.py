@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from kvservice.coordinator import Coordinator
 
 DEFAULT_TTL_S = 60.0
+ENDED_KEPT = 4096  # revoked tickets remembered, so closing one says why it ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,7 @@ class TicketTable:
         self._ids = itertools.count(1)
         self._live: dict[int, _Entry] = {}
         self._by_seq: dict[int, set[int]] = {}
+        self.ended: dict[int, str] = {}  # the last revoked tickets: why each ended
         self.counters = {"opened": 0, "closed": 0, "revoked": 0, "expired": 0}
 
     def __len__(self) -> int:
@@ -171,6 +173,16 @@ class TicketTable:
                     ids.discard(ticket_id)
                     if not ids:
                         del self._by_seq[sid]
+        return entry
+
+    def revoke(self, ticket_id: int, reason: str) -> _Entry | None:
+        """``take``, remembering why the ticket ended."""
+        entry = self.take(ticket_id)
+        if entry is not None:
+            self.counters["expired" if reason == "expired" else "revoked"] += 1
+            self.ended[ticket_id] = reason
+            if len(self.ended) > ENDED_KEPT:
+                del self.ended[next(iter(self.ended))]
         return entry
 
     def naming_blocks(self, worker_id: int, block_ids: Iterable[int]) -> list[int]:
@@ -217,7 +229,6 @@ def open_ticket(
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 0 < ttl_s <= 86400:
         raise errors.InvalidArgument(f"ttl_s must be in (0, 86400] seconds, got {ttl_s!r}")
     table = coord._tickets
-    calls: list[PendingCall] = []
     with coord._planning() as batch:
         revoke(coord, table.expired(), batch.calls, reason="expired")
         if coord._spans.any_span(ids):
@@ -226,19 +237,11 @@ def open_ticket(
             )
         starts, versions = coord._check_positions(None, ids, lens, tenant, writes)
         groups = coord._split_by_worker(ids, lens)
-        commands: list[Any] = []
-        planned = []
-        try:
-            for wid, rows, idx in groups:
-                tables, seq_lens = coord._plan_group(
-                    [ids[i] for i in idx],
-                    [starts[i] for i in idx] if writes else None,
-                    [lens[i] for i in idx],
-                    commands,
-                )
-                planned.append((wid, rows, frozen_plan(tables, seq_lens, [lens[i] for i in idx])))
-        finally:
-            coord._submit(commands, batch.calls, ledger=bool(commands))
+        plans = coord._plan_groups(groups, ids, starts if writes else None, lens, batch.calls)
+        planned = [
+            (wid, rows, frozen_plan(tables, seq_lens, [lens[i] for i in idx]))
+            for (wid, rows, idx), (tables, seq_lens) in zip(groups, plans, strict=True)
+        ]
         ticket_id = table.new_id()
         ticket = Ticket(
             ticket_id,
@@ -256,8 +259,7 @@ def open_ticket(
             {wid: frozenset(b for row in plan.block_tables for b in row) for wid, _r, plan in planned},
         )  # fmt: skip
         for wid, _rows, _plan in planned:
-            calls.append(coord._handles[wid].submit("open_ticket", ticket_id))
-        batch.calls.extend(calls)
+            batch.calls.append(coord._handles[wid].submit("open_ticket", ticket_id))
         table.add(entry)
     return ticket
 
@@ -275,9 +277,9 @@ def close_ticket(
     with coord._planning() as batch:
         entry = table._live.get(ticket_id)
         if entry is None or entry.tenant != tenant:
-            if ticket_id in coord._revoked_tickets:
+            if ticket_id in table.ended:
                 raise errors.FailedPrecondition(
-                    f"ticket {ticket_id} was {coord._revoked_tickets[ticket_id]}: run the step again"
+                    f"ticket {ticket_id} was {table.ended[ticket_id]}: run the step again"
                 )
             raise errors.NotFound(f"ticket {ticket_id} not found")
         table.take(ticket_id)
@@ -301,16 +303,10 @@ def revoke(
 ) -> None:
     """Drop tickets (under the lock), their fences submitted to ``calls`` now: before any
     command the caller submits after this."""
-    table = coord._tickets
     for tid in ticket_ids:
-        entry = table.take(tid)
-        if entry is None:
-            continue
-        table.counters["expired" if reason == "expired" else "revoked"] += 1
-        coord._revoked_tickets[tid] = reason
-        if len(coord._revoked_tickets) > 4096:
-            del coord._revoked_tickets[next(iter(coord._revoked_tickets))]
-        _fence(coord, entry, calls)
+        entry = coord._tickets.revoke(tid, reason)
+        if entry is not None:
+            _fence(coord, entry, calls)
 
 
 def _fence(coord: Coordinator, entry: _Entry, calls: list[PendingCall]) -> None:

@@ -20,6 +20,7 @@ sequences, more rows than the largest bucket) returns None and goes through ``at
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,8 +182,6 @@ class DecodeGraphs:
 
     def _capture(self, entry: _Entry) -> None:
         """Warm up (compiles the kernels' variants) and capture, on padding rows only."""
-        import time
-
         start = time.perf_counter()
         current = torch.cuda.current_stream(self._device)
         side = torch.cuda.Stream(self._device)
