@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,18 +18,10 @@ from kvservice import Client
 from kvservice.integrations import SamplingParams, generate, layout_for, wrap_model
 from kvservice.integrations.reference import random_model, reference_generate
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 EOS = 2
 POOLS = {"num_workers": 2, "num_gpu_blocks": 8, "num_cpu_blocks": 96}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ A tiny random Llama in fp32 on the CPU; the service embedded, and over gRPC (127
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
+from hf_fixtures import tokens
 
 from kvservice import Client
 from kvservice.integrations import SamplingParams, generate, layout_for, wrap_model
@@ -24,23 +23,12 @@ BLOCK = 16
 SEGMENT = 2 * BLOCK
 PARAMS = SamplingParams(max_new_tokens=24, eos_token_ids=())
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def llama() -> Any:
     return random_model("llama", vocab_size=128, hidden_size=64, num_layers=2)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (n,), generator=gen).tolist()
 
 
 def service(model: Any, **sizes: int) -> Client:
@@ -55,7 +43,7 @@ def service(model: Any, **sizes: int) -> Client:
 def test_a_sequence_twice_the_gpu_tier_generates_the_reference_tokens(
     llama: Any, num_workers: int, num_gpu_blocks: int, num_cpu_blocks: int
 ) -> None:
-    long_prompt = prompt(360, seed=1)  # + 24 new = 384 tokens = 24 blocks
+    long_prompt = tokens(360, seed=1)  # + 24 new = 384 tokens = 24 blocks
     assert len(long_prompt) + PARAMS.max_new_tokens >= 2 * num_gpu_blocks * BLOCK
     want = reference_generate(llama, [long_prompt], PARAMS)
     with service(
@@ -74,7 +62,7 @@ def test_a_sequence_twice_the_gpu_tier_generates_the_reference_tokens(
 
 
 def test_a_sequence_spread_over_two_workers_over_grpc(llama: Any) -> None:
-    long_prompt = prompt(210, seed=5)  # 14 blocks: more than one worker holds (12)
+    long_prompt = tokens(210, seed=5)  # 14 blocks: more than one worker holds (12)
     params = SamplingParams(max_new_tokens=6, eos_token_ids=())
     want = reference_generate(llama, [long_prompt], params)
     layout = layout_for(llama.config, dtype="float32", block_size=BLOCK)
@@ -96,7 +84,7 @@ def test_a_sequence_spread_over_two_workers_over_grpc(llama: Any) -> None:
 
 
 def test_long_and_short_requests_share_steps(llama: Any) -> None:
-    prompts = [prompt(300, seed=2), prompt(7, seed=3), prompt(45, seed=4)]
+    prompts = [tokens(300, seed=2), tokens(7, seed=3), tokens(45, seed=4)]
     want = reference_generate(llama, prompts, PARAMS)
     with service(llama, num_gpu_blocks=12, num_cpu_blocks=24) as client:
         model = wrap_model(copy.deepcopy(llama), client)

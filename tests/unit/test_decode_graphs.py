@@ -8,45 +8,29 @@ per-layer ``attend`` path on the same service.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from hf_fixtures import service_for, tokens
 from kvservice.workers.graph_step import StepBuffers
 
 from kvservice import Client
 from kvservice.core import errors
 from kvservice.decode_steps import LocalStep, run_local_step
-from kvservice.integrations import SamplingParams, generate, layout_for, wrap_model
+from kvservice.integrations import SamplingParams, generate, wrap_model
 from kvservice.integrations.graphs import batch_bucket, width_bucket
 from kvservice.integrations.reference import random_model, reference_beam_search, reference_generate
 
 EOS = 2
 GREEDY = SamplingParams(max_new_tokens=10, eos_token_ids=(EOS,))
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def llama() -> Any:
     return random_model("llama")
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def service_for(model: Any, **options: Any) -> Client:
-    layout = layout_for(model.config, dtype="float32", block_size=16)
-    options = {"num_gpu_blocks": 64, "num_cpu_blocks": 64, **options}
-    return Client.embedded(layout, device="cpu", **options)
 
 
 PROMPTS = [tokens(n, seed) for seed, n in enumerate((3, 16, 17, 31, 40))]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from hf_fixtures import service_for, tokens
 
 from kvservice import Client
 from kvservice.integrations import SamplingParams, generate, layout_for, wrap_model
@@ -15,16 +16,6 @@ from kvservice.integrations.reference import random_model, reference_generate
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 EOS = 2
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def service_for(model: Any, **options: Any) -> Client:
-    layout = layout_for(model.config, dtype="float32", block_size=16)
-    options = {"num_gpu_blocks": 256, "num_cpu_blocks": 64, **options}
-    return Client.embedded(layout, device="cuda", **options)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,7 @@ def test_graph_replays_match_generate_on_a_ragged_batch(llama: Any) -> None:
     prompts = [tokens(n, seed) for seed, n in enumerate((3, 16, 17, 31, 40, 70))]
     params = SamplingParams(max_new_tokens=24, eos_token_ids=(EOS,))
     expected = reference_generate(llama, prompts, params)
-    with service_for(llama) as client:
+    with service_for(llama, device="cuda", num_gpu_blocks=256) as client:
         model = wrap_model(copy.deepcopy(llama), client)
         assert model.graphs is not None
         results = generate(model, prompts, params)
@@ -52,7 +43,7 @@ def test_captured_ahead_graphs_are_reused_and_the_pool_is_not_written_by_padding
     prompts = [tokens(20 + 7 * i, 40 + i) for i in range(5)]
     params = SamplingParams(max_new_tokens=16, eos_token_ids=(EOS,))
     expected = reference_generate(llama, prompts, params)
-    with service_for(llama) as client:
+    with service_for(llama, device="cuda", num_gpu_blocks=256) as client:
         model = wrap_model(copy.deepcopy(llama), client)
         pool = client.service._handles[0].worker.gpu_pool
         before = pool.clone()

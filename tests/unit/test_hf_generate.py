@@ -7,18 +7,16 @@ own cache on an untouched copy of the same weights.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from hf_fixtures import service_for, tokens
 
-from kvservice import Client
 from kvservice.integrations import (
     Engine,
     SamplingParams,
     generate,
-    layout_for,
     load_model,
     wrap_model,
 )
@@ -31,26 +29,7 @@ from kvservice.integrations.reference import (
 EOS = 2
 GREEDY = SamplingParams(max_new_tokens=12, eos_token_ids=(EOS,))
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a busy 2-core machine are far faster without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tokens(n: int, seed: int, vocab_size: int = 128) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (n,), generator=gen).tolist()
-
-
-def service_for(model: Any, *, num_gpu_blocks: int = 64, num_cpu_blocks: int = 64) -> Client:
-    layout = layout_for(model.config, dtype="float32", block_size=16)
-    return Client.embedded(
-        layout, device="cpu", num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks
-    )
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def used_blocks(stats: dict[str, Any], tier: str = "gpu") -> int:
