@@ -65,7 +65,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from kvservice.api import SequenceInfo, Service
 from kvservice.core.layout import Layout
@@ -76,7 +76,33 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "Client"]
 
 
-class Client:
+class _Constructors:
+    """``embedded`` and ``ray``, the same for both clients (each owns what it builds)."""
+
+    if TYPE_CHECKING:  # each client's own
+
+        def __init__(
+            self, service: Any, *, tenant: str | None = None, owned: bool = False
+        ) -> None: ...
+
+    @classmethod
+    def embedded(
+        cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any
+    ) -> Self:
+        from kvservice.transport_embedded import build_embedded
+
+        return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
+
+    @classmethod
+    def ray(
+        cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any
+    ) -> Self:
+        from kvservice.transport_ray import RayTransport
+
+        return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
+
+
+class Client(_Constructors):
     """Synchronous client; see the module docstring for constructors and methods."""
 
     def __init__(
@@ -93,22 +119,6 @@ class Client:
         self._closed = False
 
     # ------------------------------------------------------------------ constructors
-
-    @classmethod
-    def embedded(
-        cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any
-    ) -> Client:
-        from kvservice.transport_embedded import build_embedded
-
-        return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
-
-    @classmethod
-    def ray(
-        cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any
-    ) -> Client:
-        from kvservice.transport_ray import RayTransport
-
-        return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def grpc(
@@ -254,7 +264,7 @@ class Client:
         return self._service.stats()
 
 
-class AsyncClient:
+class AsyncClient(_Constructors):
     """The same API with coroutine methods.
 
     Over gRPC the calls are native grpc.aio; the embedded and Ray transports are
@@ -275,22 +285,6 @@ class AsyncClient:
         self._owned = owned
         self._layout: Layout | None = None
         self._closed = False
-
-    @classmethod
-    def embedded(
-        cls, layout: Layout | str = "tiny", *, tenant: str | None = None, **options: Any
-    ) -> AsyncClient:
-        from kvservice.transport_embedded import build_embedded
-
-        return cls(build_embedded(layout, **options), tenant=tenant, owned=True)
-
-    @classmethod
-    def ray(
-        cls, layout: Layout | str | None = None, *, tenant: str | None = None, **options: Any
-    ) -> AsyncClient:
-        from kvservice.transport_ray import RayTransport
-
-        return cls(RayTransport.connect(layout, **options), tenant=tenant, owned=True)
 
     @classmethod
     def grpc(
