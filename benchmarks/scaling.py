@@ -237,8 +237,6 @@ def decode(
     group, so that many of each group's calls are in flight (a worker has the next call
     queued while the driver takes the last one's result). Every call goes through the
     coordinator, or with ``tickets`` straight to the worker through a step ticket."""
-    layout = setup.layout
-    dtype = getattr(torch, layout.dtype)
     groups = _groups(setup, seqs)
     opened = (
         {g[0]: coord.open_ticket(g, [1] * len(g), writes=False, ttl_s=3600) for g in groups}
@@ -250,36 +248,29 @@ def decode(
     failures: list[BaseException] = []
     num_threads = len(groups) * setup.depth
     barrier = threading.Barrier(num_threads + 1)
-    group_size = setup.num_q_heads // layout.num_kv_heads
 
     def client(ids: list[int], lane: int) -> None:
-        gen = torch.Generator().manual_seed(ids[0])
-        q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
-        ones = [1] * len(ids)
+        q, want = group_inputs(setup, seqs, ids)
         ticket = opened.get(ids[0])
 
-        def attend(layer: int, ids: list[int], ones: list[int], q: torch.Tensor) -> Any:
+        def attend() -> Any:
             if ticket is not None:
-                return ticket.attend(layer, q)
-            return coord.attend(layer, ids, ones, q)
+                return ticket.attend(0, q)
+            return coord.attend(0, ids, [1] * len(ids), q)
 
         # The group's steps, shared among its lanes.
         steps = setup.steps // setup.depth + (lane < setup.steps % setup.depth)
         try:
-            out = attend(0, ids, ones, q)
-            want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
-            errors.append(
-                float((out.float() - want.float()).abs().max() / want.float().abs().max())
-            )
+            errors.append(rel_err(attend(), want))
             for _ in range(setup.warmup_steps):
-                attend(0, ids, ones, q)
+                attend()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failures.append(exc)
         barrier.wait()
         barrier.wait()
         try:
             for _ in range(steps):
-                attend(0, ids, ones, q)
+                attend()
         except BaseException as exc:  # noqa: BLE001
             failures.append(exc)
         barrier.wait()
@@ -316,6 +307,23 @@ def decode(
     return result | {"threads_per_group": setup.depth}
 
 
+def group_inputs(
+    setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]], ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A call group's q (seeded by its first sequence) and the output it must give: each
+    sequence holds one V row, repeated over its query heads."""
+    layout = setup.layout
+    gen = torch.Generator().manual_seed(ids[0])
+    q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen)
+    group_size = setup.num_q_heads // layout.num_kv_heads
+    want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
+    return q.to(getattr(torch, layout.dtype)), want
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    return float((out.float() - want.float()).abs().max() / want.float().abs().max())
+
+
 def _groups(setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]]) -> list[list[int]]:
     by_worker: dict[int, list[int]] = {}
     for sid, (worker_id, _) in sorted(seqs.items()):
@@ -340,8 +348,7 @@ class StepClient:
     def run(
         self, ticket: Any, q: torch.Tensor, want: torch.Tensor, warmup: int, steps: int, depth: int
     ) -> dict[str, float]:
-        out = ticket.attend(0, q)
-        err = float((out.float() - want.float()).abs().max() / want.float().abs().max())
+        err = rel_err(ticket.attend(0, q), want)
         for _ in range(warmup):
             ticket.attend(0, q)
         return {"err": err, **self.timed(ticket, q, steps, depth)}
@@ -367,20 +374,12 @@ def decode_tickets(
     each through a read-only step ticket (the coordinator plans each group once)."""
     import ray
 
-    layout = setup.layout
-    dtype = getattr(torch, layout.dtype)
     groups = _groups(setup, seqs)
     if len(clients) < len(groups):
         raise RuntimeError(f"{len(groups)} call groups but {len(clients)} client processes")
-    group_size = setup.num_q_heads // layout.num_kv_heads
     tickets = [coord.open_ticket(ids, [1] * len(ids), writes=False, ttl_s=3600) for ids in groups]
     try:
-        args = []
-        for ids in groups:
-            gen = torch.Generator().manual_seed(ids[0])
-            q = torch.randn((len(ids), setup.num_q_heads, layout.head_dim), generator=gen).to(dtype)
-            want = torch.stack([seqs[s][1].repeat_interleave(group_size, 0) for s in ids])
-            args.append((q, want))
+        args = [group_inputs(setup, seqs, ids) for ids in groups]
         # Warm-up (and the check) in every client, then the timed steps all at once.
         warm = [
             c.run.remote(t, q, want, setup.warmup_steps, 0, setup.depth)
