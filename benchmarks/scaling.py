@@ -87,6 +87,8 @@ from kvservice.transport_ray import start_ray_service  # noqa: E402
 NAMESPACE = "kvservice-bench-scaling"
 INLINE_BYTES = 2 << 20
 BARRIER_TIMEOUT_S = 300.0
+# Client processes start their timed calls together, this long after they are asked to.
+CLIENT_START_DELAY_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,9 +355,14 @@ class StepClient:
             ticket.attend(0, q)
         return {"err": err, **self.timed(ticket, q, steps, depth)}
 
-    def timed(self, ticket: Any, q: torch.Tensor, steps: int, depth: int) -> dict[str, float]:
+    def timed(
+        self, ticket: Any, q: torch.Tensor, steps: int, depth: int, start_at: float = 0.0
+    ) -> dict[str, float]:
+        """``steps`` calls from wall-clock time ``start_at`` on: every client starts at
+        once, so the window is not stretched by the actor calls' own start skew."""
         from collections import deque
 
+        time.sleep(max(0.0, start_at - time.time()))
         in_flight: deque[Any] = deque()
         start = time.time()
         for _ in range(steps):
@@ -390,9 +397,10 @@ def decode_tickets(
                  len(groups), setup.depth, setup.steps)  # fmt: skip
         profiled = profile_worker(coord, True)
         before = worker_times(coord)
+        start_at = time.time() + CLIENT_START_DELAY_S
         timed = ray.get(
             [
-                c.timed.remote(t, q, setup.steps, setup.depth)
+                c.timed.remote(t, q, setup.steps, setup.depth, start_at)
                 for c, t, (q, _want) in zip(clients, tickets, args, strict=False)
             ],
             timeout=BARRIER_TIMEOUT_S,
@@ -548,6 +556,20 @@ def median_seconds(fn: Any, iters: int) -> float:
     return statistics.median(times)
 
 
+# Other ways to cut and copy the same transfer (TransferGroup settings over the defaults).
+TRANSFER_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("chunks_256MiB", {"chunk_bytes": 256 << 20}),
+    ("chunks_1GiB", {"chunk_bytes": 1 << 30}),
+    ("block_messages", {"block_messages": True}),
+    ("torch_index_copies", {"copier": "torch"}),
+    ("copy_engine_copies", {"copier": "engine"}),
+    ("copy_kernel_full_grid", {"copier": "triton", "copy_programs": None}),
+    ("copy_kernel_16_programs", {"copier": "triton", "copy_programs": 16}),
+    ("copy_kernel_32_programs", {"copier": "triton", "copy_programs": 32}),
+    ("copy_kernel_64_programs", {"copier": "triton", "copy_programs": 64}),
+)
+
+
 def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
     layout = setup.transfer_layout
     phase = Phases("transfer")
@@ -601,20 +623,18 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             num_bytes / plain_s / 1e9,
         )
         recv = handles[1].call("stats")["call_time"]["recv_blocks"]
-        # Other ways to cut the same transfer: bigger chunks, one message per block.
         variants: dict[str, float] = {}
         with phase("chunk size and message variants"):
-            default = (group.chunk_bytes, group.block_messages)
-            for name, chunk, messages in (
-                ("chunks_256MiB", 256 << 20, False),
-                ("chunks_1GiB", 1 << 30, False),
-                ("block_messages", default[0], True),
-            ):
-                group.chunk_bytes, group.block_messages = chunk, messages
+            knobs = ("chunk_bytes", "block_messages", "copier", "copy_programs")
+            default = {k: getattr(group, k) for k in knobs}
+            for name, change in TRANSFER_VARIANTS:
+                for k, v in (default | change).items():
+                    setattr(group, k, v)
                 coord.form_transfer_group()
                 variants[name] = num_bytes / median_seconds(by_group, setup.iters) / 1e9
                 progress("  %s: %.1f GB/s", name, variants[name])
-            group.chunk_bytes, group.block_messages = default
+            for k, v in default.items():
+                setattr(group, k, v)
             coord.form_transfer_group()
             # The link itself with the default chunk's message size: 1 GiB as 16 messages.
             pieces = max(1, num_bytes // group.chunk_bytes)
@@ -631,6 +651,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             progress("  plain send/recv in %d messages: %.1f GB/s", pieces,
                      variants[f"plain_in_{pieces}_messages"])  # fmt: skip
         with phase("check the moved blocks"):
+            by_group()  # the default path's copy is the one checked
             moved = handles[1].call("export_blocks", Tier.GPU, dst)
             ok = bool(torch.equal(moved, data))
         with phase("through host memory"):
@@ -656,6 +677,8 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "block_transfer_gbps": num_bytes / block_s / 1e9,
             "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
             "block_over_nccl_pct": 100 * plain_s / block_s,
+            "copier": group.copier,
+            "copy_programs": group.copy_programs,
             "variants_gbps": variants,
             "in_worker_recv_blocks_gbps": num_bytes * recv["calls"] / recv["seconds"] / 1e9,
             "in_worker_plain_recv_gbps": num_bytes / statistics.median(probe_in_worker) / 1e9,

@@ -46,10 +46,17 @@ class TransferGroup:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int | None = None,
         block_messages: bool = False,
+        copier: str | None = None,
+        copy_programs: int | None = None,
     ) -> None:
         import torch.distributed as dist
 
-        from kvservice.workers.transfer import CHUNK_BYTES, TRANSFER_ENV
+        from kvservice.workers.transfer import (
+            CHUNK_BYTES,
+            DEFAULT_COPIER,
+            DEFAULT_COPY_PROGRAMS,
+            TRANSFER_ENV,
+        )
 
         for key, value in TRANSFER_ENV.items():
             os.environ.setdefault(key, value)
@@ -58,6 +65,9 @@ class TransferGroup:
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         # One message per block instead of gathered chunks (kvservice.workers.transfer).
         self.block_messages = bool(block_messages)
+        # How workers gather and scatter blocks (kvservice.workers.transfer).
+        self.copier = copier or DEFAULT_COPIER
+        self.copy_programs = copy_programs if copy_programs is not None else DEFAULT_COPY_PROGRAMS
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),
@@ -91,6 +101,8 @@ class TransferGroup:
                 self.timeout_s,
                 self.chunk_bytes,
                 self.block_messages,
+                self.copier,
+                self.copy_programs,
             )  # fmt: skip
             for rank, w in enumerate(members)
         ]

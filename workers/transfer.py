@@ -16,6 +16,12 @@ and received into its place in the pool: no staging copy, but on an H200 pair 2 
 messages reached 59 GB/s against 110 GB/s for gathered 64 MiB chunks, so chunks are the
 default. Only blocks of a pool that is not on the transfer device are staged then.
 
+Gathers and scatters on a GPU are a copy kernel (``copier="triton"``, ``copy_rows``: whole
+blocks as 8-byte words) by default. ``copy_programs`` bounds its grid so that NCCL's
+kernels, which move the previous chunk meanwhile, keep SMs of their own; ``"torch"``
+(``index_select`` / ``index_copy_`` over 2-byte elements) and ``"engine"`` (one
+device-to-device memcpy per block, on the copy engines) are there to measure against.
+
 Invariants:
 - Both sides cut the same chunks from the block count alone, and the coordinator submits
   the two halves of every transfer in one global order on all workers, so sends and
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from kvservice.kernels import copy_rows
 from kvservice.workers.checks import check_index
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
@@ -50,6 +57,9 @@ TRANSFER_ENV = {
 }
 CHUNK_BYTES = 64 << 20
 CHUNKS_IN_FLIGHT = 3
+COPIERS = ("triton", "torch", "engine")
+DEFAULT_COPIER = "triton"
+DEFAULT_COPY_PROGRAMS: int | None = None  # one program per 16 KiB of the chunk
 DEFAULT_TIMEOUT_S = 120.0
 
 TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
@@ -79,6 +89,8 @@ class TransferMixin:
     _copy_stream: Any = None
     _staging_buffers: list[torch.Tensor | None] | None = None
     _block_messages: bool = False
+    _copier: str = DEFAULT_COPIER
+    _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
 
     if TYPE_CHECKING:
 
@@ -96,11 +108,14 @@ class TransferMixin:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int = CHUNK_BYTES,
         block_messages: bool | None = None,
+        copier: str = DEFAULT_COPIER,
+        copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
     ) -> dict[str, Any]:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
         every rank has joined. Every member must get the same ``chunk_bytes`` and
-        ``block_messages`` (one message per block instead of gathered chunks)."""
+        ``block_messages`` (one message per block instead of gathered chunks);
+        ``copier`` and ``copy_programs`` choose how this worker gathers and scatters."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
@@ -108,6 +123,12 @@ class TransferMixin:
             backend = backend or default_backend(self.device)
             if backend not in ("nccl", "gloo"):
                 raise InvalidArgument(f"backend must be nccl or gloo, got {backend!r}")
+            if copier not in COPIERS:
+                raise InvalidArgument(f"copier must be one of {COPIERS}, got {copier!r}")
+            if copy_programs is not None:
+                copy_programs = check_index("copy_programs", copy_programs, 1 << 20)
+                if copy_programs < 1:
+                    raise InvalidArgument("copy_programs must be None or >= 1")
             apply_transfer_env()
             self._leave_group()
             timeout = timedelta(seconds=timeout_s)
@@ -125,6 +146,8 @@ class TransferMixin:
             self._chunk_bytes = chunk_bytes
             self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
             self._block_messages = bool(block_messages)
+            self._copier = copier
+            self._copy_programs = copy_programs
             return self.transfer_info()
 
     def transfer_leave(self) -> None:
@@ -149,6 +172,8 @@ class TransferMixin:
             "device": str(self._transfer_device) if joined else None,
             "chunk_bytes": self._chunk_bytes,
             "block_messages": self._block_messages if joined else None,
+            "copier": self._copier if joined else None,
+            "copy_programs": self._copy_programs if joined else None,
         }
 
     # ----------------------------------------------------------------- blocks
@@ -338,30 +363,39 @@ class TransferMixin:
     def _run_indices(
         self, runs: list[list[tuple[Tier, int]]]
     ) -> list[list[tuple[Tier, list[int], torch.Tensor]]]:
-        """Per run, per tier: (tier, positions in the run, block ids as an index on the
-        pool's device). All ids go to the device in one asynchronous copy from pinned
-        memory: one pageable copy per chunk would stall the host on the stream each time."""
+        """Per run, per tier: (tier, positions in the run, rows) where rows is [n, 3] on the
+        pool's device: (block id, position, block id). Its first column is the index of the
+        torch copier; columns 0-1 are the copy kernel's (source, destination) pairs for a
+        gather, columns 1-2 for a scatter (views, no copies). All of it goes to the device
+        in one asynchronous copy from pinned memory: one pageable copy per chunk would
+        stall the host on the stream each time."""
         parts: list[list[tuple[Tier, list[int], list[int]]]] = [_by_tier(run) for run in runs]
         out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
         for tier in Tier:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
-            ids = [b for per_run in parts for t, _pos, bs in per_run if t is tier for b in bs]
-            if not ids:
+            rows = [
+                (b, p, b)
+                for per_run in parts
+                for t, positions, bs in per_run
+                if t is tier
+                for p, b in zip(positions, bs, strict=True)
+            ]
+            if not rows:
                 continue
-            host = torch.tensor(ids, dtype=torch.int64)
+            host = torch.tensor(rows, dtype=torch.int64)
             if pool.device.type == "cuda":
-                index = host.pin_memory().to(pool.device, non_blocking=True)
+                table = host.pin_memory().to(pool.device, non_blocking=True)
             else:
-                index = host
+                table = host
             at = 0
             for k, per_run in enumerate(parts):
                 for t, positions, bs in per_run:
                     if t is tier:
-                        out[k].append((t, positions, index[at : at + len(bs)]))
+                        out[k].append((t, positions, table[at : at + len(bs)]))
                         at += len(bs)
         order = {tier: i for i, tier in enumerate(Tier)}
-        for per_run in out:
-            per_run.sort(key=lambda part: order[part[0]])
+        for tables in out:
+            tables.sort(key=lambda part: order[part[0]])
         return out
 
     def _gather(
@@ -374,18 +408,45 @@ class TransferMixin:
         if direct is not None:
             return direct
         out = self._staging(len(run), slot)
-        for tier, positions, index in parts:
+        for tier, positions, rows in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            index = rows[:, 0]
             if len(positions) == len(run) and pool.device == out.device:
-                # As [blocks, bytes of a block]: indexing a 6-D pool computes a 6-D offset
-                # per element, several times slower than the copy itself on a GPU.
-                torch.index_select(_rows2d(pool), 0, index, out=_rows2d(out))
+                self._copy_whole(pool, out, rows[:, 0:2], run, sending=True)
             elif len(positions) == len(run):
                 out.copy_(pool.index_select(0, index), non_blocking=True)
             else:
                 where = torch.tensor(positions, device=out.device)
                 out[where] = pool.index_select(0, index).to(out.device)
         return out
+
+    def _copy_whole(
+        self,
+        pool: torch.Tensor,
+        staging: torch.Tensor,
+        pairs: torch.Tensor,
+        run: list[tuple[Tier, int]],
+        *,
+        sending: bool,
+    ) -> None:
+        """Gather (``sending``: pool -> staging) or scatter (staging -> pool) whole blocks
+        of one pool on the staging buffer's device; ``pairs`` are (source, destination)
+        rows, ``run`` the same blocks as (tier, block id) for the engine copier."""
+        src, dst = (pool, staging) if sending else (staging, pool)
+        if self._copier == "triton":
+            copy_rows(src, dst, pairs, programs=self._copy_programs, check_indices=False)
+        elif self._copier == "engine":
+            for position, (_tier, block_id) in enumerate(run):
+                if sending:
+                    staging[position].copy_(pool[block_id], non_blocking=True)
+                else:
+                    pool[block_id].copy_(staging[position], non_blocking=True)
+        elif sending:
+            # As [blocks, bytes of a block]: indexing a 6-D pool computes a 6-D offset per
+            # element, several times slower than the copy itself on a GPU.
+            torch.index_select(_rows2d(pool), 0, pairs[:, 0], out=_rows2d(staging))
+        else:
+            _rows2d(pool).index_copy_(0, pairs[:, 1], _rows2d(staging))
 
     def _landing(self, run: list[tuple[Tier, int]], slot: int) -> torch.Tensor:
         direct = self._direct_view(run)
@@ -423,12 +484,15 @@ class TransferMixin:
         work.wait()  # on CUDA: the current (transfer) stream waits for the receive
         if self._direct_view(run) is not None:
             return  # received in place
-        for tier, positions, index in parts:
+        for tier, positions, rows in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            if len(positions) == len(run) and pool.device == tensor.device:
+                self._copy_whole(pool, tensor, rows[:, 1:3], run, sending=False)
+                continue
             part = tensor
             if len(positions) != len(run):
                 part = tensor[torch.tensor(positions, device=tensor.device)]
-            _rows2d(pool).index_copy_(0, index, _rows2d(part.to(pool.device)))
+            _rows2d(pool).index_copy_(0, rows[:, 0], _rows2d(part.to(pool.device)))
 
     def _finish(self) -> None:
         """Return only once the data has left (sender) or landed (receiver)."""

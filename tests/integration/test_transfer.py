@@ -12,6 +12,7 @@ import torch
 from kvservice.workers import WorkerGroup, start_worker_actors, stop_worker_actors
 
 from kvservice.coordinator_workers import RayWorkerHandle, resolve_all
+from kvservice.core.errors import InvalidArgument
 from kvservice.core.ids import BlockId, Tier, WorkerId
 from kvservice.core.layout import Layout
 from kvservice.core.migration import TransferBlocks
@@ -92,19 +93,24 @@ SCATTERED = moves(
 )
 
 
-@pytest.mark.parametrize("block_messages", [False, True])
+@pytest.mark.parametrize(
+    "block_messages,copier",
+    [(False, "triton"), (False, "torch"), (False, "engine"), (True, "triton")],
+)
 def test_blocks_cross_the_group_in_pipelined_chunks(
-    handles: dict[int, RayWorkerHandle], block_messages: bool
+    handles: dict[int, RayWorkerHandle], block_messages: bool, copier: str
 ) -> None:
-    # Blocks gathered into chunks, or one message per block grouped per chunk.
+    # Blocks gathered into chunks (by each copier), or one message per block grouped per chunk.
     group = TransferGroup(
-        "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes, block_messages=block_messages
-    )
+        "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes,
+        block_messages=block_messages, copier=copier, copy_programs=2,
+    )  # fmt: skip
     ranks = group.form(handles, {0: "cpu", 1: "cpu"})
     assert ranks == {0: 0, 1: 1} and group.backend == "gloo"
     info = handles[1].call("transfer_info")
     assert (info["rank"], info["world_size"], info["backend"]) == (1, 2, "gloo")
     assert info["block_messages"] is block_messages
+    assert (info["copier"], info["copy_programs"]) == (copier, 2)
     sent = fill(handles[0], seed=1)
     fill(handles[1], seed=2)
     received_before = handles[1].call("stats")["blocks_received"]
@@ -129,6 +135,18 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     assert all(s > 0 for s in seconds)
     group.leave(handles)
     assert handles[0].call("transfer_info")["rank"] is None
+
+
+def test_a_bad_copier_is_refused_and_changes_nothing(
+    handles: dict[int, RayWorkerHandle],
+) -> None:
+    for copier, programs in (("memcpy", None), ("triton", 0)):
+        with pytest.raises(InvalidArgument):
+            handles[0].call(
+                "transfer_join", "127.0.0.1", 1, "bad/", 0, 1, "gloo", 5.0, 1 << 20, False,
+                copier, programs,
+            )  # fmt: skip
+        assert handles[0].call("transfer_info")["rank"] is None
 
 
 def test_without_a_group_blocks_go_through_host_memory(handles: dict[int, RayWorkerHandle]) -> None:

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 from kernel_helpers import DEVICE, ON_CUDA, LaunchGuard, layer_views, lazy_huge_pool, make_pool
-from kvservice.kernels import copy, copy_blocks, copy_blocks_ref, write_kv, write_kv_ref
+from kvservice.kernels import copy, copy_blocks, copy_blocks_ref, copy_rows, write_kv, write_kv_ref
 
 # The package's ``write_kv`` attribute is the function; the module holds the kernel.
 write_kv_mod = importlib.import_module("kvservice.kernels.write_kv")
@@ -50,7 +50,13 @@ def test_write_kv_strided_rows_and_empty():
     write_kv_ref(*layer_views(expected, 0), k, v, slots)
     assert torch.equal(pool, expected)
     empty = torch.empty(0, 2, 64, dtype=FP16, device=DEVICE)
-    write_kv(*layer_views(pool, 0), empty, empty, torch.empty(0, dtype=torch.int64, device=DEVICE), use_triton=True)
+    write_kv(
+        *layer_views(pool, 0),
+        empty,
+        empty,
+        torch.empty(0, dtype=torch.int64, device=DEVICE),
+        use_triton=True,
+    )
     assert torch.equal(pool, expected)
 
 
@@ -77,9 +83,14 @@ def test_write_kv_slots_past_int32():
         pytest.param(lambda a: a.update(k=a["k"][:, :1]), id="k-heads"),
         pytest.param(lambda a: a.update(slot_mapping=a["slot_mapping"].int()), id="slot-dtype"),
         pytest.param(lambda a: a.update(slot_mapping=a["slot_mapping"] + 1000), id="slot-high"),
-        pytest.param(lambda a: a.update(slot_mapping=a["slot_mapping"] * 0 - 2), id="slot-negative"),
+        pytest.param(
+            lambda a: a.update(slot_mapping=a["slot_mapping"] * 0 - 2), id="slot-negative"
+        ),
         pytest.param(lambda a: a.update(slot_mapping=a["slot_mapping"] * 0 + 3), id="slot-twice"),
-        pytest.param(lambda a: a.update(k=a["k"].transpose(1, 2).contiguous().transpose(1, 2)), id="k-strided-dim"),
+        pytest.param(
+            lambda a: a.update(k=a["k"].transpose(1, 2).contiguous().transpose(1, 2)),
+            id="k-strided-dim",
+        ),
     ],
 )
 def test_write_kv_rejects_invalid_input_before_launch(change, monkeypatch):
@@ -98,7 +109,10 @@ def test_write_kv_rejects_invalid_input_before_launch(change, monkeypatch):
         write_kv(**args, use_triton=True)
 
 
-@pytest.mark.parametrize("dtype,block_shape", [(BF16, (2, 2, 16, 2, 64)), (FP32, (1, 2, 8, 1, 64)), (FP16, (3, 2, 1, 1, 5))])
+@pytest.mark.parametrize(
+    "dtype,block_shape",
+    [(BF16, (2, 2, 16, 2, 64)), (FP32, (1, 2, 8, 1, 64)), (FP16, (3, 2, 1, 1, 5))],
+)
 def test_copy_blocks_matches_reference(dtype, block_shape):
     num_blocks = 40 if ON_CUDA else 16
     pool = torch.randn((num_blocks, *block_shape), device=DEVICE).to(dtype)
@@ -146,3 +160,39 @@ def test_copy_blocks_rejects_invalid_pairs_before_launch(pairs, monkeypatch):
         copy_blocks(pool, torch.tensor([[0, 1]], dtype=torch.int32), use_triton=True)
     with pytest.raises(ValueError):
         copy_blocks(pool[:, :, 0], torch.tensor([[0, 1]]), use_triton=True)
+
+
+@pytest.mark.parametrize("programs", [None, 1, 3])
+def test_copy_rows_gathers_and_scatters_like_indexing(programs):
+    # Blocks of 2,560 words: two chunks each, the second partial, so with few programs
+    # every program loops over items of several blocks.
+    block_shape = (1, 2, 16, 2, 160)
+    pool = torch.randn((12, *block_shape), device=DEVICE).to(BF16)
+    staging = torch.zeros((5, *block_shape), dtype=BF16, device=DEVICE)
+    blocks = torch.tensor([9, 2, 7, 0, 11])
+    gather = torch.stack([blocks, torch.arange(5)], dim=1)
+    copy_rows(pool, staging, gather, programs=programs, use_triton=True)
+    assert torch.equal(staging.view(torch.uint8), pool[blocks.to(DEVICE)].view(torch.uint8))
+    back = torch.zeros_like(pool)
+    copy_rows(staging, back, gather.flip(1), programs=programs, use_triton=True)
+    assert torch.equal(back[blocks.to(DEVICE)], staging)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[blocks] = False
+    assert not back[untouched.to(DEVICE)].any()
+
+
+def test_copy_rows_rejects_bad_arguments_before_launch(monkeypatch):
+    monkeypatch.setattr(copy, "_copy_blocks_kernel", LaunchGuard())
+    pool = make_pool(8, 1, 8, 1, 64, FP16)
+    staging = torch.zeros((2, *pool.shape[1:]), dtype=FP16, device=DEVICE)
+    ok = torch.tensor([[0, 1]])
+    for src, dst, pairs, programs in (
+        (pool, staging, torch.tensor([[0, 2]]), None),  # destination past the staging rows
+        (pool, staging, torch.tensor([[8, 0]]), None),  # source past the pool
+        (pool, staging.to(BF16), ok, None),  # dtype differs
+        (pool, staging[:, :, 0], ok, None),  # block shape differs
+        (pool, staging, ok, 0),  # no programs
+    ):
+        with pytest.raises(ValueError):
+            copy_rows(src, dst, pairs, programs=programs, use_triton=True)
+    assert not staging.any()
