@@ -623,6 +623,12 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             num_bytes / plain_s / 1e9,
         )
         recv = handles[1].call("stats")["call_time"]["recv_blocks"]
+        # Where the last block transfer's host time went, on each side.
+        phases_ms = {
+            "send": handles[0].call("transfer_info")["last_ms"].get("send"),
+            "recv": handles[1].call("transfer_info")["last_ms"].get("recv"),
+        }
+        progress("  last block transfer, host ms per phase: %s", phases_ms)
         variants: dict[str, float] = {}
         with phase("chunk size and message variants"):
             knobs = ("chunk_bytes", "block_messages", "copier", "copy_programs")
@@ -677,6 +683,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "block_transfer_gbps": num_bytes / block_s / 1e9,
             "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
             "block_over_nccl_pct": 100 * plain_s / block_s,
+            "last_transfer_host_ms": phases_ms,
             "copier": group.copier,
             "copy_programs": group.copy_programs,
             "variants_gbps": variants,

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from kvservice.core.errors import KVServiceError
+from kvservice.workers.actor import TICKET_GROUP
 from kvservice.workers.wire import PlanEncoder, decode_result, encode_tensor
 from kvservice.workers.worker import StaleEpoch
 
@@ -48,6 +49,8 @@ class WorkerHandle(Protocol):
     worker_id: int
 
     def submit(self, method: str, *args: Any, **kwargs: Any) -> PendingCall: ...
+
+    def submit_ticket_call(self, method: str, *args: Any, **kwargs: Any) -> PendingCall: ...
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -121,6 +124,10 @@ class LocalWorkerHandle:
             self._queue.append(pending)
         return pending
 
+    def submit_ticket_call(self, method: str, *args: Any, **kwargs: Any) -> PendingCall:
+        """A step ticket's call: here, in order with the others."""
+        return self.submit(method, *args, **kwargs)
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.submit(method, *args, **kwargs).result()
 
@@ -193,13 +200,29 @@ class RayWorkerHandle:
             ref = getattr(self.actor, method).remote(*args, **kwargs)
             return _RayPending(self, ref, learns_epoch=method == "info")
         if method in WIRE_METHODS:
-            wire_args = [encode_tensor(a) for a in args]
-            if len(wire_args) > 1:
-                wire_args[1] = self._plans.encode(wire_args[1])  # (layer, plan, ...)
-            options = {k: encode_tensor(v) for k, v in kwargs.items()}
+            wire_args, options = self._wire_form(args, kwargs)
             ref = self.actor.wire_call.remote(self.epoch, method, *wire_args, **options)
             return _RayPending(self, ref, wire=True)
         return _RayPending(self, self.actor.fenced.remote(self.epoch, method, *args, **kwargs))
+
+    def submit_ticket_call(self, method: str, *args: Any, **kwargs: Any) -> PendingCall:
+        """A step ticket's ``attend``, on the worker's ticket threads: it may run beside
+        and in any order with this handle's other ticket calls (``RayWorker.ticket_call``)."""
+        if self.epoch is None or method not in WIRE_METHODS:
+            return self.submit(method, *args, **kwargs)
+        wire_args, options = self._wire_form(args, kwargs)
+        ticket_call = self.actor.ticket_call.options(concurrency_group=TICKET_GROUP)
+        return _RayPending(
+            self, ticket_call.remote(self.epoch, method, *wire_args, **options), wire=True
+        )
+
+    def _wire_form(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        wire_args = [encode_tensor(a) for a in args]
+        if len(wire_args) > 1:
+            wire_args[1] = self._plans.encode(wire_args[1])  # (layer, plan, ...)
+        return wire_args, {k: encode_tensor(v) for k, v in kwargs.items()}
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self.submit(method, *args, **kwargs).result()

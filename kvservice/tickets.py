@@ -107,7 +107,7 @@ class Ticket:
         for group in self.groups:
             rows = group.rows
             calls.append(
-                group.handle.submit(
+                group.handle.submit_ticket_call(
                     "attend", layer, group.plan, _rows(q, rows), _rows(k_new, rows),
                     _rows(v_new, rows), ticket=self.ticket_id, **options,
                 )

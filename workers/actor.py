@@ -8,6 +8,14 @@ A stopped worker leaves its bundle vacant; ``start_worker_in_bundle`` puts a new
 there (scaling back up reuses the GPU). Actors run with ``TRANSFER_ENV`` set (NVLS and
 multicast off for NCCL transfers between workers).
 
+Step tickets' attention calls (``ticket_call``) run on threads of their own (Ray's
+concurrency group ``TICKET_GROUP``) beside the one thread of every other call: a ticket
+call holds the worker's lock only while it checks its arguments and queues its kernels,
+and waits for its output outside it, so the next call's kernels are queued while this
+call's run and its output goes back. Every other call holds the lock throughout and keeps
+Ray's per-caller order; ticket calls in flight together may run in any order (a call that
+needs another's writes waits for its result first, as a model's next layer does).
+
 Restarts: Ray re-runs the constructor, so a restarted worker has a new epoch, zeroed
 pools and an empty ledger. Calls are never retried on a restarted worker
 (``max_task_retries=0``): a call in flight when a worker dies fails, and the caller
@@ -16,8 +24,10 @@ learns of the loss instead of reading a fresh, empty pool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +48,18 @@ DEFAULT_NAMESPACE = "kvservice"
 ACTOR_NAME_PREFIX = "kvservice-worker-"
 PLACEMENT_GROUP_NAME = "kvservice-workers"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TICKET_GROUP = "tickets"
+# Two threads: one queues a call's kernels while the other waits for and returns its own.
+TICKET_THREADS = 2
 
 
 def make_worker_actor(**ray_options: Any) -> ActorClass:
-    """``Worker`` as a Ray actor class, with ``ray_options`` (num_gpus, max_restarts, ...)."""
+    """``Worker`` as a Ray actor class, with ``ray_options`` (num_gpus, max_restarts, ...)
+    and the ticket calls' concurrency group."""
     import ray
 
-    return ray.remote(**ray_options)(RayWorker) if ray_options else ray.remote(RayWorker)
+    options = {"concurrency_groups": {TICKET_GROUP: TICKET_THREADS}, **ray_options}
+    return ray.remote(**options)(RayWorker)
 
 
 class RayWorker(Worker):
@@ -62,17 +77,42 @@ class RayWorker(Worker):
             torch.set_num_threads(1)
         self._wire_plans = PlanDecoder(size=32)
         self._profiler: Any = None
+        # Held by every call while it touches the worker (see the module docstring).
+        self._lock = threading.RLock()
+
+    def fenced(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return super().fenced(epoch, method, *args, **kwargs)
 
     def wire_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """``fenced(epoch, method, ...)`` with wire plans and tensors decoded; tensors in
         the result come back in wire form."""
+        with self._lock, self._profiled():
+            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
+            options = {k: decode_tensor(v) for k, v in kwargs.items()}
+            return encode_result(self.fenced(epoch, method, *decoded, **options))
+
+    def ticket_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``wire_call`` of an ``attend`` through a step ticket, for the ticket threads:
+        the lock is held while the call is checked and queued, not while its output
+        comes back. Anything else is refused: only ticket calls may run out of order."""
+        if method != "attend" or kwargs.get("ticket") is None:
+            raise InvalidArgument(f"only attend through a step ticket runs here, not {method!r}")
+        with self._lock, self._profiled():
+            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
+            options = {k: decode_tensor(v) for k, v in kwargs.items()}
+            pending = self.fenced(epoch, "attend_to_host", *decoded, **options)
+        return encode_result(pending.wait())
+
+    @contextlib.contextmanager
+    def _profiled(self) -> Iterator[None]:
+        """This thread's work under ``profile_calls`` (entered under the lock: one thread
+        at a time)."""
         profiler = self._profiler
         if profiler is not None:
             profiler.enable()
         try:
-            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
-            options = {k: decode_tensor(v) for k, v in kwargs.items()}
-            return encode_result(self.fenced(epoch, method, *decoded, **options))
+            yield
         finally:
             if profiler is not None:
                 profiler.disable()

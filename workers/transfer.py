@@ -91,6 +91,7 @@ class TransferMixin:
     _block_messages: bool = False
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
+    _last_phases: dict[str, dict[str, float]]
 
     if TYPE_CHECKING:
 
@@ -148,6 +149,7 @@ class TransferMixin:
             self._block_messages = bool(block_messages)
             self._copier = copier
             self._copy_programs = copy_programs
+            self._last_phases = {}
             return self.transfer_info()
 
     def transfer_leave(self) -> None:
@@ -174,12 +176,14 @@ class TransferMixin:
             "block_messages": self._block_messages if joined else None,
             "copier": self._copier if joined else None,
             "copy_programs": self._copy_programs if joined else None,
+            "last_ms": dict(self._last_phases) if joined else {},
         }
 
     # ----------------------------------------------------------------- blocks
     def send_blocks(self, dst_rank: int, blocks: TierBlocks) -> int:
         """Send the blocks, in order, to the ``recv_blocks`` of rank ``dst_rank``; returns
         the bytes sent."""
+        start = time.perf_counter()
         with self._entry("send_blocks"):
             peer, runs = self._transfer_args(dst_rank, blocks)
             if self._block_messages:
@@ -187,8 +191,10 @@ class TransferMixin:
                     self._send_messages(peer, runs)
                 self._finish()
                 return self._count("blocks_sent", blocks)
+            stamps = [start, time.perf_counter()]
             with self._transfer_stream():
                 indices = self._run_indices(runs)
+                stamps.append(time.perf_counter())
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
@@ -198,12 +204,15 @@ class TransferMixin:
                     in_flight.append(dist.isend(tensor, peer))
                 while in_flight:
                     in_flight.popleft().wait()
+                stamps.append(time.perf_counter())
             self._finish()
+            self._note_phases("send", stamps)
             return self._count("blocks_sent", blocks)
 
     def recv_blocks(self, src_rank: int, blocks: TierBlocks) -> int:
         """Receive the blocks of the matching ``send_blocks`` of rank ``src_rank`` into
         these blocks, in order; returns the bytes received."""
+        start = time.perf_counter()
         with self._entry("recv_blocks"):
             peer, runs = self._transfer_args(src_rank, blocks)
             if self._block_messages:
@@ -211,8 +220,10 @@ class TransferMixin:
                     self._recv_messages(peer, runs)
                 self._finish()
                 return self._count("blocks_received", blocks)
+            stamps = [start, time.perf_counter()]
             with self._transfer_stream():
                 indices = self._run_indices(runs)
+                stamps.append(time.perf_counter())
                 posted: deque[tuple[Any, torch.Tensor, int]] = deque()
                 for i, run in enumerate(runs):
                     tensor = self._landing(run, i % CHUNKS_IN_FLIGHT)
@@ -224,7 +235,9 @@ class TransferMixin:
                 while posted:
                     work, landed, j = posted.popleft()
                     self._scatter(work, landed, runs[j], indices[j])
+                stamps.append(time.perf_counter())
             self._finish()
+            self._note_phases("recv", stamps)
             return self._count("blocks_received", blocks)
 
     def transfer_probe(
@@ -493,6 +506,15 @@ class TransferMixin:
             if len(positions) != len(run):
                 part = tensor[torch.tensor(positions, device=tensor.device)]
             _rows2d(pool).index_copy_(0, rows[:, 0], _rows2d(part.to(pool.device)))
+
+    def _note_phases(self, side: str, stamps: list[float]) -> None:
+        """Host milliseconds of the last gathered transfer's phases, for operators
+        (``transfer_info()["last_ms"]``): checking the blocks, making the index tables,
+        queuing every chunk, and waiting for the device to finish."""
+        stamps.append(time.perf_counter())
+        names = ("check", "index", "queue", "device_wait")
+        spans = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        self._last_phases[side] = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
 
     def _finish(self) -> None:
         """Return only once the data has left (sender) or landed (receiver)."""

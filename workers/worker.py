@@ -38,6 +38,7 @@ from kvservice.workers.checks import (
     check_tensor,
     check_tier,
 )
+from kvservice.workers.host_result import HostResult
 from kvservice.workers.pending import PendingCopies
 from kvservice.workers.plan import AttendPlan, DevicePlan, PlanCache, PreparedPlan, prepare_plan
 from kvservice.workers.pools import (
@@ -162,6 +163,16 @@ class Worker(TransferMixin):
             tensor = tensor.contiguous()
         return tensor
 
+    def _staged_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``_to_device`` that never makes the host wait for the device: a pageable host
+        tensor is copied into pinned memory first (a pageable upload waits for all work
+        queued before it). The pinned block is not reused before the upload is done (the
+        caching host allocator records the copy's stream)."""
+        if self.device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            tensor = pinned.copy_(tensor)
+        return self._to_device(tensor)
+
     def _upload(self, prepared: PreparedPlan) -> DevicePlan:
         """The plan's kernel tensors on the device: one pinned, asynchronous copy of the
         int32 metadata and one of the slots, so the host never waits for the device here
@@ -270,83 +281,134 @@ class Worker(TransferMixin):
         ``ticket``: the step ticket the call runs under (refused once it is closed).
         """
         with self._entry("attend"):
-            self._check_ticket(ticket)
-            layer = check_index("layer", layer, self.layout.num_layers)
-            q = check_tensor("q", q, (None, None, self.layout.head_dim), self._dtype, self.device)
-            num_tokens, num_q_heads = q.shape[0], q.shape[1]
-            if num_q_heads == 0 or num_q_heads % self.layout.num_kv_heads:
-                raise InvalidArgument(
-                    f"q has {num_q_heads} heads, not a positive multiple of the layout's "
-                    f"{self.layout.num_kv_heads} KV heads"
-                )
-            if (k_new is None) != (v_new is None):
-                raise InvalidArgument("give both k_new and v_new, or neither")
-            if k_new is not None:
-                kv_shape = self._kv_shape(num_tokens)
-                k_new = check_tensor("k_new", k_new, kv_shape, self._dtype, self.device)
-                v_new = check_tensor("v_new", v_new, kv_shape, self._dtype, self.device)
-            if scale is not None:
-                if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-                    raise InvalidArgument(f"scale must be a number, got {scale!r}")
-                if not (math.isfinite(scale) and scale > 0):
-                    raise InvalidArgument(f"scale must be finite and positive, got {scale!r}")
-                scale = float(scale)
-            if sliding_window is not None:
-                sliding_window = check_index("sliding_window", sliding_window, 2**31)
-                if sliding_window < 1:
-                    raise InvalidArgument("sliding_window must be >= 1")
-            if not isinstance(return_lse, bool):
-                raise InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
-            if has_cold_blocks(plan):
-                return self.tiered.attend(
-                    layer, plan, q, k_new, v_new,
-                    scale=scale, sliding_window=sliding_window, return_lse=return_lse,
-                )  # fmt: skip
-            writes = k_new is not None
-            dev = self._plans.get(plan, num_tokens, writes)
-            if dev is None:
-                prepared = prepare_plan(
-                    plan,
-                    block_size=self.layout.block_size,
-                    num_blocks=self.num_gpu_blocks,
-                    num_q_rows=num_tokens,
-                    writes=writes,
-                )
-                dev = self._upload(prepared)
-                self._plans.put(plan, num_tokens, writes, dev)
-            prepared = dev.prepared
-            block_tables, seq_lens = dev.block_tables, dev.seq_lens
-
-            # The current stream, asked once: the waits and the timing events go on it.
-            stream = self._compute_stream()
-            self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, stream)
-            k_cache, v_cache = self._caches(layer)
-            q_dev = self._to_device(q)
-            if k_new is not None and v_new is not None:
-                with self._timer.region("write_kv", stream, sample=_SAMPLE):
-                    kernels.write_kv(
-                        k_cache, v_cache, self._to_device(k_new), self._to_device(v_new),
-                        dev.write_slots, check_indices=False,
-                    )  # fmt: skip
-            if prepared.is_decode and sliding_window is None:
-                with self._timer.region("paged_decode", stream, sample=_SAMPLE):
-                    result = kernels.paged_decode(
-                        q_dev, k_cache, v_cache, block_tables, seq_lens,
-                        scale=scale, return_lse=return_lse, check_indices=False,
-                    )  # fmt: skip
-            else:
-                with self._timer.region("paged_extend", stream, sample=_SAMPLE):
-                    result = kernels.paged_extend(
-                        q_dev, k_cache, v_cache, block_tables, dev.cu_q_lens, seq_lens,
-                        scale=scale, sliding_window=sliding_window, return_lse=return_lse,
-                        check_indices=False,
-                    )  # fmt: skip
-            if q.device == self.device:
+            result, host = self._attend_on_device(
+                layer, plan, q, k_new, v_new, scale=scale, sliding_window=sliding_window,
+                return_lse=return_lse, ticket=ticket, staged=False,
+            )  # fmt: skip
+            if host is None:
                 return result
             if return_lse:
                 out, lse = result
-                return out.to(q.device), lse.to(q.device)
-            return result.to(q.device)
+                return out.to(host), lse.to(host)
+            return result.to(host)
+
+    def attend_to_host(
+        self,
+        layer: int,
+        plan: AttendPlan,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        return_lse: bool = False,
+        ticket: int | None = None,
+    ) -> HostResult:
+        """``attend`` that returns once its work is queued: host inputs go up through
+        pinned staging and the output comes down into pinned memory, both without the host
+        waiting for the device, so the next call can be queued while this one's kernels
+        run. ``HostResult.wait()`` gives ``attend``'s result."""
+        with self._entry("attend"):
+            result, host = self._attend_on_device(
+                layer, plan, q, k_new, v_new, scale=scale, sliding_window=sliding_window,
+                return_lse=return_lse, ticket=ticket, staged=True,
+            )  # fmt: skip
+            if host is None:
+                return HostResult.ready(result)
+            return HostResult.copy_from(result, self._compute_stream())
+
+    def _attend_on_device(
+        self,
+        layer: int,
+        plan: AttendPlan,
+        q: torch.Tensor,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        *,
+        scale: float | None,
+        sliding_window: int | None,
+        return_lse: bool,
+        ticket: int | None,
+        staged: bool,
+    ) -> tuple[Any, torch.device | None]:
+        """The checked call, queued: its result on this worker's device and the device
+        it must reach (q's), or None when it is there already. ``staged``: host inputs
+        go up through pinned memory (no host wait for the device)."""
+        self._check_ticket(ticket)
+        layer = check_index("layer", layer, self.layout.num_layers)
+        q = check_tensor("q", q, (None, None, self.layout.head_dim), self._dtype, self.device)
+        num_tokens, num_q_heads = q.shape[0], q.shape[1]
+        if num_q_heads == 0 or num_q_heads % self.layout.num_kv_heads:
+            raise InvalidArgument(
+                f"q has {num_q_heads} heads, not a positive multiple of the layout's "
+                f"{self.layout.num_kv_heads} KV heads"
+            )
+        if (k_new is None) != (v_new is None):
+            raise InvalidArgument("give both k_new and v_new, or neither")
+        if k_new is not None:
+            kv_shape = self._kv_shape(num_tokens)
+            k_new = check_tensor("k_new", k_new, kv_shape, self._dtype, self.device)
+            v_new = check_tensor("v_new", v_new, kv_shape, self._dtype, self.device)
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise InvalidArgument(f"scale must be a number, got {scale!r}")
+            if not (math.isfinite(scale) and scale > 0):
+                raise InvalidArgument(f"scale must be finite and positive, got {scale!r}")
+            scale = float(scale)
+        if sliding_window is not None:
+            sliding_window = check_index("sliding_window", sliding_window, 2**31)
+            if sliding_window < 1:
+                raise InvalidArgument("sliding_window must be >= 1")
+        if not isinstance(return_lse, bool):
+            raise InvalidArgument(f"return_lse must be a bool, got {return_lse!r}")
+        if has_cold_blocks(plan):
+            tiered = self.tiered.attend(
+                layer, plan, q, k_new, v_new,
+                scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+            )  # fmt: skip
+            return tiered, None  # on q's device already
+        writes = k_new is not None
+        dev = self._plans.get(plan, num_tokens, writes)
+        if dev is None:
+            prepared = prepare_plan(
+                plan,
+                block_size=self.layout.block_size,
+                num_blocks=self.num_gpu_blocks,
+                num_q_rows=num_tokens,
+                writes=writes,
+            )
+            dev = self._upload(prepared)
+            self._plans.put(plan, num_tokens, writes, dev)
+        prepared = dev.prepared
+        block_tables, seq_lens = dev.block_tables, dev.seq_lens
+
+        # The current stream, asked once: the waits and the timing events go on it.
+        stream = self._compute_stream()
+        self._pending.wait_on_stream(Tier.GPU, prepared.read_blocks, stream)
+        k_cache, v_cache = self._caches(layer)
+        up = self._staged_to_device if staged else self._to_device
+        q_dev = up(q)
+        if k_new is not None and v_new is not None:
+            with self._timer.region("write_kv", stream, sample=_SAMPLE):
+                kernels.write_kv(
+                    k_cache, v_cache, up(k_new), up(v_new),
+                    dev.write_slots, check_indices=False,
+                )  # fmt: skip
+        if prepared.is_decode and sliding_window is None:
+            with self._timer.region("paged_decode", stream, sample=_SAMPLE):
+                result = kernels.paged_decode(
+                    q_dev, k_cache, v_cache, block_tables, seq_lens,
+                    scale=scale, return_lse=return_lse, check_indices=False,
+                )  # fmt: skip
+        else:
+            with self._timer.region("paged_extend", stream, sample=_SAMPLE):
+                result = kernels.paged_extend(
+                    q_dev, k_cache, v_cache, block_tables, dev.cu_q_lens, seq_lens,
+                    scale=scale, sliding_window=sliding_window, return_lse=return_lse,
+                    check_indices=False,
+                )  # fmt: skip
+        return result, (None if q.device == self.device else q.device)
 
     # ----------------------------------------------------------------- block moves
     def copy_blocks(self, pairs: Sequence[tuple[int, int]] | torch.Tensor) -> None:

@@ -59,3 +59,45 @@ def test_tickets_run_from_other_processes(service: Coordinator) -> None:
         ticket.attend(1, q)
     with pytest.raises(Exception, match="closed or was revoked"):
         ray.get(run_elsewhere.remote(ticket, 1, q, 1))
+
+
+def test_ticket_calls_in_flight_together_each_get_their_output(service: Coordinator) -> None:
+    # Ticket calls run on the workers' ticket threads, beside each other and the
+    # coordinator's calls: many in flight at once, each output is its own query's.
+    coord, shadow = service, Shadow()
+    ids = []
+    for i in range(4):
+        info = coord.create_sequence([50 * i + t for t in range(9)])
+        shadow.prefill(coord, info.seq_id, 9, 0)
+        ids.append(info.seq_id)
+    ticket = coord.open_ticket(ids, [1] * 4, writes=False)
+    qs = [torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim) for _ in range(8)]
+    pending = [ticket.submit(layer % 2, q) for layer, q in enumerate(qs)]
+    coord_out = coord.attend(0, ids, [1] * 4, qs[0])  # an ordered call among them
+    outs = [ticket.wait(calls) for calls in pending]
+    torch.testing.assert_close(coord_out, outs[0], atol=ATOL, rtol=1e-4)
+    for layer, (q, out) in enumerate(zip(qs, outs, strict=True)):
+        torch.testing.assert_close(
+            out, coord.attend(layer % 2, ids, [1] * 4, q), atol=ATOL, rtol=1e-4
+        )
+    coord.close_ticket(ticket.ticket_id)
+
+
+def test_the_ticket_threads_take_only_attend_through_a_ticket(service: Coordinator) -> None:
+    coord = service
+    info = coord.create_sequence(list(range(5)))
+    handle = coord._handles[info.worker_id]
+    actor, epoch = handle.actor, handle.epoch  # type: ignore[attr-defined]
+    q = torch.randn(1, NUM_Q_HEADS, LAYOUT.head_dim)
+    for method, kwargs in (
+        ("write_kv", {"ticket": 1}),
+        ("attend", {}),
+        ("attend", {"ticket": None}),
+    ):
+        with pytest.raises(Exception, match="only attend through a step ticket"):
+            ray.get(
+                actor.ticket_call.options(concurrency_group="tickets").remote(
+                    epoch, method, 0, None, q, **kwargs
+                )
+            )
+    coord.free([info.seq_id])

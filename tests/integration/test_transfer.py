@@ -116,6 +116,10 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     received_before = handles[1].call("stats")["blocks_received"]
     assert run(SCATTERED, handles, group) == "group"  # 11 blocks in 6 chunks of 2
     check(handles, SCATTERED, sent)
+    if not block_messages:  # the host time of each phase of the last gathered transfer
+        phases = handles[1].call("transfer_info")["last_ms"]["recv"]
+        assert set(phases) == {"check", "index", "queue", "device_wait"}
+        assert all(ms >= 0 for ms in phases.values())
     consecutive = moves(*((GPU, b, GPU, 16 + b) for b in range(8)))  # sent from the pool itself
     assert run(consecutive, handles, group) == "group"
     check(handles, consecutive, sent)

@@ -165,3 +165,26 @@ def test_two_sequences_writing_one_shared_block_are_refused() -> None:
         worker.attend(0, plan_for(seqs, [1, 1]), queries(2, gen), k_new, v_new)
     # reading a shared block is fine
     worker.attend(0, plan_for(seqs, [1, 1]), queries(2, gen))
+
+
+def test_attend_to_host_gives_attend_s_result_and_writes() -> None:
+    gen = torch.Generator().manual_seed(12)
+    seqs = make_seqs([11, 6, 5], gen)
+    q_lens = [3, 1, 5]
+    q = queries(sum(q_lens), gen)
+    k_new, v_new = new_kv(seqs, q_lens)
+    results = []
+    for queued in (False, True):
+        worker = make_worker()
+        write_prefix(worker, 0, seqs, [s.length - n for s, n in zip(seqs, q_lens, strict=True)])
+        plan = plan_for(seqs, q_lens)
+        if queued:
+            out, lse = worker.attend_to_host(0, plan, q, k_new, v_new, return_lse=True).wait()
+        else:
+            out, lse = worker.attend(0, plan, q, k_new, v_new, return_lse=True)
+        results.append((out, lse, worker.gpu_pool.clone()))
+    (out, lse, pool), (queued_out, queued_lse, queued_pool) = results
+    assert torch.equal(queued_out, out) and torch.equal(queued_lse, lse)
+    assert torch.equal(queued_pool, pool)  # the same new K/V written
+    with pytest.raises(InvalidArgument):
+        make_worker().attend_to_host(0, plan_for(seqs, q_lens), q[:, :3])

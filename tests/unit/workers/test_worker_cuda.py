@@ -81,3 +81,23 @@ def test_swaps_are_ordered_against_compute_without_explicit_waits() -> None:
     stats = worker.stats()
     assert stats["bytes_swapped"]["gpu_to_cpu"] == 4 * LAYOUT.block_bytes
     assert stats["kernel_time"]["swap_gpu_to_cpu"]["seconds"] > 0
+
+
+def test_calls_queued_before_any_wait_give_each_its_own_output() -> None:
+    # attend_to_host returns before the device is done: several calls queued back to back
+    # (host inputs staged through pinned memory, outputs copied into pinned memory) must
+    # each give exactly what attend gives, whatever order they are waited for in.
+    gen = torch.Generator().manual_seed(3)
+    worker = cuda_worker()
+    tables = [[3, 9, 4], [20, 21]]
+    seq_lens = [40, 17]
+    for table, length in zip(tables, seq_lens, strict=True):
+        slots = torch.tensor([table[p // 16] * 16 + p % 16 for p in range(length)])
+        worker.write_kv(0, slots, kv(length, gen), kv(length, gen))
+    plan = AttendPlan(tables, seq_lens, [1, 1])
+    qs = [torch.randn(2, 8, LAYOUT.head_dim, generator=gen).to(torch.bfloat16) for _ in range(6)]
+    pending = [worker.attend_to_host(0, plan, q) for q in qs]
+    for q, result in reversed(list(zip(qs, pending, strict=True))):
+        out = result.wait()
+        assert out.device.type == "cpu" and out.is_pinned()
+        assert torch.equal(out, worker.attend(0, plan, q))
