@@ -3,6 +3,7 @@ transfers between two workers against a plain NCCL send/recv of the same bytes.
 
     python -m benchmarks.scaling [--json] [--small] [--workers 1,2,4] [--out FILE]
         [--phases decode,capacity,transfer] [--skip-capacity] [--depth N] [--steps N]
+        [--clients-per-group N]
     python -m benchmarks.scaling --table-from FILE   (the table of a JSON written before)
 
 Starts Ray (``ray.init(num_gpus=<visible GPUs>)`` unless already connected) and, for each
@@ -16,16 +17,19 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
   steps, each one attention call per group of up to ``batch`` sequences of one worker.
   Two ways, both reported:
   ``decode`` (the figure the targets use): as a serving deployment runs, each group is
-  one client process (a Ray actor) that takes a step ticket from the coordinator
-  (``kvservice.tickets``: planned once, read-only, so it serves every step) and sends
-  its attention calls straight to its worker, ``depth`` calls in flight, so the
-  coordinator is off the per-call path; ``decode_via_coordinator``: every call through
+  served by ``clients_per_group`` client processes (Ray actors, the same number at every
+  worker count; the group's steps split between them) that take the group's step ticket
+  from the coordinator (``kvservice.tickets``: planned once, read-only, so it serves
+  every step) and send its attention calls straight to its worker, ``depth`` calls in
+  flight each, so the coordinator is off the per-call path (on the worker, ticket calls
+  queue their kernels while earlier calls' outputs go back); ``decode_via_coordinator``: every call through
   ``Coordinator.attend`` from ``depth`` threads per group of this one process, which
   bounds the calls per second whatever the number of workers. Reported: tokens/s (one
   token per sequence per step), the K/V bytes read per second, the speedup over one
   worker, wall ms per call per worker, the workers' busy share of the wall time (below
   100 %: they waited for calls), and the kernel's share of the workers' attention-call
-  time (the rest is per-call work in the worker). Ray's max_direct_call_object_size is raised
+  time (the rest is per-call work in the worker; a ticket call's time is its queuing
+  only, so there the kernel share passes 100 %). Ray's max_direct_call_object_size is raised
   (``INLINE_BYTES``) so q and the output travel inline with the call, not through the
   object store. Each sequence holds one K/V row repeated, so its attention output is
   known exactly (its V row): checked.
@@ -107,6 +111,9 @@ class Setup:
     transfer_pool_blocks: int
     iters: int
     depth: int  # calls each client (thread or process) of a call group keeps in flight
+    # Client processes per call group (ticket path): the steps are split between them, so
+    # one process's own per-call cost does not bound what its worker is fed.
+    clients_per_group: int = 1
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -129,6 +136,7 @@ GPU_SETUP = Setup(
     transfer_pool_blocks=2048,
     iters=10,
     depth=4,  # a worker with one client still has calls queued
+    clients_per_group=2,
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
@@ -261,7 +269,7 @@ def decode(
             return coord.attend(0, ids, [1] * len(ids), q)
 
         # The group's steps, shared among its lanes.
-        steps = setup.steps // setup.depth + (lane < setup.steps % setup.depth)
+        steps = _share(setup.steps, setup.depth, lane)
         try:
             errors.append(rel_err(attend(), want))
             for _ in range(setup.warmup_steps):
@@ -377,31 +385,46 @@ class StepClient:
 def decode_tickets(
     coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]], clients: list[Any]
 ) -> dict[str, Any]:
-    """``steps`` decode steps over every sequence, one client process per call group,
-    each through a read-only step ticket (the coordinator plans each group once)."""
+    """``steps`` decode steps over every sequence, ``clients_per_group`` client processes
+    per call group (the group's steps split between them), each through the group's
+    read-only step ticket (the coordinator plans each group once)."""
     import ray
 
     groups = _groups(setup, seqs)
-    if len(clients) < len(groups):
-        raise RuntimeError(f"{len(groups)} call groups but {len(clients)} client processes")
+    per_group = setup.clients_per_group
+    if len(clients) < len(groups) * per_group:
+        raise RuntimeError(
+            f"{len(groups)} call groups x {per_group} but {len(clients)} client processes"
+        )
     tickets = [coord.open_ticket(ids, [1] * len(ids), writes=False, ttl_s=3600) for ids in groups]
     try:
         args = [group_inputs(setup, seqs, ids) for ids in groups]
+        # Client k serves group k // per_group and takes its share of the group's steps.
+        lanes = [
+            (
+                clients[g * per_group + lane],
+                tickets[g],
+                args[g],
+                _share(setup.steps, per_group, lane),
+            )
+            for g in range(len(groups))
+            for lane in range(per_group)
+        ]
         # Warm-up (and the check) in every client, then the timed steps all at once.
         warm = [
             c.run.remote(t, q, want, setup.warmup_steps, 0, setup.depth)
-            for c, t, (q, want) in zip(clients, tickets, args, strict=False)
+            for c, t, (q, want), _steps in lanes
         ]
         errors = [r["err"] for r in ray.get(warm, timeout=BARRIER_TIMEOUT_S)]
         progress("  warm-up done (%d client processes, %d calls in flight each); timing %d steps",
-                 len(groups), setup.depth, setup.steps)  # fmt: skip
+                 len(lanes), setup.depth, setup.steps)  # fmt: skip
         profiled = profile_worker(coord, True)
         before = worker_times(coord)
         start_at = time.time() + CLIENT_START_DELAY_S
         timed = ray.get(
             [
-                c.timed.remote(t, q, setup.steps, setup.depth, start_at)
-                for c, t, (q, _want) in zip(clients, tickets, args, strict=False)
+                c.timed.remote(t, q, steps, setup.depth, start_at)
+                for c, t, (q, _want), steps in lanes
             ],
             timeout=BARRIER_TIMEOUT_S,
         )
@@ -413,9 +436,15 @@ def decode_tickets(
     seconds = max(r["end"] for r in timed) - min(r["start"] for r in timed)
     num_workers = len({w for w, _ in seqs.values()})
     return _decode_result(setup, len(groups), num_workers, seconds, before, after, errors) | {
-        "clients": len(groups),
+        "clients": len(lanes),
+        "clients_per_group": per_group,
         "calls_in_flight_per_client": setup.depth,
     }
+
+
+def _share(steps: int, lanes: int, lane: int) -> int:
+    """Lane ``lane``'s share of ``steps`` split over ``lanes``."""
+    return steps // lanes + (lane < steps % lanes)
 
 
 def _decode_result(
@@ -778,7 +807,8 @@ def run(
 
         progress("client processes ...")
         actor = ray.remote(num_cpus=0)(StepClient)
-        clients = [actor.remote() for _ in range(-(-setup.num_seqs // setup.batch))]
+        num_groups = -(-setup.num_seqs // setup.batch)
+        clients = [actor.remote() for _ in range(num_groups * setup.clients_per_group)]
         ray.get([c.__ray_ready__.remote() for c in clients], timeout=BARRIER_TIMEOUT_S)
         progress("client processes up: %d", len(clients))
     if phases & {"decode", "capacity"}:
@@ -799,7 +829,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"scaling on {report['card']} x{report['gpus']}: {setup['num_seqs']} sequences x "
         f"{setup['context']} tokens ({setup['layout']}), batch {setup['batch']}, "
-        f"{setup['steps']} steps, {setup['depth']} threads per group; checks "
+        f"{setup['steps']} steps, {setup['depth']} calls in flight per client, "
+        f"{setup.get('clients_per_group', 1)} client processes per group; checks "
         f"{'ok' if report['ok'] else 'FAILED'}",
         f"{'workers':>8}{'tokens/s':>12}{'KV GB/s':>10}{'x 1 worker':>12}{'ms/call':>9}"
         f"{'busy %':>8}{'kernel %':>10}{'via coord':>11}{'max seqs':>10}{'x 1 worker':>12}"
@@ -861,6 +892,10 @@ def main(argv: list[str] | None = None) -> int:
         "--depth", type=int, default=None, help="client threads (calls in flight) per call group"
     )
     parser.add_argument(
+        "--clients-per-group", type=int, default=None,
+        help="client processes per call group on the ticket path (the steps split between them)",
+    )  # fmt: skip
+    parser.add_argument(
         "--phases",
         default=",".join(PHASES),
         help=f"which of {','.join(PHASES)} to run (comma-separated)",
@@ -889,6 +924,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = replace(setup, steps=args.steps)
     if args.depth:
         setup = replace(setup, depth=args.depth)
+    if args.clients_per_group:
+        setup = replace(setup, clients_per_group=args.clients_per_group)
     if args.workers:
         counts = [int(w) for w in args.workers.split(",")]
     else:
