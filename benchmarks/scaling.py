@@ -587,6 +587,7 @@ def median_seconds(fn: Any, iters: int) -> float:
 
 # Other ways to cut and copy the same transfer (TransferGroup settings over the defaults).
 TRANSFER_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("chunks_128MiB", {"chunk_bytes": 128 << 20}),
     ("chunks_256MiB", {"chunk_bytes": 256 << 20}),
     ("chunks_1GiB", {"chunk_bytes": 1 << 30}),
     ("block_messages", {"block_messages": True}),

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from kvservice.kernels import copy_rows
@@ -63,6 +64,7 @@ DEFAULT_COPY_PROGRAMS: int | None = None  # one program per 16 KiB of the chunk
 DEFAULT_TIMEOUT_S = 120.0
 
 TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
+_TIERS = tuple(Tier)  # by value
 
 
 def apply_transfer_env() -> None:
@@ -92,6 +94,7 @@ class TransferMixin:
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
     _last_phases: dict[str, dict[str, float]]
+    _table: np.ndarray  # the checked (tier, block id) rows of the transfer under way
 
     if TYPE_CHECKING:
 
@@ -326,18 +329,42 @@ class TransferMixin:
         peer = check_index("peer rank", peer_rank, dist.get_world_size())
         if peer == self._transfer_rank:
             raise InvalidArgument("a worker does not transfer to itself")
-        checked: list[tuple[Tier, int]] = []
-        for tier, block_id in blocks:
-            which = Tier(check_index("tier", tier, len(Tier)))
-            pool = self.gpu_pool if which is Tier.GPU else self.cpu_pool
-            checked.append((which, check_index("block id", block_id, pool.shape[0])))
+        table = self._check_blocks(blocks)
+        self._table = table
+        tiers = [_TIERS[t] for t in table[:, 0].tolist()]
+        checked = list(zip(tiers, table[:, 1].tolist(), strict=True))
         per_chunk = max(1, self._chunk_bytes // self._block_bytes())
         runs = [checked[i : i + per_chunk] for i in range(0, len(checked), per_chunk)]
         for tier in Tier:
-            ids = [b for t, b in checked if t is tier]
-            if ids:
-                self._pending.wait_on_host(tier, ids)
+            ids = table[table[:, 0] == tier, 1]
+            if ids.size:
+                self._pending.wait_on_host(tier, ids.tolist())
         return peer, runs
+
+    def _check_blocks(self, blocks: TierBlocks) -> np.ndarray:
+        """``blocks`` as a checked [n, 2] int64 array of (tier, block id), checked all at
+        once: a transfer names hundreds of blocks, and a Python check per block costs as
+        much host time as a chunk on the wire."""
+        try:
+            table = np.asarray(blocks if len(blocks) else np.empty((0, 2), np.int64))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"blocks must be (tier, block id) pairs: {exc}") from None
+        if table.ndim != 2 or table.shape[1] != 2 or table.dtype.kind not in "iu":
+            raise InvalidArgument("blocks must be (tier, block id) pairs of ints")
+        table = table.astype(np.int64, copy=False)
+        tiers = table[:, 0]
+        bad = (tiers < 0) | (tiers >= len(Tier))
+        if bad.any():
+            raise InvalidArgument(f"tier must be in [0, {len(Tier)}), got {int(tiers[bad][0])}")
+        for tier in Tier:
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            ids = table[tiers == tier, 1]
+            wrong = (ids < 0) | (ids >= pool.shape[0])
+            if wrong.any():
+                raise InvalidArgument(
+                    f"{tier.name} block id must be in [0, {pool.shape[0]}), got {int(ids[wrong][0])}"
+                )
+        return table
 
     def _block_bytes(self) -> int:
         return self.gpu_pool[0].numel() * self.gpu_pool.element_size()
@@ -379,36 +406,33 @@ class TransferMixin:
         """Per run, per tier: (tier, positions in the run, rows) where rows is [n, 3] on the
         pool's device: (block id, position, block id). Its first column is the index of the
         torch copier; columns 0-1 are the copy kernel's (source, destination) pairs for a
-        gather, columns 1-2 for a scatter (views, no copies). All of it goes to the device
-        in one asynchronous copy from pinned memory: one pageable copy per chunk would
-        stall the host on the stream each time."""
-        parts: list[list[tuple[Tier, list[int], list[int]]]] = [_by_tier(run) for run in runs]
+        gather, columns 1-2 for a scatter (views, no copies). Made with numpy from the
+        checked table, and all of it goes to the device in one asynchronous copy from
+        pinned memory: one pageable copy per chunk would stall the host on the stream."""
         out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
+        if not runs:
+            return out
+        table, per_chunk = self._table, len(runs[0])
+        order = np.arange(table.shape[0])
+        run_of, position = order // per_chunk, order % per_chunk
         for tier in Tier:
-            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
-            rows = [
-                (b, p, b)
-                for per_run in parts
-                for t, positions, bs in per_run
-                if t is tier
-                for p, b in zip(positions, bs, strict=True)
-            ]
-            if not rows:
+            mask = table[:, 0] == tier
+            if not mask.any():
                 continue
-            host = torch.tensor(rows, dtype=torch.int64)
-            if pool.device.type == "cuda":
-                table = host.pin_memory().to(pool.device, non_blocking=True)
-            else:
-                table = host
+            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+            ids, where = table[mask, 1], position[mask]
+            host = torch.from_numpy(np.stack([ids, where, ids], axis=1))
+            rows = (
+                host.pin_memory().to(pool.device, non_blocking=True)
+                if pool.device.type == "cuda"
+                else host
+            )
+            counts = np.bincount(run_of[mask], minlength=len(runs)).tolist()
             at = 0
-            for k, per_run in enumerate(parts):
-                for t, positions, bs in per_run:
-                    if t is tier:
-                        out[k].append((t, positions, table[at : at + len(bs)]))
-                        at += len(bs)
-        order = {tier: i for i, tier in enumerate(Tier)}
-        for tables in out:
-            tables.sort(key=lambda part: order[part[0]])
+            for k, count in enumerate(counts):
+                if count:
+                    out[k].append((tier, where[at : at + count].tolist(), rows[at : at + count]))
+                    at += count
         return out
 
     def _gather(
@@ -539,13 +563,3 @@ def _batch(op: Any, tensors: list[torch.Tensor], peer: int) -> list[Any]:
 def _wait_all(works: list[Any]) -> None:
     for work in works:
         work.wait()
-
-
-def _by_tier(run: list[tuple[Tier, int]]) -> list[tuple[Tier, list[int], list[int]]]:
-    """(tier, positions in the run, block ids) for each tier present."""
-    out = []
-    for tier in Tier:
-        positions = [i for i, (t, _) in enumerate(run) if t is tier]
-        if positions:
-            out.append((tier, positions, [run[i][1] for i in positions]))
-    return out

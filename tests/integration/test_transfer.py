@@ -111,6 +111,10 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     assert (info["rank"], info["world_size"], info["backend"]) == (1, 2, "gloo")
     assert info["block_messages"] is block_messages
     assert (info["copier"], info["copy_programs"]) == (copier, 2)
+    # Bad blocks are refused before anything is sent (the peer is not left waiting).
+    for bad in ([(0, 32)], [(0, -1)], [(2, 0)], [(0, 1.5)], [(0,)], [(1, 8)]):
+        with pytest.raises(InvalidArgument):
+            handles[0].call("send_blocks", 1, bad)
     sent = fill(handles[0], seed=1)
     fill(handles[1], seed=2)
     received_before = handles[1].call("stats")["blocks_received"]
