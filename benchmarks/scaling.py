@@ -114,6 +114,7 @@ class Setup:
     # Client processes per call group (ticket path): the steps are split between them, so
     # one process's own per-call cost does not bound what its worker is fed.
     clients_per_group: int = 1
+    other_clients_per_group: tuple[int, ...] = ()  # also timed, reported beside
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -125,7 +126,7 @@ GPU_SETUP = Setup(
     num_seqs=256,
     context=16384,
     batch=64,
-    steps=200,
+    steps=400,
     warmup_steps=3,
     num_gpu_blocks=300_000,  # 18.3 GiB per worker
     max_context=16384,
@@ -137,6 +138,7 @@ GPU_SETUP = Setup(
     iters=10,
     depth=4,  # a worker with one client still has calls queued
     clients_per_group=2,
+    other_clients_per_group=(1,),
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
@@ -155,6 +157,7 @@ SMALL_SETUP = Setup(
     transfer_pool_blocks=128,
     iters=5,
     depth=2,
+    other_clients_per_group=(2,),
 )
 
 
@@ -383,7 +386,11 @@ class StepClient:
 
 
 def decode_tickets(
-    coord: Coordinator, setup: Setup, seqs: dict[int, tuple[int, torch.Tensor]], clients: list[Any]
+    coord: Coordinator,
+    setup: Setup,
+    seqs: dict[int, tuple[int, torch.Tensor]],
+    clients: list[Any],
+    per_group: int | None = None,
 ) -> dict[str, Any]:
     """``steps`` decode steps over every sequence, ``clients_per_group`` client processes
     per call group (the group's steps split between them), each through the group's
@@ -391,7 +398,7 @@ def decode_tickets(
     import ray
 
     groups = _groups(setup, seqs)
-    per_group = setup.clients_per_group
+    per_group = per_group or setup.clients_per_group
     if len(clients) < len(groups) * per_group:
         raise RuntimeError(
             f"{len(groups)} call groups x {per_group} but {len(clients)} client processes"
@@ -554,6 +561,13 @@ def run_workers(
                 result["decode"] = decode_tickets(coord, setup, seqs, clients)
             saved()
             report_decode(result["decode"])
+            for per_group in setup.other_clients_per_group:
+                # The same path with another number of client processes, for comparison.
+                with phase(f"decode, {per_group} client processes per group"):
+                    other = decode_tickets(coord, setup, seqs, clients, per_group)
+                    result[f"decode_{per_group}_clients_per_group"] = other
+                saved()
+                report_decode(other)
             with phase("decode, every call through the coordinator"):
                 result["decode_via_coordinator"] = decode(coord, setup, seqs)
             saved()
@@ -690,6 +704,43 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             by_group()  # the default path's copy is the one checked
             moved = handles[1].call("export_blocks", Tier.GPU, dst)
             ok = bool(torch.equal(moved, data))
+        # The same path over more bytes: the fixed costs of a transfer (the two actor
+        # calls, checking and indexing the blocks) weigh less. Sources repeat (a block
+        # may be sent several times); destinations are distinct.
+        times = max(1, min(4, setup.transfer_pool_blocks // n))
+        with phase(f"a {times}x bigger transfer"):
+            big_src = [src[i] for i in torch.randint(0, n, (n * times,), generator=gen).tolist()]
+            big_dst = torch.randperm(setup.transfer_pool_blocks, generator=gen)[: n * times]
+            big = TransferBlocks(
+                WorkerId(0), WorkerId(1),
+                tuple((Tier.GPU, BlockId(s), Tier.GPU, BlockId(int(d)))
+                      for s, d in zip(big_src, big_dst, strict=True)),
+            )  # fmt: skip
+            big_bytes = num_bytes * times
+
+            def big_by_group() -> None:
+                calls: list[Any] = []
+                submit_transfer(big, handles, group, calls)
+                resolve_all(calls)
+
+            def big_plain() -> None:
+                resolve_all([
+                    handles[0].submit("transfer_probe", group.ranks[1], big_bytes, True, 1),
+                    handles[1].submit("transfer_probe", group.ranks[0], big_bytes, False, 1),
+                ])  # fmt: skip
+
+            big_plain_s = median_seconds(big_plain, setup.iters)
+            big_block_s = median_seconds(big_by_group, setup.iters)
+        bigger = {
+            "blocks": n * times,
+            "bytes": big_bytes,
+            "block_transfer_gbps": big_bytes / big_block_s / 1e9,
+            "nccl_send_recv_gbps": big_bytes / big_plain_s / 1e9,
+            "block_over_nccl_pct": 100 * big_plain_s / big_block_s,
+        }
+        progress("  %d blocks: blocks %.1f GB/s, plain %.1f GB/s (%.0f %%)", n * times,
+                 bigger["block_transfer_gbps"], bigger["nccl_send_recv_gbps"],
+                 bigger["block_over_nccl_pct"])  # fmt: skip
         with phase("through host memory"):
             host_s = median_seconds(through_host, 1)
         # A whole migration through the coordinator: sequences over about the same blocks.
@@ -714,6 +765,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
             "block_over_nccl_pct": 100 * plain_s / block_s,
             "last_transfer_host_ms": phases_ms,
+            "bigger": bigger,
             "copier": group.copier,
             "copy_programs": group.copy_programs,
             "variants_gbps": variants,
@@ -809,7 +861,8 @@ def run(
         progress("client processes ...")
         actor = ray.remote(num_cpus=0)(StepClient)
         num_groups = -(-setup.num_seqs // setup.batch)
-        clients = [actor.remote() for _ in range(num_groups * setup.clients_per_group)]
+        most = max((setup.clients_per_group, *setup.other_clients_per_group))
+        clients = [actor.remote() for _ in range(num_groups * most)]
         ray.get([c.__ray_ready__.remote() for c in clients], timeout=BARRIER_TIMEOUT_S)
         progress("client processes up: %d", len(clients))
     if phases & {"decode", "capacity"}:
@@ -853,6 +906,18 @@ def table(report: dict[str, Any]) -> str:
             else f"{'-':>10}{'-':>12}"
         )
         lines.append(f"{r['workers']:>8}{cells}{cap}  {r.get('placement', '-')}")
+    for key in sorted({k for r in report["runs"] for k in r if k.endswith("_clients_per_group")}):
+        per_group = key.removeprefix("decode_").removesuffix("_clients_per_group")
+        base = next((r[key]["tokens_s"] for r in report["runs"] if key in r), None)
+        lines.append(
+            f"  ticket path with {per_group} client process(es) per group: "
+            + ", ".join(
+                f"{r['workers']} worker(s) {r[key]['tokens_s']:.0f} tokens/s "
+                f"({r[key]['tokens_s'] / base:.2f}x)"
+                for r in report["runs"]
+                if key in r and base
+            )
+        )
     for r in report["runs"]:
         lines.append(
             f"  {r['workers']} worker(s) phases: "
@@ -867,6 +932,13 @@ def table(report: dict[str, Any]) -> str:
             f"through host {t['host_path_gbps']:.1f} GB/s; migration "
             + (f"{t['migration_gbps']:.1f} GB/s" if t["migration_gbps"] else "-")
         )
+        big = t.get("bigger")
+        if big:
+            lines.append(
+                f"  {big['blocks']} blocks ({big['bytes'] / 2**20:.0f} MiB): blocks "
+                f"{big['block_transfer_gbps']:.1f} GB/s, plain send/recv "
+                f"{big['nccl_send_recv_gbps']:.1f} GB/s = {big['block_over_nccl_pct']:.0f} %"
+            )
         lines.append(
             "  transfer phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in t["phase_s"].items())
         )
