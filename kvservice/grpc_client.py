@@ -10,6 +10,10 @@ codes (DEADLINE_EXCEEDED, CANCELLED, ...) stay ``grpc.RpcError``.
 The tenant travels as ``kvservice-tenant`` metadata and a token as
 ``authorization: Bearer``; give ``root_certificates`` (PEM) for TLS. ``timeout`` is the
 default deadline of every call, in seconds.
+
+WriteKV and Attend requests carry tensors of up to many MiB: they are serialized here
+(``kvservice.wire.serialize_with_tensors``, one copy of each tensor's bytes) and go
+out through a method that sends those bytes as they are.
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ from kvservice.wire import (
     TENANT_KEY,
     append_tokens_to_proto,
     decode_tensor,
-    encode_tensor,
     layout_from_proto,
     message_options,
     sequence_info_from_proto,
+    serialize_with_tensors,
 )
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVService"]
+# Methods whose requests ``_Calls`` serializes itself, with their reply types.
+_PRESERIALIZED = {"WriteKV": pb.WriteKVResponse, "Attend": pb.AttendResponse}
 
 
 def _none(_reply: Any) -> None:
@@ -87,7 +95,15 @@ class _Calls:
             self._channel = self._channels.secure_channel(address, credentials, options=options)
         else:
             self._channel = self._channels.insecure_channel(address, options=options)
-        self._stub = pb_grpc.KVServiceStub(self._channel)
+        stub = pb_grpc.KVServiceStub(self._channel)
+        self._methods: dict[str, Any] = {name: getattr(stub, name) for name in _SERVICE.methods_by_name}
+        for name, reply_type in _PRESERIALIZED.items():
+            self._methods[name] = self._channel.unary_unary(
+                f"/{_SERVICE.full_name}/{name}",
+                request_serializer=None,  # the request is bytes already
+                response_deserializer=reply_type.FromString,
+                _registered_method=True,
+            )
 
     def _metadata(self, tenant: str | None) -> Metadata:
         # The default tenant is not named: the server then uses the caller's own tenant
@@ -138,9 +154,10 @@ class _Calls:
         *,
         tenant: str | None = None,
     ) -> Any:
-        request = pb.WriteKVRequest(layer=layer, seq_ids=seq_ids, q_lens=q_lens)
-        encode_tensor(k, request.k)
-        encode_tensor(v, request.v)
+        request = serialize_with_tensors(
+            pb.WriteKVRequest(layer=layer, seq_ids=seq_ids, q_lens=q_lens),
+            {pb.WriteKVRequest.K_FIELD_NUMBER: k, pb.WriteKVRequest.V_FIELD_NUMBER: v},
+        )
         return self._invoke("WriteKV", request, tenant, _none)
 
     def attend(
@@ -157,7 +174,7 @@ class _Calls:
         return_lse: bool = False,
         tenant: str | None = None,
     ) -> Any:
-        request = pb.AttendRequest(
+        header = pb.AttendRequest(
             layer=layer,
             seq_ids=seq_ids,
             q_lens=q_lens,
@@ -165,11 +182,14 @@ class _Calls:
             sliding_window=sliding_window,
             return_lse=return_lse,
         )
-        encode_tensor(q, request.q)
-        if k_new is not None:
-            encode_tensor(k_new, request.k_new)
-        if v_new is not None:
-            encode_tensor(v_new, request.v_new)
+        request = serialize_with_tensors(
+            header,
+            {
+                pb.AttendRequest.Q_FIELD_NUMBER: q,
+                pb.AttendRequest.K_NEW_FIELD_NUMBER: k_new,
+                pb.AttendRequest.V_NEW_FIELD_NUMBER: v_new,
+            },
+        )
         return self._invoke("Attend", request, tenant, _attend_result(return_lse))
 
     def lookup_prefix(self, tokens: Sequence[int], *, tenant: str | None = None) -> Any:
@@ -199,9 +219,7 @@ class GrpcTransport(_Calls):
 
     def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> T:
         try:
-            reply = getattr(self._stub, rpc)(
-                request, timeout=self._timeout, metadata=self._metadata(tenant)
-            )
+            reply = self._methods[rpc](request, timeout=self._timeout, metadata=self._metadata(tenant))
         except grpc.RpcError as exc:
             raise _as_kvservice_error(exc) from None
         return parse(reply)
@@ -229,7 +247,7 @@ class AsyncGrpcTransport(_Calls):
         self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]
     ) -> T:
         try:
-            reply = await getattr(self._stub, rpc)(
+            reply = await self._methods[rpc](
                 request, timeout=self._timeout, metadata=self._metadata(tenant)
             )
         except grpc.RpcError as exc:

@@ -6,6 +6,12 @@ Tensors are never pickled. A ``kvservice.v1.Tensor`` holds the elements in row-m
 order as their native little-endian bytes. bfloat16 has no numpy type, so every tensor
 travels through a ``uint8`` view of its storage, which keeps the exact bit patterns.
 
+Encoding for the large calls (``serialize_with_tensors``) writes a message's tensor fields
+by hand, so the tensor's bytes are copied once, into the finished message, instead of
+three times (to bytes, into the message, out to the wire form); the result parses to the
+same message. Decoding reads a field's bytes (which copies them out of the message) and
+builds the tensor over that copy, without copying again.
+
 Decoding trusts nothing: the dtype must be a known name, every dimension non-negative and
 the byte count exactly ``product(shape) * itemsize``; anything else is InvalidArgument
 naming the field, so a malformed message becomes INVALID_ARGUMENT at the edge and never a
@@ -15,7 +21,8 @@ crash or a misread tensor further in.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import cast
 
@@ -84,8 +91,71 @@ def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    # A bytearray copy keeps the tensor writable and independent of the message.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+    return _bytes_tensor(data).view(dtype).reshape(shape)
+
+
+# Below this many bytes a copy costs less than it saves (and tiny bytes may be shared).
+_ADOPT_MIN_BYTES = 4096
+_adopted_once = False
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    """A writable uint8 tensor of ``data``, which must be a fresh copy nobody else holds.
+
+    Reading a bytes field gives a new object each time, so the tensor can use its memory
+    as it is: a 256 KiB query is then copied once on the way in, not twice. torch warns,
+    once per process, that bytes are not writable; the first adoption silences that
+    warning, which is about exactly this case.
+    """
+    global _adopted_once
+    if len(data) < _ADOPT_MIN_BYTES:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if _adopted_once:
+        return torch.frombuffer(data, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.frombuffer(data, dtype=torch.uint8)
+    _adopted_once = True
+    return tensor
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_LEN = 2  # the wire type of bytes, strings and embedded messages
+_DATA_KEY = _varint(pb.Tensor.DATA_FIELD_NUMBER << 3 | _LEN)
+
+
+def tensor_field(number: int, tensor: torch.Tensor) -> list[bytes | memoryview]:
+    """Field ``number`` holding ``tensor`` as a ``Tensor`` message, in wire form: pieces to
+    join, the last one a view of the tensor's own bytes (nothing copied yet)."""
+    name = _NAMES.get(tensor.dtype)
+    if name is None:
+        raise InvalidArgument(f"dtype {tensor.dtype} cannot travel; known: {sorted(DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().data  # a memoryview of the storage
+    head = pb.Tensor(dtype=name, shape=tensor.shape).SerializeToString()
+    if len(data):  # as protobuf does, an empty bytes field is left out
+        head += _DATA_KEY + _varint(len(data))
+    return [_varint(number << 3 | _LEN) + _varint(len(head) + len(data)) + head, data]
+
+
+def serialize_with_tensors(msg: object, tensors: Mapping[int, torch.Tensor | None]) -> bytes:
+    """``msg`` in wire form with each tensor in ``tensors`` (field number -> tensor, None
+    for unset) as its field; ``msg`` must leave those fields unset. Parses to the message
+    that ``encode_tensor`` into each field would give; each tensor's bytes are copied once.
+    """
+    pieces: list[bytes | memoryview] = [msg.SerializeToString()]  # type: ignore[attr-defined]
+    for number, tensor in tensors.items():
+        if tensor is not None:
+            pieces += tensor_field(number, tensor)
+    return b"".join(pieces)
 
 
 def decode_optional_tensor(parent: object, field: str) -> torch.Tensor | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from kvservice.wire import (
     decode_optional_tensor,
     decode_tensor,
     encode_tensor,
+    serialize_with_tensors,
 )
 
 
@@ -125,3 +128,44 @@ def test_append_tokens_refuses_a_malformed_request(request_fields: dict, message
     request = pb.AppendTokensRequest(seq_ids=[1], **request_fields)
     with pytest.raises(InvalidArgument, match=message):
         append_tokens_from_proto(request)
+
+
+def _attend_header() -> pb.AttendRequest:
+    return pb.AttendRequest(layer=3, seq_ids=[7, 8], q_lens=[1, 1], scale=0.125, return_lse=True)
+
+
+@pytest.mark.parametrize("with_kv", [True, False])
+def test_serialize_with_tensors_parses_to_the_message_encode_tensor_builds(with_kv: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 64, generator=gen)  # big enough to be adopted, not copied, on decode
+    k = torch.randn(4, 2, 16, generator=gen).to(torch.bfloat16).transpose(0, 1)  # non-contiguous
+    v = torch.zeros(0, 2, 16)  # empty
+    fields = {
+        pb.AttendRequest.Q_FIELD_NUMBER: q,
+        pb.AttendRequest.K_NEW_FIELD_NUMBER: k if with_kv else None,
+        pb.AttendRequest.V_NEW_FIELD_NUMBER: v if with_kv else None,
+    }
+    wire = pb.AttendRequest.FromString(serialize_with_tensors(_attend_header(), fields))
+    expected = _attend_header()
+    encode_tensor(q, expected.q)
+    if with_kv:
+        encode_tensor(k, expected.k_new)
+        encode_tensor(v, expected.v_new)
+    assert wire == expected
+    assert wire.HasField("k_new") is with_kv and wire.HasField("v_new") is with_kv
+    assert torch.equal(decode_tensor(wire.q), q)
+
+
+def test_serialize_with_tensors_refuses_a_dtype_that_cannot_travel() -> None:
+    with pytest.raises(InvalidArgument, match="complex64"):
+        serialize_with_tensors(pb.AttendRequest(), {4: torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_a_large_decoded_tensor_is_writable_independent_and_silent() -> None:
+    msg = encode_tensor(torch.zeros(64, 16, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "buffer is not writable" warning must not show
+        back = decode_tensor(msg)
+        back += 1
+        again = decode_tensor(msg)
+    assert torch.equal(again, torch.zeros(64, 16, 64)) and torch.equal(back, torch.ones(64, 16, 64))
