@@ -1,0 +1,155 @@
+"""Where a block transfer's time goes: two worker objects in two processes (no Ray, one
+GPU each), the same 1 GiB moved several ways, each side timed inside its process.
+
+    python -m benchmarks.transfer_parts [--blocks 512] [--iters 10] [--json]
+
+Rows (median ms of ``iters``, the slower side; GB/s of the bytes moved):
+- ``plain``: ``transfer_probe``, one contiguous buffer sent and received (the link);
+- ``consecutive``: ``send_blocks``/``recv_blocks`` of consecutive blocks, which go from
+  and into the pools directly (the chunk pipeline and its stream waits, no copies);
+- ``scattered <copier>``: scattered blocks gathered into staging chunks and scattered
+  back, per copier (the service's path);
+- ``scattered, N chunks in flight``: the same with more staging buffers per side;
+- ``gather only``: the sender's gathers of every chunk without sending (device time).
+
+Needs two GPUs; NVLS and multicast stay off (``TRANSFER_ENV``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kvservice.core.ids import Tier
+from kvservice.core.layout import Layout
+
+LAYOUT = Layout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+POOL_BLOCKS = 2048
+GROUP_KEY = "transfer-parts/"
+
+
+def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
+    import kvservice.workers.transfer as transfer
+    from kvservice.kernels import copy_rows
+    from kvservice.workers import Worker
+
+    transfer.apply_transfer_env()
+    worker = Worker(
+        rank, LAYOUT, device=f"cuda:{rank}", num_gpu_blocks=POOL_BLOCKS, num_cpu_blocks=1
+    )
+    peer = 1 - rank
+    gen = torch.Generator().manual_seed(rank)
+    scattered = [
+        (int(Tier.GPU), b) for b in torch.randperm(POOL_BLOCKS, generator=gen)[:blocks].tolist()
+    ]
+    consecutive = [(int(Tier.GPU), b) for b in range(blocks)]
+    num_bytes = blocks * LAYOUT.block_bytes
+    results: dict[str, float] = {}
+
+    def join(copier: str = "triton") -> None:
+        worker.transfer_join("127.0.0.1", port, GROUP_KEY + copier, rank, 2, "nccl", copier=copier)
+
+    def timed(name: str, fn: Any) -> None:
+        fn()  # warm-up
+        times = []
+        for _ in range(iters):
+            dist.barrier()
+            torch.cuda.synchronize(worker.device)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        results[name] = statistics.median(times)
+
+    def moves(which: list[tuple[int, int]]) -> Any:
+        if rank == 0:
+            return lambda: worker.send_blocks(peer, which)
+        return lambda: worker.recv_blocks(peer, which)
+
+    join()
+    timed("plain", lambda: worker.transfer_probe(peer, num_bytes, rank == 0))
+    timed("consecutive", moves(consecutive))
+    for copier in ("triton", "torch"):
+        join(copier)
+        timed(f"scattered {copier}", moves(scattered))
+    join()
+    default_in_flight = transfer.CHUNKS_IN_FLIGHT
+    for in_flight in (1, 8):
+        transfer.CHUNKS_IN_FLIGHT = in_flight
+        worker._staging_buffers = None
+        timed(f"scattered, {in_flight} chunks in flight", moves(scattered))
+    transfer.CHUNKS_IN_FLIGHT = default_in_flight
+    worker._staging_buffers = None
+
+    per_chunk = transfer.CHUNK_BYTES // LAYOUT.block_bytes
+    staging = torch.empty(
+        (per_chunk, *LAYOUT.block_shape), dtype=worker.gpu_pool.dtype, device=worker.device
+    )
+    ids = torch.tensor([b for _, b in scattered], device=worker.device)
+
+    def gather_only() -> None:
+        for start in range(0, blocks, per_chunk):
+            part = ids[start : start + per_chunk]
+            pairs = torch.stack([part, torch.arange(len(part), device=worker.device)], dim=1)
+            copy_rows(worker.gpu_pool, staging[: len(part)], pairs, check_indices=False)
+        torch.cuda.synchronize(worker.device)
+
+    timed("gather only", gather_only)
+    worker.transfer_leave()
+    queue.put((rank, results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if torch.cuda.device_count() < 2:
+        print("needs two GPUs", file=sys.stderr)
+        return 2
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                       "NVSHMEM_DISABLE_NVLS": "1"})  # fmt: skip
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=120))  # fmt: skip
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_side, args=(rank, store.port, args.blocks, args.iters, queue))
+        for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    sides = dict(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    num_bytes = args.blocks * LAYOUT.block_bytes
+    rows = {
+        name: {
+            "ms": 1e3 * max(sides[0][name], sides[1][name]),
+            "gbps": num_bytes / max(sides[0][name], sides[1][name]) / 1e9,
+        }
+        for name in sides[0]
+    }
+    rows["gather only"] = {"ms": 1e3 * sides[0]["gather only"],
+                           "gbps": num_bytes / sides[0]["gather only"] / 1e9}  # fmt: skip
+    report = {"card": torch.cuda.get_device_name(0), "bytes": num_bytes, "rows": rows}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    print(f"{args.blocks} blocks ({num_bytes / 2**20:.0f} MiB) on {report['card']}")
+    for name, row in rows.items():
+        print(f"  {name:<34}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
