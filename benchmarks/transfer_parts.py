@@ -56,8 +56,12 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     num_bytes = blocks * LAYOUT.block_bytes
     results: dict[str, float] = {}
 
+    joins = iter(range(1 << 30))
+
     def join(copier: str = "triton") -> None:
-        worker.transfer_join("127.0.0.1", port, GROUP_KEY + copier, rank, 2, "nccl", copier=copier)
+        # A new store prefix per group: a prefix used before still holds its rendezvous.
+        key = f"{GROUP_KEY}{next(joins)}/"
+        worker.transfer_join("127.0.0.1", port, key, rank, 2, "nccl", copier=copier)
 
     def timed(name: str, fn: Any) -> None:
         fn()  # warm-up
