@@ -73,6 +73,7 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
             fn()
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
+        print(f"rank {rank}: {name} {1e3 * results[name]:.2f} ms", file=sys.stderr, flush=True)
 
     def moves(which: list[tuple[int, int]]) -> Any:
         if rank == 0:
@@ -101,11 +102,12 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     ids = torch.tensor([b for _, b in scattered], device=worker.device)
 
     def gather_only() -> None:
-        for start in range(0, blocks, per_chunk):
-            part = ids[start : start + per_chunk]
-            pairs = torch.stack([part, torch.arange(len(part), device=worker.device)], dim=1)
-            copy_rows(worker.gpu_pool, staging[: len(part)], pairs, check_indices=False)
-        torch.cuda.synchronize(worker.device)
+        with torch.cuda.device(worker.device):  # Triton launches on the current device
+            for start in range(0, blocks, per_chunk):
+                part = ids[start : start + per_chunk]
+                pairs = torch.stack([part, torch.arange(len(part), device=worker.device)], dim=1)
+                copy_rows(worker.gpu_pool, staging[: len(part)], pairs, check_indices=False)
+            torch.cuda.synchronize(worker.device)
 
     timed("gather only", gather_only)
     worker.transfer_leave()
