@@ -36,6 +36,25 @@ from kvservice.core.layout import Layout
 LAYOUT = Layout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
 POOL_BLOCKS = 2048
 GROUP_KEY = "transfer-parts/"
+# (copier, copy kernel programs or None for a full grid, chunks in flight per side)
+SCATTERED_RUNS = (
+    ("triton", None, 3),
+    ("torch", None, 3),
+    ("triton", None, 8),
+    ("triton", 32, 3),
+    ("triton", 64, 3),
+    ("triton", 128, 3),
+    ("triton", 64, 8),
+)
+# The sender's gathers alone: (programs, words per program step, warps)
+GATHER_RUNS = (
+    (None, 2048, 4),
+    (None, 4096, 8),
+    (32, 2048, 4),
+    (64, 2048, 4),
+    (128, 2048, 4),
+    (64, 4096, 8),
+)
 
 
 def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
@@ -58,10 +77,12 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
 
     joins = iter(range(1 << 30))
 
-    def join(copier: str = "triton") -> None:
+    def join(copier: str = "triton", programs: int | None = None) -> None:
         # A new store prefix per group: a prefix used before still holds its rendezvous.
         key = f"{GROUP_KEY}{next(joins)}/"
-        worker.transfer_join("127.0.0.1", port, key, rank, 2, "nccl", copier=copier)
+        worker.transfer_join(
+            "127.0.0.1", port, key, rank, 2, "nccl", copier=copier, copy_programs=programs
+        )
 
     def timed(name: str, fn: Any) -> None:
         fn()  # warm-up
@@ -83,15 +104,13 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     join()
     timed("plain", lambda: worker.transfer_probe(peer, num_bytes, rank == 0))
     timed("consecutive", moves(consecutive))
-    for copier in ("triton", "torch"):
-        join(copier)
-        timed(f"scattered {copier}", moves(scattered))
-    join()
     default_in_flight = transfer.CHUNKS_IN_FLIGHT
-    for in_flight in (1, 8):
+    for copier, programs, in_flight in SCATTERED_RUNS:
+        join(copier, programs)
         transfer.CHUNKS_IN_FLIGHT = in_flight
         worker._staging_buffers = None
-        timed(f"scattered, {in_flight} chunks in flight", moves(scattered))
+        grid = "full grid" if programs is None else f"{programs} programs"
+        timed(f"scattered {copier}, {grid}, {in_flight} in flight", moves(scattered))
     transfer.CHUNKS_IN_FLIGHT = default_in_flight
     worker._staging_buffers = None
 
@@ -101,15 +120,23 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     )
     ids = torch.tensor([b for _, b in scattered], device=worker.device)
 
-    def gather_only() -> None:
+    def gather_only(programs: int | None) -> None:
         with torch.cuda.device(worker.device):  # Triton launches on the current device
             for start in range(0, blocks, per_chunk):
                 part = ids[start : start + per_chunk]
                 pairs = torch.stack([part, torch.arange(len(part), device=worker.device)], dim=1)
-                copy_rows(worker.gpu_pool, staging[: len(part)], pairs, check_indices=False)
+                copy_rows(worker.gpu_pool, staging[: len(part)], pairs, programs=programs,
+                          check_indices=False)  # fmt: skip
             torch.cuda.synchronize(worker.device)
 
-    timed("gather only", gather_only)
+    import kvservice.kernels.copy as copy_kernel
+
+    for programs, words, warps in GATHER_RUNS:
+        copy_kernel._CHUNK, copy_kernel._NUM_WARPS = words, warps
+        grid = "full grid" if programs is None else f"{programs} programs"
+        timed(
+            f"gather only, {grid}, {words} words x {warps} warps", lambda p=programs: gather_only(p)
+        )
     worker.transfer_leave()
     queue.put((rank, results))
 
@@ -146,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in sides[0]
     }
-    rows["gather only"] = {"ms": 1e3 * sides[0]["gather only"],
-                           "gbps": num_bytes / sides[0]["gather only"] / 1e9}  # fmt: skip
+    for name in rows:
+        if name.startswith("gather only"):  # the sender's own
+            rows[name] = {"ms": 1e3 * sides[0][name], "gbps": num_bytes / sides[0][name] / 1e9}
     report = {"card": torch.cuda.get_device_name(0), "bytes": num_bytes, "rows": rows}
     if args.json:
         print(json.dumps(report, indent=2))
     print(f"{args.blocks} blocks ({num_bytes / 2**20:.0f} MiB) on {report['card']}")
     for name, row in rows.items():
-        print(f"  {name:<34}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
+        print(f"  {name:<52}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
     return 0
 
 

@@ -21,6 +21,7 @@ from ._common import require, use_triton_for
 
 # Words moved by one program: 16 KiB of int64 keeps many loads in flight per SM.
 _CHUNK = 2048
+_NUM_WARPS = 4
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def launch_block_copy(
     grid = (num_items if programs is None else max(1, min(programs, num_items)),)
     _copy_blocks_kernel[grid](
         src_words, dst_words, pairs, block_words, pairs.stride(0), num_items, chunks,
-        CHUNK=_CHUNK, num_warps=4,
+        CHUNK=_CHUNK, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
