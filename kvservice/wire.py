@@ -21,6 +21,7 @@ crash or a misread tensor further in.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -97,6 +98,7 @@ def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
 # Below this many bytes a copy costs less than it saves (and tiny bytes may be shared).
 _ADOPT_MIN_BYTES = 4096
 _adopted_once = False
+_adopting_first = threading.Lock()  # catch_warnings swaps process-wide state
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -112,10 +114,10 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if _adopted_once:
         return torch.frombuffer(data, dtype=torch.uint8)
-    with warnings.catch_warnings():
+    with _adopting_first, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.frombuffer(data, dtype=torch.uint8)
-    _adopted_once = True
+        _adopted_once = True
     return tensor
 
 
