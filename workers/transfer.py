@@ -60,7 +60,10 @@ CHUNK_BYTES = 64 << 20
 CHUNKS_IN_FLIGHT = 3
 COPIERS = ("triton", "torch", "engine")
 DEFAULT_COPIER = "triton"
-DEFAULT_COPY_PROGRAMS: int | None = None  # one program per 16 KiB of the chunk
+# A copy kernel with a grid over every SM runs its blocks before NCCL's kernel gets an SM,
+# so copies and the wire take turns: on an H200 pair (benchmarks/transfer_parts.py) 1 GiB
+# of scattered blocks took 6.3 ms with a full grid, 4.2 ms with 64 programs (link: 3.3).
+DEFAULT_COPY_PROGRAMS: int | None = 64
 DEFAULT_TIMEOUT_S = 120.0
 
 TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
