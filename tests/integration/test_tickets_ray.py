@@ -101,3 +101,51 @@ def test_the_ticket_threads_take_only_attend_through_a_ticket(service: Coordinat
                 )
             )
     coord.free([info.seq_id])
+
+
+def test_ticket_calls_beside_the_coordinator_s_commands_stay_exact(service: Coordinator) -> None:
+    # Threads keep ticket calls in flight over some sequences while the coordinator
+    # creates, writes, attends, forks and frees others on the same workers: the ticket
+    # threads and the ordered thread share the worker, and neither sees the other's work.
+    import threading
+
+    coord, shadow = service, Shadow(seed=3)
+    ids = []
+    for i in range(4):
+        info = coord.create_sequence([70 * i + t for t in range(6)])
+        shadow.prefill(coord, info.seq_id, 6, 0)
+        ids.append(info.seq_id)
+    ticket = coord.open_ticket(ids, [1] * 4, writes=False)
+    q = torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim)
+    expected = coord.attend(1, ids, [1] * 4, q)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def run_ticket() -> None:
+        try:
+            while not stop.is_set():
+                pending = [ticket.submit(1, q) for _ in range(3)]
+                for calls in pending:
+                    torch.testing.assert_close(ticket.wait(calls), expected, atol=ATOL, rtol=1e-4)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_ticket) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(6):
+            info = coord.create_sequence([900 + 10 * i + t for t in range(5)])
+            shadow.prefill(coord, info.seq_id, 5, info.num_cached_tokens)
+            children = coord.fork(info.seq_id, 2)
+            shadow.fork(info.seq_id, children)
+            coord.append_tokens(children[:1], [[1]])
+            out, want = shadow.attend(coord, 0, children[:1], [1], [6])
+            torch.testing.assert_close(out, want, atol=ATOL, rtol=1e-4)
+            coord.free([info.seq_id, *children])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors[0]
+    coord.close_ticket(ticket.ticket_id)
