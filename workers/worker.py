@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -77,6 +78,9 @@ class StaleEpoch(RuntimeError):
         return f"worker {worker_id} restarted: epoch {actual}, the call was for epoch {expected}"
 
 
+RECENT_CALLS = 1024  # per entry point, for the median of ``stats()["call_time"]``
+
+
 class Worker(TransferMixin):
     def __init__(
         self,
@@ -122,6 +126,9 @@ class Worker(TransferMixin):
         self._counters: dict[str, int] = defaultdict(int)
         self._call_calls: dict[str, int] = defaultdict(int)
         self._call_seconds: dict[str, float] = defaultdict(float)
+        # The last calls' own times per entry point, for a median: a mean is pulled up
+        # by the few calls a busy host stalls, so it under-states what a call usually costs.
+        self._call_recent: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=RECENT_CALLS))
         logger.info(
             "worker %d epoch %d on %s: %d device-tier and %d host-tier blocks of %d bytes",
             worker_id, self.epoch, self.device, num_gpu, num_cpu, layout.block_bytes,
@@ -148,8 +155,10 @@ class Worker(TransferMixin):
         start = time.perf_counter()
         with self._on_device():
             yield
+        seconds = time.perf_counter() - start
         self._call_calls[name] += 1
-        self._call_seconds[name] += time.perf_counter() - start
+        self._call_seconds[name] += seconds
+        self._call_recent[name].append(seconds)
 
     def _compute_stream(self) -> torch.cuda.Stream | None:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -597,7 +606,12 @@ class Worker(TransferMixin):
             "tiered": self.tiered.stats(),
             "kernel_time": self._timer.totals(),
             "call_time": {
-                name: {"calls": self._call_calls[name], "seconds": self._call_seconds[name]}
+                name: {
+                    "calls": self._call_calls[name],
+                    "seconds": self._call_seconds[name],
+                    "recent_median_s": statistics.median(self._call_recent[name]),
+                    "recent_calls": len(self._call_recent[name]),
+                }
                 for name in sorted(self._call_calls)
             },
         }

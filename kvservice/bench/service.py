@@ -13,9 +13,11 @@ own channel) three phases run one after another, ``--seconds`` each:
 
 Reported per phase and client count: calls, ops/s (calls over the clients' mean time
 spent inside timed calls, so untimed setup does not count) and p50/p99 latency. For the
-single-client Attend also ``attend_added_ms``: its p50 minus the worker's own mean time
-per ``attend`` call, read from the ``call_time`` entries of the workers in the server's
-Stats over that phase. Targets on a 2-core machine (reported, not asserted):
+single-client Attend also ``attend_added_ms``: its p50 minus the median of the worker's
+own time per ``attend`` call over that phase (``recent_median_s`` of the worker's
+``call_time`` in the server's Stats: its last 1,024 calls); the mean is reported too, but
+a few calls stalled by a busy host pull it up, so p50 minus the mean under-states the
+time a call spends outside the worker. Targets on a 2-core machine (reported, not asserted):
 AppendTokens(256) p50 <= 2 ms, ``attend_added_ms`` <= 1.5 ms.
 
 Also reported, to read those against: ``floor``, the p50 of an empty AppendTokens (no
@@ -153,14 +155,17 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _worker_attend(stats: dict[str, Any]) -> tuple[int, float]:
-    """(calls, seconds) of the workers' ``attend`` entry point, over every worker."""
-    calls, seconds = 0, 0.0
+def _worker_attend(stats: dict[str, Any]) -> tuple[int, float, float | None]:
+    """(calls, seconds, median seconds of the recent calls) of the workers' ``attend``
+    entry point, over every worker (the median from the one worker that has calls)."""
+    calls, seconds, median = 0, 0.0, None
     for worker in stats["workers"].values():
         entry = worker.get("worker", {}).get("call_time", {}).get("attend", {})
         calls += int(entry.get("calls", 0))
         seconds += float(entry.get("seconds", 0.0))
-    return calls, seconds
+        if entry.get("recent_median_s") is not None:
+            median = float(entry["recent_median_s"])
+    return calls, seconds, median
 
 
 def _row(clients: list[_Client]) -> dict[str, Any]:
@@ -195,7 +200,7 @@ async def _phases(
         deadline = time.perf_counter() + seconds
         await asyncio.gather(*(c.append(deadline) for c in clients))
 
-    worker: list[tuple[int, float]] = []
+    worker: list[tuple[int, float, float | None]] = []
 
     async def attend(clients: list[_Client]) -> None:
         ids = [await c.prefill() for c in clients]
@@ -210,7 +215,7 @@ async def _phases(
             start.set()
             await asyncio.gather(*tasks)
             after = _worker_attend(admin.stats())
-        worker.append((after[0] - before[0], after[1] - before[1]))
+        worker.append((after[0] - before[0], after[1] - before[1], after[2]))
         for c, i in zip(clients, ids, strict=True):
             await c.transport.free(i, tenant=TENANT)
 
@@ -247,13 +252,15 @@ def run_service_bench(
                 layout = admin.layout()
             floor_ms = asyncio.run(_floor(target.address, token, min(seconds, 1.0)))
             results: dict[str, Any] = {}
-            worker_ms = 0.0
+            worker_ms = worker_median_ms = 0.0
             for n in clients:
-                rows, (calls, secs) = asyncio.run(
+                rows, (calls, secs, median) = asyncio.run(
                     _phases(target.address, token, layout, n, seconds)
                 )
                 if n == clients[0]:
                     worker_ms = 1e3 * secs / calls if calls else 0.0
+                    # Median of the phase's calls (the worker keeps its last 1,024).
+                    worker_median_ms = 1e3 * median if median is not None else worker_ms
                 results[str(n)] = rows
     finally:
         torch.set_num_threads(threads)
@@ -271,7 +278,9 @@ def run_service_bench(
             "clients": clients[0],
             "attend_p50_ms": attend_p50,
             "worker_attend_mean_ms": round(worker_ms, 3),
-            "attend_added_ms": round(attend_p50 - worker_ms, 3),
+            "worker_attend_median_ms": round(worker_median_ms, 3),
+            "attend_added_ms": round(attend_p50 - worker_median_ms, 3),
+            "attend_added_over_mean_ms": round(attend_p50 - worker_ms, 3),
         },
         "targets": {
             "append_p50_ms": {
@@ -281,8 +290,8 @@ def run_service_bench(
             },
             "attend_added_ms": {
                 "target": TARGETS["attend_added_ms"],
-                "value": round(attend_p50 - worker_ms, 3),
-                "met": attend_p50 - worker_ms <= TARGETS["attend_added_ms"],
+                "value": round(attend_p50 - worker_median_ms, 3),
+                "met": attend_p50 - worker_median_ms <= TARGETS["attend_added_ms"],
             },
         },
     }
@@ -327,8 +336,9 @@ def _print_table(result: dict[str, Any]) -> None:
     )
     added = result["attend_added"]
     out.write(
-        f"attend at {added['clients']} client(s): p50 {added['attend_p50_ms']} ms, worker mean "
-        f"{added['worker_attend_mean_ms']} ms, added {added['attend_added_ms']} ms\n"
+        f"attend at {added['clients']} client(s): p50 {added['attend_p50_ms']} ms, worker median "
+        f"{added['worker_attend_median_ms']} ms (mean {added['worker_attend_mean_ms']}), "
+        f"added {added['attend_added_ms']} ms\n"
     )
     for name, t in result["targets"].items():
         out.write(
