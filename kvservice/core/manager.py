@@ -124,7 +124,9 @@ class KVCacheManager(ManagerSteps):
         if len(order) > 1:
             candidates = [
                 WorkerCandidate(
-                    ws.worker_id, len(hits[ws.worker_id]) * self.block_size, ws.gpu.num_queued,
+                    ws.worker_id,
+                    len(hits[ws.worker_id]) * self.block_size,
+                    ws.gpu.num_queued,
                     ws.gpu.num_blocks,
                 )  # fmt: skip
                 for ws in order
@@ -137,7 +139,12 @@ class KVCacheManager(ManagerSteps):
             shared = hits[ws.worker_id]
             cpu_reserved = sum(1 for m in shared if m.tier is Tier.CPU and m.ref_cnt == 0)
             victims = plan_victims(
-                ws, num_blocks - len(shared), (), self._pins, held=set(shared), cpu_reserved=cpu_reserved
+                ws,
+                num_blocks - len(shared),
+                (),
+                self._pins,
+                held=set(shared),
+                cpu_reserved=cpu_reserved,
             )
             if victims is not None:
                 break
@@ -188,14 +195,29 @@ class KVCacheManager(ManagerSteps):
         self._expire_pins()
         commands: list[Command] = []
         end = 0
+        bs, workers, upserts = self.block_size, self._workers, self._upserts
         for i, (seq, new) in enumerate(zip(seqs, tokens, strict=True)):
             if not new:
                 continue
             start, end = end, end + len(new)
+            old_len = len(seq.tokens)
+            if end - start == 1 and old_len % bs and not seq.num_cpu_blocks:
+                # A decode step's usual token: it lands in the last block, which is on the
+                # GPU, private and not cached (a partial block has no hash), so nothing is
+                # allocated, copied or uncached (what ``_append`` finds too, at several
+                # times the cost).
+                last = seq.blocks[-1]
+                if last.ref_cnt == 1 and last.block_hash is None:
+                    seq.tokens.append(flat[start])
+                    workers[seq.worker_id].eviction.touch(seq.seq_id)
+                    upserts.add(seq.seq_id)
+                    continue
             step = self._append(seq, flat[start:end])
             if step is None:
-                return commands, i, OutOfMemory(
-                    f"no room to grow sequence {seq.seq_id}", seq.worker_id
+                return (
+                    commands,
+                    i,
+                    OutOfMemory(f"no room to grow sequence {seq.seq_id}", seq.worker_id),
                 )
             commands += step
         return commands, len(seqs), None
@@ -229,8 +251,15 @@ class KVCacheManager(ManagerSteps):
         children = []
         for _ in range(n):
             child = SeqState(
-                self._new_seq_id(), seq.tenant, seq.worker_id, seq.tokens.copy(), seq.blocks.copy(),
-                seq.block_ids.copy(), seq.num_cpu_blocks, seq.num_computed, seq.hashes.copy(),
+                self._new_seq_id(),
+                seq.tenant,
+                seq.worker_id,
+                seq.tokens.copy(),
+                seq.blocks.copy(),
+                seq.block_ids.copy(),
+                seq.num_cpu_blocks,
+                seq.num_computed,
+                seq.hashes.copy(),
             )
             self._seqs[child.seq_id] = ws.seqs[child.seq_id] = child
             ws.eviction.touch(child.seq_id)
@@ -284,7 +313,6 @@ class KVCacheManager(ManagerSteps):
             if hits:
                 out[worker_id] = len(hits) * self.block_size
         return out
-
 
     @classmethod
     def from_ledgers(

@@ -14,6 +14,7 @@ feeds them; a restart rebuilds the manager from them and must find every sequenc
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import hypothesis.strategies as st
@@ -34,6 +35,7 @@ from kvservice.core.commands import (
     FreeBlocks,
     OutOfMemory,
     PoolSizes,
+    StepResult,
     SwapIn,
     SwapOut,
 )
@@ -81,7 +83,8 @@ class CoreMachine(RuleBasedStateMachine):
                     self.mem[(c.worker_id, c.tier, b)] = [POISON] * BS
                 continue
             src_tier, dst_tier = {
-                CopyBlocks: (Tier.GPU, Tier.GPU), SwapOut: (Tier.GPU, Tier.CPU),
+                CopyBlocks: (Tier.GPU, Tier.GPU),
+                SwapOut: (Tier.GPU, Tier.CPU),
                 SwapIn: (Tier.CPU, Tier.GPU),
             }[type(c)]
             for src, dst in c.pairs:
@@ -154,10 +157,39 @@ class CoreMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
+    def append_many(self, data: st.DataObject) -> None:
+        # A step's appends in one call: the same commands and the same state as the
+        # appends one at a time (a twin manager does those), up to the first that runs
+        # out of memory.
+        sids = data.draw(
+            st.lists(st.sampled_from(self.live()), min_size=1, max_size=6, unique=True)
+        )
+        news = [data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=2)) for _ in sids]
+        twin = copy.deepcopy(self.m, {id(self): self})  # the manager's clock is ours
+        commands, done, oom = self.m.append_many(sids, news)
+        expected: list[Command] = []
+        for sid, new in zip(sids[:done], news[:done], strict=True):
+            one = twin.append(sid, new)
+            assert isinstance(one, StepResult), one
+            expected += one.commands
+        if oom is not None:
+            assert isinstance(twin.append(sids[done], news[done]), OutOfMemory)
+        else:
+            assert done == len(sids)
+        assert commands == expected
+        assert self.snapshot(self.m) == self.snapshot(twin)
+        self.apply(commands)
+        for sid, new in zip(sids[:done], news[:done], strict=True):
+            self.tokens[sid] += new
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
     def decode(self, data: st.DataObject) -> None:
         w = self.m.sequence(data.draw(st.sampled_from(self.live()))).worker_id
         sids = data.draw(st.lists(st.sampled_from(self.on_worker(w)), min_size=1, unique=True))
-        toks = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(sids), max_size=len(sids)))
+        toks = data.draw(
+            st.lists(st.integers(0, VOCAB - 1), min_size=len(sids), max_size=len(sids))
+        )
         before = self.snapshot(self.m)
         plan = self.m.prepare_decode(sids, toks)
         if isinstance(plan, OutOfMemory):
@@ -374,7 +406,9 @@ class CollidingHashMachine(CoreMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self._patched = [(mod, mod.chain_hash) for mod in (prefix_module, steps_module, ledger_module)]
+        self._patched = [
+            (mod, mod.chain_hash) for mod in (prefix_module, steps_module, ledger_module)
+        ]
 
         def weak(parent: int, data: bytes) -> int:
             return xxhash.xxh3_64_intdigest(data, parent) & 3
@@ -388,7 +422,9 @@ class CollidingHashMachine(CoreMachine):
 
 
 FAST = settings(
-    max_examples=120, stateful_step_count=50, deadline=None,
+    max_examples=120,
+    stateful_step_count=50,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestCoreMachine = CoreMachine.TestCase
