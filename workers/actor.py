@@ -88,8 +88,7 @@ class RayWorker(Worker):
         """``fenced(epoch, method, ...)`` with wire plans and tensors decoded; tensors in
         the result come back in wire form."""
         with self._lock, self._profiled():
-            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
-            options = {k: decode_tensor(v) for k, v in kwargs.items()}
+            decoded, options = self._decoded(args, kwargs)
             return encode_result(self.fenced(epoch, method, *decoded, **options))
 
     def ticket_call(self, epoch: int, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -99,10 +98,17 @@ class RayWorker(Worker):
         if method != "attend" or kwargs.get("ticket") is None:
             raise InvalidArgument(f"only attend through a step ticket runs here, not {method!r}")
         with self._lock, self._profiled():
-            decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
-            options = {k: decode_tensor(v) for k, v in kwargs.items()}
+            decoded, options = self._decoded(args, kwargs)
             pending = self.fenced(epoch, "attend_to_host", *decoded, **options)
         return encode_result(pending.wait())
+
+    def _decoded(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A wire call's arguments: plans and tensors decoded (under the lock: the plan
+        decoder's cache is shared)."""
+        decoded = tuple(decode_tensor(self._wire_plans.decode(a)) for a in args)
+        return decoded, {k: decode_tensor(v) for k, v in kwargs.items()}
 
     @contextlib.contextmanager
     def _profiled(self) -> Iterator[None]:
