@@ -66,7 +66,8 @@ DEFAULT_COPIER = "triton"
 DEFAULT_COPY_PROGRAMS: int | None = 64
 DEFAULT_TIMEOUT_S = 120.0
 
-TierBlocks = Sequence[tuple[int, int]]  # (tier, block id) per block, in transfer order
+# (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
+TierBlocks = Sequence[tuple[int, int]] | np.ndarray
 _TIERS = tuple(Tier)  # by value
 
 
