@@ -1,4 +1,4 @@
-# Sourced by the GPU lease scripts: Ray and friends from the wheels carried in .whl/ (no
+# Sourced by the GPU machine scripts: Ray and friends from the wheels carried in .whl/ (no
 # package index there) into /tmp/site, the checkout importable as kvservice, NVLS and
 # multicast off for NCCL. Needs OUT and PY set.
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled

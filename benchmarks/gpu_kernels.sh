@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU lease for the kernels: the kernel tests on CUDA, then the attention and swap
+# One run on a GPU machine for the kernels: the kernel tests on CUDA, then the attention and swap
 # benchmarks. Writes logs and JSON under $OUT (default ./out) and prints tables last.
 #   bash benchmarks/gpu_kernels.sh [--quick]   (extra arguments go to benchmarks.attention)
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU lease for the scaling benchmark (run on a 4-GPU box, or 2): decode throughput
+# One run on a GPU machine for the scaling benchmark (run on a 4-GPU box, or 2): decode throughput
 # at 1, 2 and 4 workers, capacity, and block transfer against plain NCCL send/recv.
 # Ray comes as wheels in .whl/ (no index there), installed as benchmarks/gpu_service.sh does.
 #   bash benchmarks/gpu_scaling.sh [extra benchmarks.scaling arguments]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU lease for the service layers: worker CUDA tests and benchmark under Ray, the
+# One run on a GPU machine for the service layers: worker CUDA tests and benchmark under Ray, the
 # end-to-end generation benchmark, and the long-context benchmark when present.
 # Ray and the gRPC health/reflection packages come as wheels in .whl/ (no index there).
 #   bash benchmarks/gpu_service.sh [step ...]   steps: tests graphs worker e2e longctx
