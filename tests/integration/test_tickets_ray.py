@@ -32,6 +32,16 @@ def service(ray_cluster: None) -> Iterator[Coordinator]:
         coordinator.close()
 
 
+def prefilled(coord: Coordinator, shadow: Shadow, *, base: int, length: int) -> list[int]:
+    """Four sequences of ``length`` distinct tokens, written through the coordinator."""
+    ids = []
+    for i in range(4):
+        info = coord.create_sequence([base * i + t for t in range(length)])
+        shadow.prefill(coord, info.seq_id, length, 0)
+        ids.append(info.seq_id)
+    return ids
+
+
 @ray.remote
 def run_elsewhere(ticket: Any, layer: int, q: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps - 1):
@@ -41,11 +51,7 @@ def run_elsewhere(ticket: Any, layer: int, q: torch.Tensor, steps: int) -> torch
 
 def test_tickets_run_from_other_processes(service: Coordinator) -> None:
     coord, shadow = service, Shadow()
-    ids = []
-    for i in range(4):
-        info = coord.create_sequence([100 * i + t for t in range(7)])
-        shadow.prefill(coord, info.seq_id, 7, 0)
-        ids.append(info.seq_id)
+    ids = prefilled(coord, shadow, base=100, length=7)
     assert {coord.get_sequence(s).worker_id for s in ids} == {0, 1}
     ticket = coord.open_ticket(ids, [1] * 4, writes=False)
     q = torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim)
@@ -65,11 +71,7 @@ def test_ticket_calls_in_flight_together_each_get_their_output(service: Coordina
     # Ticket calls run on the workers' ticket threads, beside each other and the
     # coordinator's calls: many in flight at once, each output is its own query's.
     coord, shadow = service, Shadow()
-    ids = []
-    for i in range(4):
-        info = coord.create_sequence([50 * i + t for t in range(9)])
-        shadow.prefill(coord, info.seq_id, 9, 0)
-        ids.append(info.seq_id)
+    ids = prefilled(coord, shadow, base=50, length=9)
     ticket = coord.open_ticket(ids, [1] * 4, writes=False)
     qs = [torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim) for _ in range(8)]
     pending = [ticket.submit(layer % 2, q) for layer, q in enumerate(qs)]
@@ -110,11 +112,7 @@ def test_ticket_calls_beside_the_coordinator_s_commands_stay_exact(service: Coor
     import threading
 
     coord, shadow = service, Shadow(seed=3)
-    ids = []
-    for i in range(4):
-        info = coord.create_sequence([70 * i + t for t in range(6)])
-        shadow.prefill(coord, info.seq_id, 6, 0)
-        ids.append(info.seq_id)
+    ids = prefilled(coord, shadow, base=70, length=6)
     ticket = coord.open_ticket(ids, [1] * 4, writes=False)
     q = torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim)
     expected = coord.attend(1, ids, [1] * 4, q)
