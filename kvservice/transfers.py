@@ -32,6 +32,7 @@ import numpy as np
 
 from kvservice.coordinator_workers import PendingCall, RayWorkerHandle, WorkerHandle, resolve_all
 from kvservice.core.migration import TransferBlocks
+from kvservice.workers.transfer import DEFAULT_COPIER, DEFAULT_COPY_PROGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,12 @@ class TransferGroup:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         chunk_bytes: int | None = None,
         block_messages: bool = False,
-        copier: str | None = None,
-        copy_programs: int | None = None,
+        copier: str = DEFAULT_COPIER,
+        copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
     ) -> None:
         import torch.distributed as dist
 
-        from kvservice.workers.transfer import (
-            CHUNK_BYTES,
-            DEFAULT_COPIER,
-            DEFAULT_COPY_PROGRAMS,
-            TRANSFER_ENV,
-        )
+        from kvservice.workers.transfer import CHUNK_BYTES, TRANSFER_ENV
 
         for key, value in TRANSFER_ENV.items():
             os.environ.setdefault(key, value)
@@ -67,9 +63,10 @@ class TransferGroup:
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         # One message per block instead of gathered chunks (kvservice.workers.transfer).
         self.block_messages = bool(block_messages)
-        # How workers gather and scatter blocks (kvservice.workers.transfer).
-        self.copier = copier or DEFAULT_COPIER
-        self.copy_programs = copy_programs if copy_programs is not None else DEFAULT_COPY_PROGRAMS
+        # How workers gather and scatter blocks (kvservice.workers.transfer; programs None:
+        # a full grid).
+        self.copier = copier
+        self.copy_programs = copy_programs
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),

@@ -98,7 +98,6 @@ class TransferMixin:
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
     _last_phases: dict[str, dict[str, float]]
-    _table: np.ndarray  # the checked (tier, block id) rows of the transfer under way
 
     if TYPE_CHECKING:
 
@@ -192,7 +191,7 @@ class TransferMixin:
         the bytes sent."""
         start = time.perf_counter()
         with self._entry("send_blocks"):
-            peer, runs = self._transfer_args(dst_rank, blocks)
+            peer, runs, table = self._transfer_args(dst_rank, blocks)
             if self._block_messages:
                 with self._transfer_stream():
                     self._send_messages(peer, runs)
@@ -200,7 +199,7 @@ class TransferMixin:
                 return self._count("blocks_sent", blocks)
             stamps = [start, time.perf_counter()]
             with self._transfer_stream():
-                indices = self._run_indices(runs)
+                indices = self._run_indices(runs, table)
                 stamps.append(time.perf_counter())
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
@@ -221,7 +220,7 @@ class TransferMixin:
         these blocks, in order; returns the bytes received."""
         start = time.perf_counter()
         with self._entry("recv_blocks"):
-            peer, runs = self._transfer_args(src_rank, blocks)
+            peer, runs, table = self._transfer_args(src_rank, blocks)
             if self._block_messages:
                 with self._transfer_stream():
                     self._recv_messages(peer, runs)
@@ -229,7 +228,7 @@ class TransferMixin:
                 return self._count("blocks_received", blocks)
             stamps = [start, time.perf_counter()]
             with self._transfer_stream():
-                indices = self._run_indices(runs)
+                indices = self._run_indices(runs, table)
                 stamps.append(time.perf_counter())
                 posted: deque[tuple[Any, torch.Tensor, int]] = deque()
                 for i, run in enumerate(runs):
@@ -254,7 +253,7 @@ class TransferMixin:
         ``iters`` times: the link's baseline (with ``pieces``, the buffer goes as that
         many messages, queued together). Returns the seconds the loop took."""
         with self._entry("transfer_probe"):
-            peer, _ = self._transfer_args(peer_rank, [])
+            peer, _, _ = self._transfer_args(peer_rank, [])
             num_bytes = check_index("num_bytes", num_bytes, 1 << 40)
             buffer = self._probe_buffer
             if buffer is None or buffer.numel() != num_bytes:
@@ -326,15 +325,15 @@ class TransferMixin:
     # ----------------------------------------------------------------- internals
     def _transfer_args(
         self, peer_rank: int, blocks: TierBlocks
-    ) -> tuple[int, list[list[tuple[Tier, int]]]]:
-        """The checked peer and the blocks cut into chunks (both sides cut alike)."""
+    ) -> tuple[int, list[list[tuple[Tier, int]]], np.ndarray]:
+        """The checked peer, the blocks cut into chunks (both sides cut alike) and the
+        blocks as the checked [n, 2] table the chunks' index tables are made from."""
         if self._transfer_rank is None:
             raise FailedPrecondition("this worker is in no transfer group")
         peer = check_index("peer rank", peer_rank, dist.get_world_size())
         if peer == self._transfer_rank:
             raise InvalidArgument("a worker does not transfer to itself")
         table = self._check_blocks(blocks)
-        self._table = table
         tiers = [_TIERS[t] for t in table[:, 0].tolist()]
         checked = list(zip(tiers, table[:, 1].tolist(), strict=True))
         per_chunk = max(1, self._chunk_bytes // self._block_bytes())
@@ -343,7 +342,7 @@ class TransferMixin:
             ids = table[table[:, 0] == tier, 1]
             if ids.size:
                 self._pending.wait_on_host(tier, ids.tolist())
-        return peer, runs
+        return peer, runs, table
 
     def _check_blocks(self, blocks: TierBlocks) -> np.ndarray:
         """``blocks`` as a checked [n, 2] int64 array of (tier, block id), checked all at
@@ -405,18 +404,18 @@ class TransferMixin:
         compute.wait_stream(stream)
 
     def _run_indices(
-        self, runs: list[list[tuple[Tier, int]]]
+        self, runs: list[list[tuple[Tier, int]]], table: np.ndarray
     ) -> list[list[tuple[Tier, list[int], torch.Tensor]]]:
         """Per run, per tier: (tier, positions in the run, rows) where rows is [n, 3] on the
         pool's device: (block id, position, block id). Its first column is the index of the
         torch copier; columns 0-1 are the copy kernel's (source, destination) pairs for a
-        gather, columns 1-2 for a scatter (views, no copies). Made with numpy from the
-        checked table, and all of it goes to the device in one asynchronous copy from
+        gather, columns 1-2 for a scatter (views, no copies). Made with numpy from
+        ``table`` (``_transfer_args``), and all of it goes to the device in one asynchronous copy from
         pinned memory: one pageable copy per chunk would stall the host on the stream."""
         out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
         if not runs:
             return out
-        table, per_chunk = self._table, len(runs[0])
+        per_chunk = len(runs[0])
         order = np.arange(table.shape[0])
         run_of, position = order // per_chunk, order % per_chunk
         for tier in Tier:
