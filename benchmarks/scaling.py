@@ -604,6 +604,8 @@ TRANSFER_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("chunks_128MiB", {"chunk_bytes": 128 << 20}),
     ("chunks_256MiB", {"chunk_bytes": 256 << 20}),
     ("chunks_1GiB", {"chunk_bytes": 1 << 30}),
+    ("chunks_128MiB_from_16MiB", {"chunk_bytes": 128 << 20, "first_chunk_bytes": 16 << 20}),
+    ("chunks_256MiB_from_16MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": 16 << 20}),
     ("block_messages", {"block_messages": True}),
     ("torch_index_copies", {"copier": "torch"}),
     ("copy_engine_copies", {"copier": "engine"}),
@@ -667,15 +669,25 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             num_bytes / plain_s / 1e9,
         )
         recv = handles[1].call("stats")["call_time"]["recv_blocks"]
-        # Where the last block transfer's host time went, on each side.
+        # Where the last block transfer's host time went, on each side, and how much later
+        # than the sender the receiver began (one host clock: time.monotonic).
         phases_ms = {
             "send": handles[0].call("transfer_info")["last_ms"].get("send"),
             "recv": handles[1].call("transfer_info")["last_ms"].get("recv"),
         }
+        if phases_ms["send"] and phases_ms["recv"]:
+            sent_at, received_at = (phases_ms[k].pop("started_s") for k in ("send", "recv"))
+            phases_ms["recv_started_after_send"] = round(1e3 * (received_at - sent_at), 3)
         progress("  last block transfer, host ms per phase: %s", phases_ms)
         variants: dict[str, float] = {}
         with phase("chunk size and message variants"):
-            knobs = ("chunk_bytes", "block_messages", "copier", "copy_programs")
+            knobs = (
+                "chunk_bytes",
+                "first_chunk_bytes",
+                "block_messages",
+                "copier",
+                "copy_programs",
+            )
             default = {k: getattr(group, k) for k in knobs}
             for name, change in TRANSFER_VARIANTS:
                 for k, v in (default | change).items():

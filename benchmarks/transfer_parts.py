@@ -1,18 +1,22 @@
 """Where a block transfer's time goes: two worker objects in two processes (no Ray, one
 GPU each), the same 1 GiB moved several ways, each side timed inside its process.
 
-    python -m benchmarks.transfer_parts [--blocks 512] [--iters 10] [--json]
+    python -m benchmarks.transfer_parts [--blocks 512] [--iters 10] [--ray] [--json]
 
 Rows (median ms of ``iters``, the slower side; GB/s of the bytes moved):
-- ``plain``: ``transfer_probe``, one contiguous buffer sent and received (the link);
+- ``plain``: ``transfer_probe``, one contiguous buffer sent and received (the link), and
+  the same buffer as several messages queued together (NCCL's cost per message);
 - ``consecutive``: ``send_blocks``/``recv_blocks`` of consecutive blocks, which go from
   and into the pools directly (the chunk pipeline and its stream waits, no copies);
 - ``scattered <copier>``: scattered blocks gathered into staging chunks and scattered
   back, per copier (the service's path);
 - ``scattered, N chunks in flight``: the same with more staging buffers per side;
+- ``ramped``: chunks of up to ``chunk_bytes`` that start (and end) at ``first_chunk_bytes``;
 - ``gather only``: the sender's gathers of every chunk without sending (device time).
 
-Needs two GPUs; NVLS and multicast stay off (``TRANSFER_ENV``).
+With ``--ray`` the two sides run in two Ray actors of one GPU each (as the service's workers
+do) instead of two plain processes: the same rows, to tell the process's surroundings
+from the transfer path. Needs two GPUs; NVLS and multicast stay off (``TRANSFER_ENV``).
 """
 
 from __future__ import annotations
@@ -36,36 +40,39 @@ from kvservice.core.layout import Layout
 LAYOUT = Layout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
 POOL_BLOCKS = 2048
 GROUP_KEY = "transfer-parts/"
-# (copier, copy kernel programs or None for a full grid, chunks in flight per side)
+MIB = 1 << 20
+# The plain buffer as this many messages queued together.
+PLAIN_PIECES = (6, 16)
+# (copier, copy kernel programs or None for a full grid, chunks in flight per side,
+#  chunk bytes, first chunk bytes or None for even chunks)
 SCATTERED_RUNS = (
-    ("triton", None, 3),
-    ("torch", None, 3),
-    ("triton", None, 8),
-    ("triton", 32, 3),
-    ("triton", 64, 3),
-    ("triton", 128, 3),
-    ("triton", 64, 8),
+    ("triton", None, 3, 64 * MIB, None),
+    ("torch", None, 3, 64 * MIB, None),
+    ("triton", 64, 3, 64 * MIB, None),
+    ("triton", 64, 3, 128 * MIB, None),
+    ("triton", 64, 3, 256 * MIB, None),
+    ("triton", 64, 3, 128 * MIB, 16 * MIB),
+    ("triton", 64, 3, 256 * MIB, 16 * MIB),
+    ("triton", 64, 3, 256 * MIB, 8 * MIB),
+    ("triton", 96, 3, 256 * MIB, 16 * MIB),
+    ("triton", 64, 2, 256 * MIB, 16 * MIB),
 )
 # The sender's gathers alone: (programs, words per program step, warps)
-GATHER_RUNS = (
-    (None, 2048, 4),
-    (None, 4096, 8),
-    (32, 2048, 4),
-    (64, 2048, 4),
-    (128, 2048, 4),
-    (64, 4096, 8),
-)
+GATHER_RUNS = ((None, 2048, 4), (64, 2048, 4))
 
 
 def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
+    queue.put((rank, run_side(rank, port, blocks, iters, f"cuda:{rank}")))
+
+
+def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict[str, float]:
+    """One side's rows: median seconds per row name."""
     import kvservice.workers.transfer as transfer
     from kvservice.kernels import copy_rows
     from kvservice.workers import Worker
 
     transfer.apply_transfer_env()
-    worker = Worker(
-        rank, LAYOUT, device=f"cuda:{rank}", num_gpu_blocks=POOL_BLOCKS, num_cpu_blocks=1
-    )
+    worker = Worker(rank, LAYOUT, device=device, num_gpu_blocks=POOL_BLOCKS, num_cpu_blocks=1)
     peer = 1 - rank
     gen = torch.Generator().manual_seed(rank)
     scattered = [
@@ -77,12 +84,18 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
 
     joins = iter(range(1 << 30))
 
-    def join(copier: str = "triton", programs: int | None = None) -> None:
+    def join(
+        copier: str = "triton",
+        programs: int | None = None,
+        chunk: int = transfer.CHUNK_BYTES,
+        first: int | None = None,
+    ) -> None:
         # A new store prefix per group: a prefix used before still holds its rendezvous.
         key = f"{GROUP_KEY}{next(joins)}/"
         worker.transfer_join(
-            "127.0.0.1", port, key, rank, 2, "nccl", copier=copier, copy_programs=programs
-        )
+            "127.0.0.1", port, key, rank, 2, "nccl", chunk_bytes=chunk, copier=copier,
+            copy_programs=programs, first_chunk_bytes=first,
+        )  # fmt: skip
 
     def timed(name: str, fn: Any) -> None:
         fn()  # warm-up
@@ -103,14 +116,20 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
 
     join()
     timed("plain", lambda: worker.transfer_probe(peer, num_bytes, rank == 0))
+    for pieces in PLAIN_PIECES:
+        timed(
+            f"plain in {pieces} messages",
+            lambda p=pieces: worker.transfer_probe(peer, num_bytes, rank == 0, 1, p),
+        )
     timed("consecutive", moves(consecutive))
     default_in_flight = transfer.CHUNKS_IN_FLIGHT
-    for copier, programs, in_flight in SCATTERED_RUNS:
-        join(copier, programs)
+    for copier, programs, in_flight, chunk, first in SCATTERED_RUNS:
+        join(copier, programs, chunk, first)
         transfer.CHUNKS_IN_FLIGHT = in_flight
         worker._staging_buffers = None
         grid = "full grid" if programs is None else f"{programs} programs"
-        timed(f"scattered {copier}, {grid}, {in_flight} in flight", moves(scattered))
+        cut = f"{chunk // MIB} MiB" + ("" if first is None else f" from {first // MIB}")
+        timed(f"scattered {copier}, {grid}, {cut}, {in_flight} in flight", moves(scattered))
     transfer.CHUNKS_IN_FLIGHT = default_in_flight
     worker._staging_buffers = None
 
@@ -138,13 +157,32 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
             f"gather only, {grid}, {words} words x {warps} warps", lambda p=programs: gather_only(p)
         )
     worker.transfer_leave()
-    queue.put((rank, results))
+    return results
+
+
+def _sides_in_ray(port: int, blocks: int, iters: int) -> dict[int, dict[str, float]]:
+    """Both sides in Ray actors of one GPU each (each sees its GPU as cuda:0)."""
+    import ray
+    from kvservice.workers.transfer import TRANSFER_ENV
+
+    ray.init(runtime_env={"env_vars": dict(TRANSFER_ENV)}, log_to_driver=True)
+    side = ray.remote(num_gpus=1)(_RaySide)
+    actors = [side.remote() for _ in range(2)]  # type: ignore[attr-defined]
+    results = ray.get([a.run.remote(r, port, blocks, iters) for r, a in enumerate(actors)])  # type: ignore[attr-defined]
+    ray.shutdown()
+    return dict(enumerate(results))
+
+
+class _RaySide:
+    def run(self, rank: int, port: int, blocks: int, iters: int) -> dict[str, float]:
+        return run_side(rank, port, blocks, iters, "cuda:0")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--ray", action="store_true", help="sides in Ray actors")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if torch.cuda.device_count() < 2:
@@ -154,17 +192,20 @@ def main(argv: list[str] | None = None) -> int:
                        "NVSHMEM_DISABLE_NVLS": "1"})  # fmt: skip
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=120))  # fmt: skip
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_side, args=(rank, store.port, args.blocks, args.iters, queue))
-        for rank in range(2)
-    ]
-    for p in procs:
-        p.start()
-    sides = dict(queue.get(timeout=600) for _ in procs)
-    for p in procs:
-        p.join()
+    if args.ray:
+        sides = _sides_in_ray(store.port, args.blocks, args.iters)
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_side, args=(rank, store.port, args.blocks, args.iters, queue))
+            for rank in range(2)
+        ]
+        for p in procs:
+            p.start()
+        sides = dict(queue.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
     num_bytes = args.blocks * LAYOUT.block_bytes
     rows = {
         name: {
@@ -176,10 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows:
         if name.startswith("gather only"):  # the sender's own
             rows[name] = {"ms": 1e3 * sides[0][name], "gbps": num_bytes / sides[0][name] / 1e9}
-    report = {"card": torch.cuda.get_device_name(0), "bytes": num_bytes, "rows": rows}
+    report = {
+        "card": torch.cuda.get_device_name(0),
+        "sides": "Ray actors" if args.ray else "processes",
+        "bytes": num_bytes,
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
-    print(f"{args.blocks} blocks ({num_bytes / 2**20:.0f} MiB) on {report['card']}")
+    print(f"{args.blocks} blocks ({num_bytes / 2**20:.0f} MiB) on {report['card']}, "
+          f"sides in {report['sides']}")  # fmt: skip
     for name, row in rows.items():
         print(f"  {name:<52}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
     return 0

@@ -32,7 +32,11 @@ import numpy as np
 
 from kvservice.coordinator_workers import PendingCall, RayWorkerHandle, WorkerHandle, resolve_all
 from kvservice.core.migration import TransferBlocks
-from kvservice.workers.transfer import DEFAULT_COPIER, DEFAULT_COPY_PROGRAMS
+from kvservice.workers.transfer import (
+    DEFAULT_COPIER,
+    DEFAULT_COPY_PROGRAMS,
+    DEFAULT_FIRST_CHUNK_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class TransferGroup:
         block_messages: bool = False,
         copier: str = DEFAULT_COPIER,
         copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
+        first_chunk_bytes: int | None = DEFAULT_FIRST_CHUNK_BYTES,
     ) -> None:
         import torch.distributed as dist
 
@@ -61,6 +66,8 @@ class TransferGroup:
         self.host = host or _node_address()
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes or CHUNK_BYTES
+        # The first and last chunks' size when chunks ramp up to chunk_bytes (None: even).
+        self.first_chunk_bytes = first_chunk_bytes
         # One message per block instead of gathered chunks (kvservice.workers.transfer).
         self.block_messages = bool(block_messages)
         # How workers gather and scatter blocks (kvservice.workers.transfer; programs None:
@@ -102,6 +109,7 @@ class TransferGroup:
                 self.block_messages,
                 self.copier,
                 self.copy_programs,
+                self.first_chunk_bytes,
             )  # fmt: skip
             for rank, w in enumerate(members)
         ]

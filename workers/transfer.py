@@ -7,7 +7,11 @@ process a member. A transfer is a ``send_blocks`` on the source worker and the m
 the blocks into contiguous chunks on the transfer device and sends each; the receiver
 receives each chunk and scatters it into its own blocks. Chunks are pipelined (the next
 chunk is gathered, and the last one scattered, while one is on the wire), with at most
-``CHUNKS_IN_FLIGHT`` staging buffers per side. A run of consecutive blocks of one pool on
+``CHUNKS_IN_FLIGHT`` staging buffers per side. With ``first_chunk_bytes`` the chunks ramp:
+the first and last are that small and each next one doubles up to ``chunk_bytes``
+(``chunk_lengths``), so the wire starts after a short gather and ends after a short
+scatter while the middle goes in few large messages (each NCCL message costs ~50 us of
+its own on an H200 pair). A run of consecutive blocks of one pool on
 the transfer device goes straight from and into the pool, with no staging copy.
 
 With ``block_messages`` (a group-wide choice, so both sides cut the same messages) every
@@ -64,6 +68,7 @@ DEFAULT_COPIER = "triton"
 # so copies and the wire take turns: on an H200 pair (benchmarks/transfer_parts.py) 1 GiB
 # of scattered blocks took 6.3 ms with a full grid, 4.2 ms with 64 programs (link: 3.3).
 DEFAULT_COPY_PROGRAMS: int | None = 64
+DEFAULT_FIRST_CHUNK_BYTES: int | None = None
 DEFAULT_TIMEOUT_S = 120.0
 
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
@@ -90,6 +95,7 @@ class TransferMixin:
     _counters: Any
     _transfer_rank: int | None = None
     _chunk_bytes: int = CHUNK_BYTES
+    _first_chunk_bytes: int | None = DEFAULT_FIRST_CHUNK_BYTES
     _transfer_device: torch.device | None = None
     _probe_buffer: torch.Tensor | None = None
     _copy_stream: Any = None
@@ -117,15 +123,21 @@ class TransferMixin:
         block_messages: bool | None = None,
         copier: str = DEFAULT_COPIER,
         copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
+        first_chunk_bytes: int | None = DEFAULT_FIRST_CHUNK_BYTES,
     ) -> dict[str, Any]:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
-        every rank has joined. Every member must get the same ``chunk_bytes`` and
-        ``block_messages`` (one message per block instead of gathered chunks);
-        ``copier`` and ``copy_programs`` choose how this worker gathers and scatters."""
+        every rank has joined. Every member must get the same ``chunk_bytes``,
+        ``first_chunk_bytes`` (None: every chunk ``chunk_bytes``) and ``block_messages``
+        (one message per block instead of gathered chunks); ``copier`` and
+        ``copy_programs`` choose how this worker gathers and scatters."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
+            if first_chunk_bytes is not None:
+                first_chunk_bytes = check_index("first_chunk_bytes", first_chunk_bytes, 1 << 40)
+                if not 0 < first_chunk_bytes <= chunk_bytes:
+                    raise InvalidArgument("first_chunk_bytes must be None or in [1, chunk_bytes]")
             rank = check_index("rank", rank, world_size)
             backend = backend or default_backend(self.device)
             if backend not in ("nccl", "gloo"):
@@ -151,6 +163,7 @@ class TransferMixin:
             )
             self._transfer_rank = rank
             self._chunk_bytes = chunk_bytes
+            self._first_chunk_bytes = first_chunk_bytes
             self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
             self._block_messages = bool(block_messages)
             self._copier = copier
@@ -179,6 +192,7 @@ class TransferMixin:
             "backend": dist.get_backend() if joined else None,
             "device": str(self._transfer_device) if joined else None,
             "chunk_bytes": self._chunk_bytes,
+            "first_chunk_bytes": self._first_chunk_bytes,
             "block_messages": self._block_messages if joined else None,
             "copier": self._copier if joined else None,
             "copy_programs": self._copy_programs if joined else None,
@@ -189,7 +203,7 @@ class TransferMixin:
     def send_blocks(self, dst_rank: int, blocks: TierBlocks) -> int:
         """Send the blocks, in order, to the ``recv_blocks`` of rank ``dst_rank``; returns
         the bytes sent."""
-        start = time.perf_counter()
+        start = time.monotonic()
         with self._entry("send_blocks"):
             peer, runs, table = self._transfer_args(dst_rank, blocks)
             if self._block_messages:
@@ -197,10 +211,10 @@ class TransferMixin:
                     self._send_messages(peer, runs)
                 self._finish()
                 return self._count("blocks_sent", blocks)
-            stamps = [start, time.perf_counter()]
+            stamps = [start, time.monotonic()]
             with self._transfer_stream():
                 indices = self._run_indices(runs, table)
-                stamps.append(time.perf_counter())
+                stamps.append(time.monotonic())
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
@@ -210,7 +224,7 @@ class TransferMixin:
                     in_flight.append(dist.isend(tensor, peer))
                 while in_flight:
                     in_flight.popleft().wait()
-                stamps.append(time.perf_counter())
+                stamps.append(time.monotonic())
             self._finish()
             self._note_phases("send", stamps)
             return self._count("blocks_sent", blocks)
@@ -218,7 +232,7 @@ class TransferMixin:
     def recv_blocks(self, src_rank: int, blocks: TierBlocks) -> int:
         """Receive the blocks of the matching ``send_blocks`` of rank ``src_rank`` into
         these blocks, in order; returns the bytes received."""
-        start = time.perf_counter()
+        start = time.monotonic()
         with self._entry("recv_blocks"):
             peer, runs, table = self._transfer_args(src_rank, blocks)
             if self._block_messages:
@@ -226,10 +240,10 @@ class TransferMixin:
                     self._recv_messages(peer, runs)
                 self._finish()
                 return self._count("blocks_received", blocks)
-            stamps = [start, time.perf_counter()]
+            stamps = [start, time.monotonic()]
             with self._transfer_stream():
                 indices = self._run_indices(runs, table)
-                stamps.append(time.perf_counter())
+                stamps.append(time.monotonic())
                 posted: deque[tuple[Any, torch.Tensor, int]] = deque()
                 for i, run in enumerate(runs):
                     tensor = self._landing(run, i % CHUNKS_IN_FLIGHT)
@@ -241,7 +255,7 @@ class TransferMixin:
                 while posted:
                     work, landed, j = posted.popleft()
                     self._scatter(work, landed, runs[j], indices[j])
-                stamps.append(time.perf_counter())
+                stamps.append(time.monotonic())
             self._finish()
             self._note_phases("recv", stamps)
             return self._count("blocks_received", blocks)
@@ -336,8 +350,15 @@ class TransferMixin:
         table = self._check_blocks(blocks)
         tiers = [_TIERS[t] for t in table[:, 0].tolist()]
         checked = list(zip(tiers, table[:, 1].tolist(), strict=True))
-        per_chunk = max(1, self._chunk_bytes // self._block_bytes())
-        runs = [checked[i : i + per_chunk] for i in range(0, len(checked), per_chunk)]
+        block_bytes = self._block_bytes()
+        first = self._first_chunk_bytes
+        lengths = chunk_lengths(
+            len(checked),
+            max(1, self._chunk_bytes // block_bytes),
+            None if first is None else max(1, first // block_bytes),
+        )
+        starts = np.cumsum([0, *lengths]).tolist()
+        runs = [checked[a:b] for a, b in zip(starts, starts[1:], strict=False)]
         for tier in Tier:
             ids = table[table[:, 0] == tier, 1]
             if ids.size:
@@ -415,9 +436,9 @@ class TransferMixin:
         out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
         if not runs:
             return out
-        per_chunk = len(runs[0])
-        order = np.arange(table.shape[0])
-        run_of, position = order // per_chunk, order % per_chunk
+        lengths = np.array([len(run) for run in runs])
+        run_of = np.repeat(np.arange(len(runs)), lengths)
+        position = np.arange(table.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         for tier in Tier:
             mask = table[:, 0] == tier
             if not mask.any():
@@ -537,11 +558,14 @@ class TransferMixin:
     def _note_phases(self, side: str, stamps: list[float]) -> None:
         """Host milliseconds of the last gathered transfer's phases, for operators
         (``transfer_info()["last_ms"]``): checking the blocks, making the index tables,
-        queuing every chunk, and waiting for the device to finish."""
-        stamps.append(time.perf_counter())
+        queuing every chunk, and waiting for the device to finish; and ``started_s``, when
+        the call began (``time.monotonic``: one clock for every process of a host, so the
+        two sides' start times show how far apart they began)."""
+        stamps.append(time.monotonic())
         names = ("check", "index", "queue", "device_wait")
         spans = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-        self._last_phases[side] = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
+        phases = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
+        self._last_phases[side] = phases | {"started_s": stamps[0]}
 
     def _finish(self) -> None:
         """Return only once the data has left (sender) or landed (receiver)."""
@@ -551,6 +575,30 @@ class TransferMixin:
     def _count(self, counter: str, blocks: TierBlocks) -> int:
         self._counters[counter] += len(blocks)
         return len(blocks) * self._block_bytes()
+
+
+def chunk_lengths(num_blocks: int, per_chunk: int, first: int | None = None) -> list[int]:
+    """How a transfer of ``num_blocks`` is cut into chunks (blocks per chunk, in order;
+    both sides cut alike from these numbers alone). Even chunks of ``per_chunk`` blocks;
+    with ``first``, a ramp: chunks of ``first``, 2 x ``first``, ... from both ends toward
+    the middle, which goes in chunks of ``per_chunk``."""
+    if num_blocks <= 0:
+        return []
+    per_chunk = max(1, per_chunk)
+    if first is None or first >= per_chunk:
+        whole, rest = divmod(num_blocks, per_chunk)
+        return [per_chunk] * whole + ([rest] if rest else [])
+    head: list[int] = []
+    tail: list[int] = []
+    left, size = num_blocks, max(1, first)
+    while left and size < per_chunk:
+        for side in (head, tail):
+            take = min(size, left)
+            if take:
+                side.append(take)
+                left -= take
+        size *= 2
+    return head + chunk_lengths(left, per_chunk) + tail[::-1]
 
 
 def _rows2d(blocks: torch.Tensor) -> torch.Tensor:

@@ -94,16 +94,27 @@ SCATTERED = moves(
 
 
 @pytest.mark.parametrize(
-    "block_messages,copier",
-    [(False, "triton"), (False, "torch"), (False, "engine"), (True, "triton")],
+    "block_messages,copier,first_chunk_blocks",
+    [
+        (False, "triton", None),
+        (False, "torch", None),
+        (False, "engine", None),
+        (True, "triton", None),
+        (False, "triton", 1),
+    ],
 )
 def test_blocks_cross_the_group_in_pipelined_chunks(
-    handles: dict[int, RayWorkerHandle], block_messages: bool, copier: str
+    handles: dict[int, RayWorkerHandle],
+    block_messages: bool,
+    copier: str,
+    first_chunk_blocks: int | None,
 ) -> None:
-    # Blocks gathered into chunks (by each copier), or one message per block grouped per chunk.
+    # Blocks gathered into chunks (by each copier), or one message per block grouped per
+    # chunk; with first_chunk_blocks, chunks of 1, 2, 2, ... 2, 2, 1 blocks.
+    first = None if first_chunk_blocks is None else first_chunk_blocks * LAYOUT.block_bytes
     group = TransferGroup(
         "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes,
-        block_messages=block_messages, copier=copier, copy_programs=2,
+        block_messages=block_messages, copier=copier, copy_programs=2, first_chunk_bytes=first,
     )  # fmt: skip
     ranks = group.form(handles, {0: "cpu", 1: "cpu"})
     assert ranks == {0: 0, 1: 1} and group.backend == "gloo"
@@ -111,6 +122,7 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     assert (info["rank"], info["world_size"], info["backend"]) == (1, 2, "gloo")
     assert info["block_messages"] is block_messages
     assert (info["copier"], info["copy_programs"]) == (copier, 2)
+    assert info["first_chunk_bytes"] == first
     # Bad blocks are refused before anything is sent (the peer is not left waiting).
     for bad in ([(0, 32)], [(0, -1)], [(2, 0)], [(0, 1.5)], [(0,)], [(1, 8)]):
         with pytest.raises(InvalidArgument):
@@ -122,6 +134,9 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     check(handles, SCATTERED, sent)
     if not block_messages:  # the host time of each phase of the last gathered transfer
         phases = handles[1].call("transfer_info")["last_ms"]["recv"]
+        started = phases.pop("started_s")
+        sender_started = handles[0].call("transfer_info")["last_ms"]["send"]["started_s"]
+        assert abs(started - sender_started) < 5.0  # one clock for both processes
         assert set(phases) == {"check", "index", "queue", "device_wait"}
         assert all(ms >= 0 for ms in phases.values())
     consecutive = moves(*((GPU, b, GPU, 16 + b) for b in range(8)))  # sent from the pool itself
@@ -148,11 +163,16 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
 def test_a_bad_copier_is_refused_and_changes_nothing(
     handles: dict[int, RayWorkerHandle],
 ) -> None:
-    for copier, programs in (("memcpy", None), ("triton", 0)):
+    for copier, programs, first in (
+        ("memcpy", None, None),
+        ("triton", 0, None),
+        ("triton", None, 0),
+        ("triton", None, 2 << 20),  # a first chunk bigger than the chunks
+    ):
         with pytest.raises(InvalidArgument):
             handles[0].call(
                 "transfer_join", "127.0.0.1", 1, "bad/", 0, 1, "gloo", 5.0, 1 << 20, False,
-                copier, programs,
+                copier, programs, first,
             )  # fmt: skip
         assert handles[0].call("transfer_info")["rank"] is None
 

@@ -1,0 +1,39 @@
+"""How a block transfer is cut into chunks: both sides cut alike from the block count, every
+block goes in exactly one chunk, in order, and no chunk exceeds the largest size."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from kvservice.workers.transfer import chunk_lengths
+
+
+def test_even_chunks() -> None:
+    assert chunk_lengths(0, 32) == []
+    assert chunk_lengths(64, 32) == [32, 32]
+    assert chunk_lengths(70, 32) == [32, 32, 6]
+    assert chunk_lengths(5, 32, None) == [5]
+
+
+def test_ramped_chunks_double_from_both_ends() -> None:
+    # 1 GiB of 2 MiB blocks, 256 MiB chunks ramping from 16 MiB.
+    assert chunk_lengths(512, 128, 8) == [8, 16, 32, 64, 128, 128, 16, 64, 32, 16, 8]
+    assert chunk_lengths(20, 128, 8) == [8, 4, 8]
+    assert chunk_lengths(100, 32, 32) == chunk_lengths(100, 32)  # first = largest: even
+
+
+@given(
+    st.integers(min_value=0, max_value=5000),
+    st.integers(min_value=1, max_value=300),
+    st.one_of(st.none(), st.integers(min_value=1, max_value=300)),
+)
+def test_every_block_once_within_bounds(num_blocks: int, per_chunk: int, first: int | None) -> None:
+    lengths = chunk_lengths(num_blocks, per_chunk, first)
+    assert sum(lengths) == num_blocks
+    assert all(0 < n <= per_chunk for n in lengths)
+    even = -(-num_blocks // per_chunk)
+    if first is None or first >= per_chunk:
+        assert len(lengths) == even
+    else:  # the ramp costs at most two chunks per doubling
+        doublings = max(0, (per_chunk - 1).bit_length() - (first - 1).bit_length() + 1)
+        assert len(lengths) <= even + 2 * doublings
