@@ -46,16 +46,15 @@ PLAIN_PIECES = (6, 16)
 # (copier, copy kernel programs or None for a full grid, chunks in flight per side,
 #  chunk bytes, first chunk bytes or None for even chunks)
 SCATTERED_RUNS = (
-    ("triton", None, 3, 64 * MIB, None),
     ("torch", None, 3, 64 * MIB, None),
     ("triton", 64, 3, 64 * MIB, None),
+    ("triton", 64, 16, 64 * MIB, None),
     ("triton", 64, 3, 128 * MIB, None),
     ("triton", 64, 3, 256 * MIB, None),
     ("triton", 64, 3, 128 * MIB, 16 * MIB),
+    ("triton", 64, 3, 128 * MIB, 32 * MIB),
     ("triton", 64, 3, 256 * MIB, 16 * MIB),
-    ("triton", 64, 3, 256 * MIB, 8 * MIB),
-    ("triton", 96, 3, 256 * MIB, 16 * MIB),
-    ("triton", 64, 2, 256 * MIB, 16 * MIB),
+    ("triton", 64, 3, 256 * MIB, 32 * MIB),
 )
 # The sender's gathers alone: (programs, words per program step, warps)
 GATHER_RUNS = ((None, 2048, 4), (64, 2048, 4))
@@ -65,8 +64,9 @@ def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     queue.put((rank, run_side(rank, port, blocks, iters, f"cuda:{rank}")))
 
 
-def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict[str, float]:
-    """One side's rows: median seconds per row name."""
+def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict[str, Any]:
+    """One side's rows: ``times`` (median seconds per row name) and ``phases`` (the host
+    ms of the last block transfer's phases, ``transfer_info()["last_ms"]``, per row)."""
     import kvservice.workers.transfer as transfer
     from kvservice.kernels import copy_rows
     from kvservice.workers import Worker
@@ -81,6 +81,7 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     consecutive = [(int(Tier.GPU), b) for b in range(blocks)]
     num_bytes = blocks * LAYOUT.block_bytes
     results: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
 
     joins = iter(range(1 << 30))
 
@@ -108,6 +109,10 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
         print(f"rank {rank}: {name} {1e3 * results[name]:.2f} ms", file=sys.stderr, flush=True)
+        last = worker.transfer_info()["last_ms"].get("send" if rank == 0 else "recv")
+        if last:
+            phases[name] = {k: v for k, v in last.items() if k != "started_s"}
+            worker._last_phases.clear()  # a row without a block transfer notes none
 
     def moves(which: list[tuple[int, int]]) -> Any:
         if rank == 0:
@@ -126,12 +131,12 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     for copier, programs, in_flight, chunk, first in SCATTERED_RUNS:
         join(copier, programs, chunk, first)
         transfer.CHUNKS_IN_FLIGHT = in_flight
-        worker._staging_buffers = None
+        worker._reset_staging()
         grid = "full grid" if programs is None else f"{programs} programs"
         cut = f"{chunk // MIB} MiB" + ("" if first is None else f" from {first // MIB}")
         timed(f"scattered {copier}, {grid}, {cut}, {in_flight} in flight", moves(scattered))
     transfer.CHUNKS_IN_FLIGHT = default_in_flight
-    worker._staging_buffers = None
+    worker._reset_staging()
 
     per_chunk = transfer.CHUNK_BYTES // LAYOUT.block_bytes
     staging = torch.empty(
@@ -157,10 +162,10 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
             f"gather only, {grid}, {words} words x {warps} warps", lambda p=programs: gather_only(p)
         )
     worker.transfer_leave()
-    return results
+    return {"times": results, "phases": phases}
 
 
-def _sides_in_ray(port: int, blocks: int, iters: int) -> dict[int, dict[str, float]]:
+def _sides_in_ray(port: int, blocks: int, iters: int) -> dict[int, dict[str, Any]]:
     """Both sides in Ray actors of one GPU each (each sees its GPU as cuda:0)."""
     import ray
     from kvservice.workers.transfer import TRANSFER_ENV
@@ -174,7 +179,7 @@ def _sides_in_ray(port: int, blocks: int, iters: int) -> dict[int, dict[str, flo
 
 
 class _RaySide:
-    def run(self, rank: int, port: int, blocks: int, iters: int) -> dict[str, float]:
+    def run(self, rank: int, port: int, blocks: int, iters: int) -> dict[str, Any]:
         return run_side(rank, port, blocks, iters, "cuda:0")
 
 
@@ -207,16 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             p.join()
     num_bytes = args.blocks * LAYOUT.block_bytes
-    rows = {
+    send, recv = sides[0]["times"], sides[1]["times"]
+    rows: dict[str, dict[str, Any]] = {
         name: {
-            "ms": 1e3 * max(sides[0][name], sides[1][name]),
-            "gbps": num_bytes / max(sides[0][name], sides[1][name]) / 1e9,
+            "ms": 1e3 * max(send[name], recv[name]),
+            "gbps": num_bytes / max(send[name], recv[name]) / 1e9,
         }
-        for name in sides[0]
+        for name in send
     }
     for name in rows:
         if name.startswith("gather only"):  # the sender's own
-            rows[name] = {"ms": 1e3 * sides[0][name], "gbps": num_bytes / sides[0][name] / 1e9}
+            rows[name] = {"ms": 1e3 * send[name], "gbps": num_bytes / send[name] / 1e9}
+        for rank, side in ((0, "send"), (1, "recv")):
+            if name in sides[rank]["phases"]:
+                rows[name][f"{side}_host_ms"] = sides[rank]["phases"][name]
     report = {
         "card": torch.cuda.get_device_name(0),
         "sides": "Ray actors" if args.ray else "processes",
@@ -228,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.blocks} blocks ({num_bytes / 2**20:.0f} MiB) on {report['card']}, "
           f"sides in {report['sides']}")  # fmt: skip
     for name, row in rows.items():
-        print(f"  {name:<52}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
+        print(f"  {name:<56}{row['ms']:>8.2f} ms{row['gbps']:>9.1f} GB/s")
+        for side in ("send", "recv"):
+            host = row.get(f"{side}_host_ms")
+            if host:  # where that side's host time went in the last transfer
+                print(
+                    f"      {side} host ms: " + ", ".join(f"{k} {v:.2f}" for k, v in host.items())
+                )
     return 0
 
 

@@ -7,7 +7,7 @@ kernel, CPU tensors the torch reference, unless ``use_triton=True`` forces the k
 ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``; kernels take strides.
 """
 
-from .copy import copy_blocks, copy_blocks_ref, copy_rows
+from .copy import RowCopy, copy_blocks, copy_blocks_ref, copy_rows
 from .decode import choose_num_splits, paged_decode, paged_decode_ref
 from .extend import paged_extend, paged_extend_ref
 from .merge import merge_attn_states, merge_attn_states_ref
@@ -15,6 +15,7 @@ from .swap import SwapHandle, swap_blocks, swap_blocks_ref
 from .write_kv import write_kv, write_kv_ref
 
 __all__ = [
+    "RowCopy",
     "SwapHandle",
     "choose_num_splits",
     "copy_blocks",

@@ -142,6 +142,38 @@ def copy_rows(
     launch_block_copy(src_words, dst_words, pairs, programs)
 
 
+class RowCopy:
+    """``copy_rows`` between two fixed tensors, checked once: for a loop that copies many
+    pair lists between the same two tensors (a block transfer's chunks between a pool and a
+    staging buffer), where checking and viewing the tensors again per call would cost more
+    host time than the launch. ``pairs`` go unchecked: the caller made them in range."""
+
+    def __init__(
+        self,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        *,
+        programs: int | None = None,
+        use_triton: bool | None = None,
+    ) -> None:
+        empty = torch.empty((0, 2), dtype=torch.int64)
+        copy_rows(src, dst, empty, programs=programs, use_triton=use_triton)  # the checks
+        self._triton = use_triton_for(use_triton, src)
+        self._programs = programs
+        self._src, self._dst = src, dst
+        if self._triton:
+            self._src, self._dst = as_words(src), as_words(dst)
+            require(self._src.dtype == self._dst.dtype, "src and dst are aligned differently")
+
+    def __call__(self, pairs: torch.Tensor) -> None:
+        """Copy block pairs[i, 0] of src to block pairs[i, 1] of dst (pairs [P, 2] int64 on
+        their device, rows contiguous)."""
+        if not self._triton:
+            self._dst[pairs[:, 1]] = self._src[pairs[:, 0]]
+        elif pairs.shape[0]:
+            launch_block_copy(self._src, self._dst, pairs, self._programs)
+
+
 def copy_blocks_ref(pool: torch.Tensor, pairs: torch.Tensor) -> None:
     src, dst = pairs[:, 0], pairs[:, 1]
     pool[dst] = pool[src]

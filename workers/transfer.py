@@ -20,7 +20,7 @@ and received into its place in the pool: no staging copy, but on an H200 pair 2 
 messages reached 59 GB/s against 110 GB/s for gathered 64 MiB chunks, so chunks are the
 default. Only blocks of a pool that is not on the transfer device are staged then.
 
-Gathers and scatters on a GPU are a copy kernel (``copier="triton"``, ``copy_rows``: whole
+Gathers and scatters on a GPU are a copy kernel (``copier="triton"``, ``RowCopy``: whole
 blocks as 8-byte words) by default. ``copy_programs`` bounds its grid so that NCCL's
 kernels, which move the previous chunk meanwhile, keep SMs of their own; ``"torch"``
 (``index_select`` / ``index_copy_`` over 2-byte elements) and ``"engine"`` (one
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from kvservice.kernels import copy_rows
+from kvservice.kernels import RowCopy
 from kvservice.workers.checks import check_index
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
@@ -100,6 +100,7 @@ class TransferMixin:
     _probe_buffer: torch.Tensor | None = None
     _copy_stream: Any = None
     _staging_buffers: list[torch.Tensor | None] | None = None
+    _row_copies: dict[tuple[Tier, int, bool], RowCopy]
     _block_messages: bool = False
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
@@ -181,7 +182,12 @@ class TransferMixin:
         self._transfer_rank = None
         self._transfer_device = None
         self._probe_buffer = None
+        self._reset_staging()
+
+    def _reset_staging(self) -> None:
+        """Forget the staging buffers (and the copies made for them): made again on use."""
         self._staging_buffers = None
+        self._row_copies = {}
 
     def transfer_info(self) -> dict[str, Any]:
         """This worker's rank and group, or rank None outside any group."""
@@ -212,21 +218,25 @@ class TransferMixin:
                 self._finish()
                 return self._count("blocks_sent", blocks)
             stamps = [start, time.monotonic()]
+            host = _HostTimes()
             with self._transfer_stream():
                 indices = self._run_indices(runs, table)
+                directs = [self._direct_view(run) for run in runs]
                 stamps.append(time.monotonic())
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
                         # Its buffer is reused next: the gather waits (on the device) for its send.
-                        in_flight.popleft().wait()
-                    tensor = self._gather(run, indices[i], i % CHUNKS_IN_FLIGHT)
-                    in_flight.append(dist.isend(tensor, peer))
+                        host.wait(in_flight.popleft())
+                    t = time.perf_counter()
+                    tensor = self._gather(run, indices[i], i % CHUNKS_IN_FLIGHT, directs[i])
+                    host.copy_s += time.perf_counter() - t
+                    in_flight.append(host.post(dist.isend, tensor, peer))
                 while in_flight:
-                    in_flight.popleft().wait()
+                    host.wait(in_flight.popleft())
                 stamps.append(time.monotonic())
             self._finish()
-            self._note_phases("send", stamps)
+            self._note_phases("send", stamps, host)
             return self._count("blocks_sent", blocks)
 
     def recv_blocks(self, src_rank: int, blocks: TierBlocks) -> int:
@@ -241,23 +251,25 @@ class TransferMixin:
                 self._finish()
                 return self._count("blocks_received", blocks)
             stamps = [start, time.monotonic()]
+            host = _HostTimes()
             with self._transfer_stream():
                 indices = self._run_indices(runs, table)
+                directs = [self._direct_view(run) for run in runs]
                 stamps.append(time.monotonic())
                 posted: deque[tuple[Any, torch.Tensor, int]] = deque()
                 for i, run in enumerate(runs):
-                    tensor = self._landing(run, i % CHUNKS_IN_FLIGHT)
-                    posted.append((dist.irecv(tensor, peer), tensor, i))
+                    slot = i % CHUNKS_IN_FLIGHT
+                    direct = directs[i]
+                    tensor = direct if direct is not None else self._staging(len(run), slot)
+                    posted.append((host.post(dist.irecv, tensor, peer), tensor, i))
                     if len(posted) >= CHUNKS_IN_FLIGHT:
                         # Scattered before the next receive into its buffer is posted.
-                        work, landed, j = posted.popleft()
-                        self._scatter(work, landed, runs[j], indices[j])
+                        self._land_chunk(posted.popleft(), runs, indices, directs, host)
                 while posted:
-                    work, landed, j = posted.popleft()
-                    self._scatter(work, landed, runs[j], indices[j])
+                    self._land_chunk(posted.popleft(), runs, indices, directs, host)
                 stamps.append(time.monotonic())
             self._finish()
-            self._note_phases("recv", stamps)
+            self._note_phases("recv", stamps, host)
             return self._count("blocks_received", blocks)
 
     def transfer_probe(
@@ -464,8 +476,10 @@ class TransferMixin:
         run: list[tuple[Tier, int]],
         parts: list[tuple[Tier, list[int], torch.Tensor]],
         slot: int,
+        direct: torch.Tensor | None,
     ) -> torch.Tensor:
-        direct = self._direct_view(run)
+        """The chunk to send: ``direct`` (the pool slice, ``_direct_view``) or staging
+        buffer ``slot`` with the run's blocks gathered into it."""
         if direct is not None:
             return direct
         out = self._staging(len(run), slot)
@@ -473,7 +487,7 @@ class TransferMixin:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             index = rows[:, 0]
             if len(positions) == len(run) and pool.device == out.device:
-                self._copy_whole(pool, out, rows[:, 0:2], run, sending=True)
+                self._copy_whole(tier, slot, out, rows[:, 0:2], run, sending=True)
             elif len(positions) == len(run):
                 out.copy_(pool.index_select(0, index), non_blocking=True)
             else:
@@ -483,7 +497,8 @@ class TransferMixin:
 
     def _copy_whole(
         self,
-        pool: torch.Tensor,
+        tier: Tier,
+        slot: int,
         staging: torch.Tensor,
         pairs: torch.Tensor,
         run: list[tuple[Tier, int]],
@@ -491,11 +506,12 @@ class TransferMixin:
         sending: bool,
     ) -> None:
         """Gather (``sending``: pool -> staging) or scatter (staging -> pool) whole blocks
-        of one pool on the staging buffer's device; ``pairs`` are (source, destination)
-        rows, ``run`` the same blocks as (tier, block id) for the engine copier."""
-        src, dst = (pool, staging) if sending else (staging, pool)
+        of the ``tier`` pool on staging buffer ``slot``'s device; ``pairs`` are (source,
+        destination) rows, ``run`` the same blocks as (tier, block id) for the engine
+        copier."""
+        pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
         if self._copier == "triton":
-            copy_rows(src, dst, pairs, programs=self._copy_programs, check_indices=False)
+            self._row_copy(tier, slot, staging, sending)(pairs)
         elif self._copier == "engine":
             for position, (_tier, block_id) in enumerate(run):
                 if sending:
@@ -509,9 +525,22 @@ class TransferMixin:
         else:
             _rows2d(pool).index_copy_(0, pairs[:, 1], _rows2d(staging))
 
-    def _landing(self, run: list[tuple[Tier, int]], slot: int) -> torch.Tensor:
-        direct = self._direct_view(run)
-        return direct if direct is not None else self._staging(len(run), slot)
+    def _row_copy(self, tier: Tier, slot: int, staging: torch.Tensor, sending: bool) -> RowCopy:
+        """The copy kernel between the ``tier`` pool and staging buffer ``slot``. A kept
+        (CUDA) buffer's copy is checked once and kept with it, so per chunk only the launch
+        is left; a CPU chunk's fresh buffer gets a copy of its own."""
+        pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        buffers = self._staging_buffers
+        kept = buffers[slot] if buffers is not None else None
+        if kept is None:
+            src, dst = (pool, staging) if sending else (staging, pool)
+            return RowCopy(src, dst, programs=self._copy_programs)
+        key = (tier, slot, sending)
+        copy = self._row_copies.get(key)
+        if copy is None:
+            src, dst = (pool, kept) if sending else (kept, pool)
+            copy = self._row_copies[key] = RowCopy(src, dst, programs=self._copy_programs)
+        return copy
 
     def _staging(self, num_blocks: int, slot: int) -> torch.Tensor:
         """Staging buffer ``slot`` (of ``CHUNKS_IN_FLIGHT``), at least ``num_blocks`` long.
@@ -526,6 +555,7 @@ class TransferMixin:
             buffers = self._staging_buffers = [None] * CHUNKS_IN_FLIGHT
         buffer = buffers[slot]
         if buffer is None or buffer.shape[0] < num_blocks:
+            self._row_copies.clear()  # they copy into the buffers they were made for
             per_chunk = max(1, self._chunk_bytes // self._block_bytes())
             buffer = torch.empty(
                 (max(num_blocks, per_chunk), *self.gpu_pool.shape[1:]),
@@ -535,36 +565,52 @@ class TransferMixin:
             buffers[slot] = buffer
         return buffer[:num_blocks]
 
+    def _land_chunk(
+        self,
+        posted: tuple[Any, torch.Tensor, int],
+        runs: list[list[tuple[Tier, int]]],
+        indices: list[list[tuple[Tier, list[int], torch.Tensor]]],
+        directs: list[torch.Tensor | None],
+        host: _HostTimes,
+    ) -> None:
+        """Chunk ``i``'s receive done (on CUDA: the transfer stream waits for it), its
+        blocks scattered unless it landed in place."""
+        work, tensor, i = posted
+        host.wait(work)
+        if directs[i] is None:
+            t = time.perf_counter()
+            self._scatter(tensor, runs[i], indices[i], i % CHUNKS_IN_FLIGHT)
+            host.copy_s += time.perf_counter() - t
+
     def _scatter(
         self,
-        work: Any,
         tensor: torch.Tensor,
         run: list[tuple[Tier, int]],
         parts: list[tuple[Tier, list[int], torch.Tensor]],
+        slot: int,
     ) -> None:
-        work.wait()  # on CUDA: the current (transfer) stream waits for the receive
-        if self._direct_view(run) is not None:
-            return  # received in place
         for tier, positions, rows in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             if len(positions) == len(run) and pool.device == tensor.device:
-                self._copy_whole(pool, tensor, rows[:, 1:3], run, sending=False)
+                self._copy_whole(tier, slot, tensor, rows[:, 1:3], run, sending=False)
                 continue
             part = tensor
             if len(positions) != len(run):
                 part = tensor[torch.tensor(positions, device=tensor.device)]
             _rows2d(pool).index_copy_(0, rows[:, 0], _rows2d(part.to(pool.device)))
 
-    def _note_phases(self, side: str, stamps: list[float]) -> None:
+    def _note_phases(self, side: str, stamps: list[float], host: _HostTimes) -> None:
         """Host milliseconds of the last gathered transfer's phases, for operators
         (``transfer_info()["last_ms"]``): checking the blocks, making the index tables,
-        queuing every chunk, and waiting for the device to finish; and ``started_s``, when
-        the call began (``time.monotonic``: one clock for every process of a host, so the
-        two sides' start times show how far apart they began)."""
+        queuing every chunk, and waiting for the device to finish; within the queuing, the
+        time spent posting sends or receives, in their waits and in copies; and
+        ``started_s``, when the call began (``time.monotonic``: one clock for every
+        process of a host, so the two sides' start times show how far apart they began)."""
         stamps.append(time.monotonic())
         names = ("check", "index", "queue", "device_wait")
         spans = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         phases = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
+        phases |= {f"queue_{k}": round(1e3 * v, 3) for k, v in host.spent().items()}
         self._last_phases[side] = phases | {"started_s": stamps[0]}
 
     def _finish(self) -> None:
@@ -575,6 +621,30 @@ class TransferMixin:
     def _count(self, counter: str, blocks: TierBlocks) -> int:
         self._counters[counter] += len(blocks)
         return len(blocks) * self._block_bytes()
+
+
+class _HostTimes:
+    """Host seconds a transfer's chunk loop spends posting messages, waiting on them and
+    launching copies: which of them paces the loop."""
+
+    __slots__ = ("post_s", "wait_s", "copy_s")
+
+    def __init__(self) -> None:
+        self.post_s = self.wait_s = self.copy_s = 0.0
+
+    def post(self, op: Any, tensor: torch.Tensor, peer: int) -> Any:
+        t = time.perf_counter()
+        work = op(tensor, peer)
+        self.post_s += time.perf_counter() - t
+        return work
+
+    def wait(self, work: Any) -> None:
+        t = time.perf_counter()
+        work.wait()  # on CUDA: the current (transfer) stream waits for it, not the host
+        self.wait_s += time.perf_counter() - t
+
+    def spent(self) -> dict[str, float]:
+        return {"post": self.post_s, "wait": self.wait_s, "copy": self.copy_s}
 
 
 def chunk_lengths(num_blocks: int, per_chunk: int, first: int | None = None) -> list[int]:

@@ -7,7 +7,15 @@ import importlib
 import pytest
 import torch
 from kernel_helpers import DEVICE, ON_CUDA, LaunchGuard, layer_views, lazy_huge_pool, make_pool
-from kvservice.kernels import copy, copy_blocks, copy_blocks_ref, copy_rows, write_kv, write_kv_ref
+from kvservice.kernels import (
+    RowCopy,
+    copy,
+    copy_blocks,
+    copy_blocks_ref,
+    copy_rows,
+    write_kv,
+    write_kv_ref,
+)
 
 # The package's ``write_kv`` attribute is the function; the module holds the kernel.
 write_kv_mod = importlib.import_module("kvservice.kernels.write_kv")
@@ -179,6 +187,26 @@ def test_copy_rows_gathers_and_scatters_like_indexing(programs):
     untouched = torch.ones(12, dtype=torch.bool)
     untouched[blocks] = False
     assert not back[untouched.to(DEVICE)].any()
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_a_prepared_row_copy_copies_each_pair_list_like_indexing(use_triton):
+    # One RowCopy per direction, called for several chunks' pairs, as a transfer does.
+    block_shape = (1, 2, 16, 2, 160)
+    pool = torch.randn((12, *block_shape), device=DEVICE).to(BF16)
+    staging = torch.zeros((4, *block_shape), dtype=BF16, device=DEVICE)
+    gather = RowCopy(pool, staging, programs=2, use_triton=use_triton)
+    back = torch.zeros_like(pool)
+    scatter = RowCopy(staging, back, programs=2, use_triton=use_triton)
+    for chunk in ([9, 2, 7], [0, 11, 5, 3]):
+        blocks = torch.tensor(chunk)
+        pairs = torch.stack([blocks, torch.arange(len(chunk))], dim=1).to(DEVICE)
+        gather(pairs)
+        assert torch.equal(staging[: len(chunk)], pool[blocks.to(DEVICE)])
+        scatter(pairs.flip(1).contiguous())
+        assert torch.equal(back[blocks.to(DEVICE)], pool[blocks.to(DEVICE)])
+    with pytest.raises(ValueError):
+        RowCopy(pool, staging.to(FP16), use_triton=use_triton)  # checked once, up front
 
 
 def test_copy_rows_rejects_bad_arguments_before_launch(monkeypatch):
