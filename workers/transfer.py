@@ -60,7 +60,10 @@ TRANSFER_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-CHUNK_BYTES = 64 << 20
+# 1 GiB of scattered 2 MiB blocks between two H200s (benchmarks/transfer_parts.py): 64 MiB
+# chunks 5.6 ms, 256 MiB 4.6 ms, 256 MiB ramping from 16 MiB 4.2 ms (one buffer: 3.1 ms).
+# Up to CHUNKS_IN_FLIGHT chunk-sized staging buffers per worker (768 MiB) outside the pools.
+CHUNK_BYTES = 256 << 20
 CHUNKS_IN_FLIGHT = 3
 COPIERS = ("triton", "torch", "engine")
 DEFAULT_COPIER = "triton"
@@ -68,12 +71,15 @@ DEFAULT_COPIER = "triton"
 # so copies and the wire take turns: on an H200 pair (benchmarks/transfer_parts.py) 1 GiB
 # of scattered blocks took 6.3 ms with a full grid, 4.2 ms with 64 programs (link: 3.3).
 DEFAULT_COPY_PROGRAMS: int | None = 64
-DEFAULT_FIRST_CHUNK_BYTES: int | None = None
+DEFAULT_FIRST_CHUNK_BYTES: int | None = 16 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
 TierBlocks = Sequence[tuple[int, int]] | np.ndarray
 _TIERS = tuple(Tier)  # by value
+# One chunk's blocks: [n, 2] rows (tier, block id) of the checked block table (a numpy view:
+# no Python object per block, whose allocation would also wake the garbage collector).
+Run = np.ndarray
 
 
 def apply_transfer_env() -> None:
@@ -129,7 +135,8 @@ class TransferMixin:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
         every rank has joined. Every member must get the same ``chunk_bytes``,
-        ``first_chunk_bytes`` (None: every chunk ``chunk_bytes``) and ``block_messages``
+        ``first_chunk_bytes`` (None, or ``chunk_bytes`` or more: every chunk
+        ``chunk_bytes``) and ``block_messages``
         (one message per block instead of gathered chunks); ``copier`` and
         ``copy_programs`` choose how this worker gathers and scatters."""
         with self._entry("transfer_join"):
@@ -137,8 +144,8 @@ class TransferMixin:
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
             if first_chunk_bytes is not None:
                 first_chunk_bytes = check_index("first_chunk_bytes", first_chunk_bytes, 1 << 40)
-                if not 0 < first_chunk_bytes <= chunk_bytes:
-                    raise InvalidArgument("first_chunk_bytes must be None or in [1, chunk_bytes]")
+                if first_chunk_bytes < 1:
+                    raise InvalidArgument("first_chunk_bytes must be None or >= 1")
             rank = check_index("rank", rank, world_size)
             backend = backend or default_backend(self.device)
             if backend not in ("nccl", "gloo"):
@@ -300,7 +307,7 @@ class TransferMixin:
             return time.perf_counter() - start
 
     # ----------------------------------------------------------------- one message a block
-    def _send_messages(self, peer: int, runs: list[list[tuple[Tier, int]]]) -> None:
+    def _send_messages(self, peer: int, runs: list[Run]) -> None:
         in_flight: deque[list[Any]] = deque()
         for i, run in enumerate(runs):
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
@@ -310,8 +317,8 @@ class TransferMixin:
         while in_flight:
             _wait_all(in_flight.popleft())
 
-    def _recv_messages(self, peer: int, runs: list[list[tuple[Tier, int]]]) -> None:
-        posted: deque[tuple[list[Any], list[tuple[Tier, int]], list[torch.Tensor]]] = deque()
+    def _recv_messages(self, peer: int, runs: list[Run]) -> None:
+        posted: deque[tuple[list[Any], Run, list[torch.Tensor]]] = deque()
         for i, run in enumerate(runs):
             if len(posted) >= CHUNKS_IN_FLIGHT:
                 self._land(*posted.popleft())
@@ -320,15 +327,13 @@ class TransferMixin:
         while posted:
             self._land(*posted.popleft())
 
-    def _message_tensors(
-        self, run: list[tuple[Tier, int]], slot: int, *, fill: bool
-    ) -> list[torch.Tensor]:
+    def _message_tensors(self, run: Run, slot: int, *, fill: bool) -> list[torch.Tensor]:
         """One tensor per block: the block in its pool when that pool is on the transfer
         device, else a staging row (filled from the block first when sending)."""
         staging: torch.Tensor | None = None
         tensors = []
-        for j, (tier, block_id) in enumerate(run):
-            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        for j, (tier, block_id) in enumerate(run.tolist()):
+            pool = self.gpu_pool if tier == Tier.GPU else self.cpu_pool
             if pool.device == self._transfer_device:
                 tensors.append(pool[block_id])
                 continue
@@ -339,19 +344,17 @@ class TransferMixin:
             tensors.append(staging[j])
         return tensors
 
-    def _land(
-        self, works: list[Any], run: list[tuple[Tier, int]], tensors: list[torch.Tensor]
-    ) -> None:
+    def _land(self, works: list[Any], run: Run, tensors: list[torch.Tensor]) -> None:
         _wait_all(works)  # on CUDA: the current (transfer) stream waits for the receives
-        for (tier, block_id), tensor in zip(run, tensors, strict=True):
-            pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        for (tier, block_id), tensor in zip(run.tolist(), tensors, strict=True):
+            pool = self.gpu_pool if tier == Tier.GPU else self.cpu_pool
             if pool.device != tensor.device:
                 pool[block_id].copy_(tensor, non_blocking=True)
 
     # ----------------------------------------------------------------- internals
     def _transfer_args(
         self, peer_rank: int, blocks: TierBlocks
-    ) -> tuple[int, list[list[tuple[Tier, int]]], np.ndarray]:
+    ) -> tuple[int, list[Run], np.ndarray]:
         """The checked peer, the blocks cut into chunks (both sides cut alike) and the
         blocks as the checked [n, 2] table the chunks' index tables are made from."""
         if self._transfer_rank is None:
@@ -360,17 +363,15 @@ class TransferMixin:
         if peer == self._transfer_rank:
             raise InvalidArgument("a worker does not transfer to itself")
         table = self._check_blocks(blocks)
-        tiers = [_TIERS[t] for t in table[:, 0].tolist()]
-        checked = list(zip(tiers, table[:, 1].tolist(), strict=True))
         block_bytes = self._block_bytes()
         first = self._first_chunk_bytes
         lengths = chunk_lengths(
-            len(checked),
+            len(table),
             max(1, self._chunk_bytes // block_bytes),
             None if first is None else max(1, first // block_bytes),
         )
         starts = np.cumsum([0, *lengths]).tolist()
-        runs = [checked[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        runs = [table[a:b] for a, b in zip(starts, starts[1:], strict=False)]
         for tier in Tier:
             ids = table[table[:, 0] == tier, 1]
             if ids.size:
@@ -405,14 +406,16 @@ class TransferMixin:
     def _block_bytes(self) -> int:
         return self.gpu_pool[0].numel() * self.gpu_pool.element_size()
 
-    def _direct_view(self, run: list[tuple[Tier, int]]) -> torch.Tensor | None:
+    def _direct_view(self, run: Run) -> torch.Tensor | None:
         """The pool slice itself when the run is consecutive blocks of one pool that lives
         on the transfer device."""
-        tier, first = run[0]
-        pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        tier, first = (int(v) for v in run[0])
+        if int(run[-1, 1]) - first != len(run) - 1:
+            return None  # not consecutive: most runs end here, before any array op
+        pool = self.gpu_pool if tier == Tier.GPU else self.cpu_pool
         if pool.device != self._transfer_device:
             return None
-        if any(t is not tier or b != first + i for i, (t, b) in enumerate(run)):
+        if (run[:, 0] != tier).any() or (run[:, 1] != np.arange(first, first + len(run))).any():
             return None
         return pool[first : first + len(run)]
 
@@ -437,7 +440,7 @@ class TransferMixin:
         compute.wait_stream(stream)
 
     def _run_indices(
-        self, runs: list[list[tuple[Tier, int]]], table: np.ndarray
+        self, runs: list[Run], table: np.ndarray
     ) -> list[list[tuple[Tier, list[int], torch.Tensor]]]:
         """Per run, per tier: (tier, positions in the run, rows) where rows is [n, 3] on the
         pool's device: (block id, position, block id). Its first column is the index of the
@@ -473,7 +476,7 @@ class TransferMixin:
 
     def _gather(
         self,
-        run: list[tuple[Tier, int]],
+        run: Run,
         parts: list[tuple[Tier, list[int], torch.Tensor]],
         slot: int,
         direct: torch.Tensor | None,
@@ -501,7 +504,7 @@ class TransferMixin:
         slot: int,
         staging: torch.Tensor,
         pairs: torch.Tensor,
-        run: list[tuple[Tier, int]],
+        run: Run,
         *,
         sending: bool,
     ) -> None:
@@ -513,7 +516,7 @@ class TransferMixin:
         if self._copier == "triton":
             self._row_copy(tier, slot, staging, sending)(pairs)
         elif self._copier == "engine":
-            for position, (_tier, block_id) in enumerate(run):
+            for position, block_id in enumerate(run[:, 1].tolist()):
                 if sending:
                     staging[position].copy_(pool[block_id], non_blocking=True)
                 else:
@@ -568,7 +571,7 @@ class TransferMixin:
     def _land_chunk(
         self,
         posted: tuple[Any, torch.Tensor, int],
-        runs: list[list[tuple[Tier, int]]],
+        runs: list[Run],
         indices: list[list[tuple[Tier, list[int], torch.Tensor]]],
         directs: list[torch.Tensor | None],
         host: _HostTimes,
@@ -585,7 +588,7 @@ class TransferMixin:
     def _scatter(
         self,
         tensor: torch.Tensor,
-        run: list[tuple[Tier, int]],
+        run: Run,
         parts: list[tuple[Tier, list[int], torch.Tensor]],
         slot: int,
     ) -> None:
@@ -602,7 +605,8 @@ class TransferMixin:
     def _note_phases(self, side: str, stamps: list[float], host: _HostTimes) -> None:
         """Host milliseconds of the last gathered transfer's phases, for operators
         (``transfer_info()["last_ms"]``): checking the blocks, making the index tables,
-        queuing every chunk, and waiting for the device to finish; within the queuing, the
+        queuing every chunk, and waiting for the device to finish (and their ``total``);
+        within the queuing, the
         time spent posting sends or receives, in their waits and in copies; and
         ``started_s``, when the call began (``time.monotonic``: one clock for every
         process of a host, so the two sides' start times show how far apart they began)."""
@@ -610,6 +614,7 @@ class TransferMixin:
         names = ("check", "index", "queue", "device_wait")
         spans = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         phases = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
+        phases["total"] = round(1e3 * (stamps[-1] - stamps[0]), 3)
         phases |= {f"queue_{k}": round(1e3 * v, 3) for k, v in host.spent().items()}
         self._last_phases[side] = phases | {"started_s": stamps[0]}
 

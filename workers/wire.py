@@ -97,7 +97,11 @@ class PlanEncoder:
     def encode(self, plan: Any) -> Any:
         """``plan`` as a ``WirePlan`` when it is an AttendPlan of int tuples or lists
         without slots or tiers; anything else as it is."""
-        if type(plan) is not AttendPlan or plan.new_slots is not None or plan.block_tiers is not None:
+        if (
+            type(plan) is not AttendPlan
+            or plan.new_slots is not None
+            or plan.block_tiers is not None
+        ):
             return plan
         entry = self._entries.get(id(plan))
         if entry is not None and entry[0] is plan:

@@ -138,9 +138,11 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
         sender_started = handles[0].call("transfer_info")["last_ms"]["send"]["started_s"]
         assert abs(started - sender_started) < 5.0  # one clock for both processes
         parts = {"queue_post", "queue_wait", "queue_copy"}  # within the queuing
-        assert set(phases) == {"check", "index", "queue", "device_wait"} | parts
+        steps = {"check", "index", "queue", "device_wait"}
+        assert set(phases) == steps | parts | {"total"}
         assert all(ms >= 0 for ms in phases.values())
         assert sum(phases[k] for k in parts) <= phases["queue"]
+        assert sum(phases[k] for k in steps) == pytest.approx(phases["total"], abs=0.01)
     consecutive = moves(*((GPU, b, GPU, 16 + b) for b in range(8)))  # sent from the pool itself
     assert run(consecutive, handles, group) == "group"
     check(handles, consecutive, sent)
@@ -169,7 +171,7 @@ def test_a_bad_copier_is_refused_and_changes_nothing(
         ("memcpy", None, None),
         ("triton", 0, None),
         ("triton", None, 0),
-        ("triton", None, 2 << 20),  # a first chunk bigger than the chunks
+        ("triton", None, -(1 << 20)),
     ):
         with pytest.raises(InvalidArgument):
             handles[0].call(
