@@ -30,6 +30,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -45,19 +46,18 @@ MIB = 1 << 20
 PLAIN_PIECES = (6, 16)
 # (copier, copy kernel programs or None for a full grid, chunks in flight per side,
 #  chunk bytes, first chunk bytes or None for even chunks)
-SCATTERED_RUNS = (
-    ("torch", None, 3, 64 * MIB, None),
+SCATTERED_RUNS: tuple[tuple[str, int | None, int, int, int | None], ...] = (
     ("triton", 64, 3, 64 * MIB, None),
-    ("triton", 64, 16, 64 * MIB, None),
-    ("triton", 64, 3, 128 * MIB, None),
     ("triton", 64, 3, 256 * MIB, None),
-    ("triton", 64, 3, 128 * MIB, 16 * MIB),
-    ("triton", 64, 3, 128 * MIB, 32 * MIB),
     ("triton", 64, 3, 256 * MIB, 16 * MIB),
     ("triton", 64, 3, 256 * MIB, 32 * MIB),
+    ("triton", 64, 3, 256 * MIB, 64 * MIB),
+    ("triton", 64, 3, 128 * MIB, 32 * MIB),
+    ("triton", 64, 3, 128 * MIB, 64 * MIB),
+    ("triton", 64, 4, 128 * MIB, 64 * MIB),
 )
 # The sender's gathers alone: (programs, words per program step, warps)
-GATHER_RUNS = ((None, 2048, 4), (64, 2048, 4))
+GATHER_RUNS: tuple[tuple[int | None, int, int], ...] = ((None, 2048, 4), (64, 2048, 4))
 
 
 def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
@@ -75,10 +75,10 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     worker = Worker(rank, LAYOUT, device=device, num_gpu_blocks=POOL_BLOCKS, num_cpu_blocks=1)
     peer = 1 - rank
     gen = torch.Generator().manual_seed(rank)
-    scattered = [
-        (int(Tier.GPU), b) for b in torch.randperm(POOL_BLOCKS, generator=gen)[:blocks].tolist()
-    ]
-    consecutive = [(int(Tier.GPU), b) for b in range(blocks)]
+    # (tier, block id) rows as the coordinator sends them: int64 arrays.
+    ids = torch.randperm(POOL_BLOCKS, generator=gen)[:blocks].numpy()
+    scattered = np.stack([np.full_like(ids, int(Tier.GPU)), ids], axis=1)
+    consecutive = np.stack([np.full(blocks, int(Tier.GPU)), np.arange(blocks)], axis=1)
     num_bytes = blocks * LAYOUT.block_bytes
     results: dict[str, float] = {}
     phases: dict[str, dict[str, float]] = {}
@@ -114,7 +114,7 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
             phases[name] = {k: v for k, v in last.items() if k != "started_s"}
             worker._last_phases.clear()  # a row without a block transfer notes none
 
-    def moves(which: list[tuple[int, int]]) -> Any:
+    def moves(which: np.ndarray) -> Any:
         if rank == 0:
             return lambda: worker.send_blocks(peer, which)
         return lambda: worker.recv_blocks(peer, which)
@@ -142,12 +142,12 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     staging = torch.empty(
         (per_chunk, *LAYOUT.block_shape), dtype=worker.gpu_pool.dtype, device=worker.device
     )
-    ids = torch.tensor([b for _, b in scattered], device=worker.device)
+    device_ids = torch.from_numpy(scattered[:, 1]).to(worker.device)
 
     def gather_only(programs: int | None) -> None:
         with torch.cuda.device(worker.device):  # Triton launches on the current device
             for start in range(0, blocks, per_chunk):
-                part = ids[start : start + per_chunk]
+                part = device_ids[start : start + per_chunk]
                 pairs = torch.stack([part, torch.arange(len(part), device=worker.device)], dim=1)
                 copy_rows(worker.gpu_pool, staging[: len(part)], pairs, programs=programs,
                           check_indices=False)  # fmt: skip

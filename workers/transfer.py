@@ -218,7 +218,7 @@ class TransferMixin:
         the bytes sent."""
         start = time.monotonic()
         with self._entry("send_blocks"):
-            peer, runs, table = self._transfer_args(dst_rank, blocks)
+            peer, runs = self._transfer_args(dst_rank, blocks)
             if self._block_messages:
                 with self._transfer_stream():
                     self._send_messages(peer, runs)
@@ -227,16 +227,15 @@ class TransferMixin:
             stamps = [start, time.monotonic()]
             host = _HostTimes()
             with self._transfer_stream():
-                indices = self._run_indices(runs, table)
-                directs = [self._direct_view(run) for run in runs]
-                stamps.append(time.monotonic())
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
                         # Its buffer is reused next: the gather waits (on the device) for its send.
                         host.wait(in_flight.popleft())
+                    direct = self._direct_view(run)
+                    parts = [] if direct is not None else host.index(self._chunk_index, run)
                     t = time.perf_counter()
-                    tensor = self._gather(run, indices[i], i % CHUNKS_IN_FLIGHT, directs[i])
+                    tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct)
                     host.copy_s += time.perf_counter() - t
                     in_flight.append(host.post(dist.isend, tensor, peer))
                 while in_flight:
@@ -251,7 +250,7 @@ class TransferMixin:
         these blocks, in order; returns the bytes received."""
         start = time.monotonic()
         with self._entry("recv_blocks"):
-            peer, runs, table = self._transfer_args(src_rank, blocks)
+            peer, runs = self._transfer_args(src_rank, blocks)
             if self._block_messages:
                 with self._transfer_stream():
                     self._recv_messages(peer, runs)
@@ -260,20 +259,20 @@ class TransferMixin:
             stamps = [start, time.monotonic()]
             host = _HostTimes()
             with self._transfer_stream():
-                indices = self._run_indices(runs, table)
-                directs = [self._direct_view(run) for run in runs]
-                stamps.append(time.monotonic())
-                posted: deque[tuple[Any, torch.Tensor, int]] = deque()
+                # Receives are posted before their chunk's index tables are made (when it is
+                # scattered): the first goes out right after the check.
+                posted: deque[tuple[Any, torch.Tensor, Run, int, bool]] = deque()
                 for i, run in enumerate(runs):
                     slot = i % CHUNKS_IN_FLIGHT
-                    direct = directs[i]
+                    direct = self._direct_view(run)
                     tensor = direct if direct is not None else self._staging(len(run), slot)
-                    posted.append((host.post(dist.irecv, tensor, peer), tensor, i))
+                    work = host.post(dist.irecv, tensor, peer)
+                    posted.append((work, tensor, run, slot, direct is not None))
                     if len(posted) >= CHUNKS_IN_FLIGHT:
                         # Scattered before the next receive into its buffer is posted.
-                        self._land_chunk(posted.popleft(), runs, indices, directs, host)
+                        self._land_chunk(*posted.popleft(), host)
                 while posted:
-                    self._land_chunk(posted.popleft(), runs, indices, directs, host)
+                    self._land_chunk(*posted.popleft(), host)
                 stamps.append(time.monotonic())
             self._finish()
             self._note_phases("recv", stamps, host)
@@ -286,7 +285,7 @@ class TransferMixin:
         ``iters`` times: the link's baseline (with ``pieces``, the buffer goes as that
         many messages, queued together). Returns the seconds the loop took."""
         with self._entry("transfer_probe"):
-            peer, _, _ = self._transfer_args(peer_rank, [])
+            peer, _ = self._transfer_args(peer_rank, [])
             num_bytes = check_index("num_bytes", num_bytes, 1 << 40)
             buffer = self._probe_buffer
             if buffer is None or buffer.numel() != num_bytes:
@@ -352,11 +351,9 @@ class TransferMixin:
                 pool[block_id].copy_(tensor, non_blocking=True)
 
     # ----------------------------------------------------------------- internals
-    def _transfer_args(
-        self, peer_rank: int, blocks: TierBlocks
-    ) -> tuple[int, list[Run], np.ndarray]:
-        """The checked peer, the blocks cut into chunks (both sides cut alike) and the
-        blocks as the checked [n, 2] table the chunks' index tables are made from."""
+    def _transfer_args(self, peer_rank: int, blocks: TierBlocks) -> tuple[int, list[Run]]:
+        """The checked peer and the checked blocks cut into chunks (both sides cut alike),
+        once the swaps touching them are done."""
         if self._transfer_rank is None:
             raise FailedPrecondition("this worker is in no transfer group")
         peer = check_index("peer rank", peer_rank, dist.get_world_size())
@@ -372,11 +369,11 @@ class TransferMixin:
         )
         starts = np.cumsum([0, *lengths]).tolist()
         runs = [table[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-        for tier in Tier:
+        for tier in Tier if len(self._pending) else ():
             ids = table[table[:, 0] == tier, 1]
             if ids.size:
                 self._pending.wait_on_host(tier, ids.tolist())
-        return peer, runs, table
+        return peer, runs
 
     def _check_blocks(self, blocks: TierBlocks) -> np.ndarray:
         """``blocks`` as a checked [n, 2] int64 array of (tier, block id), checked all at
@@ -439,39 +436,29 @@ class TransferMixin:
             yield
         compute.wait_stream(stream)
 
-    def _run_indices(
-        self, runs: list[Run], table: np.ndarray
-    ) -> list[list[tuple[Tier, list[int], torch.Tensor]]]:
-        """Per run, per tier: (tier, positions in the run, rows) where rows is [n, 3] on the
-        pool's device: (block id, position, block id). Its first column is the index of the
-        torch copier; columns 0-1 are the copy kernel's (source, destination) pairs for a
-        gather, columns 1-2 for a scatter (views, no copies). Made with numpy from
-        ``table`` (``_transfer_args``), and all of it goes to the device in one asynchronous copy from
-        pinned memory: one pageable copy per chunk would stall the host on the stream."""
-        out: list[list[tuple[Tier, list[int], torch.Tensor]]] = [[] for _ in runs]
-        if not runs:
-            return out
-        lengths = np.array([len(run) for run in runs])
-        run_of = np.repeat(np.arange(len(runs)), lengths)
-        position = np.arange(table.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    def _chunk_index(self, run: Run) -> list[tuple[Tier, list[int], torch.Tensor]]:
+        """Per tier of the chunk's blocks: (tier, positions in the chunk, rows) where rows
+        is [n, 3] on the pool's device: (block id, position, block id). Its first column is
+        the index of the torch copier; columns 0-1 are the copy kernel's (source,
+        destination) pairs for a gather, columns 1-2 for a scatter (views, no copies). Made
+        with numpy when the chunk is reached (so the first chunk starts without waiting for
+        the others' tables), and sent to the device in one asynchronous copy from pinned
+        memory: a pageable copy would stall the host until the stream reached it."""
+        out = []
+        positions = np.arange(len(run))
         for tier in Tier:
-            mask = table[:, 0] == tier
+            mask = run[:, 0] == tier
             if not mask.any():
                 continue
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
-            ids, where = table[mask, 1], position[mask]
+            ids, where = run[mask, 1], positions[mask]
             host = torch.from_numpy(np.stack([ids, where, ids], axis=1))
             rows = (
                 host.pin_memory().to(pool.device, non_blocking=True)
                 if pool.device.type == "cuda"
                 else host
             )
-            counts = np.bincount(run_of[mask], minlength=len(runs)).tolist()
-            at = 0
-            for k, count in enumerate(counts):
-                if count:
-                    out[k].append((tier, where[at : at + count].tolist(), rows[at : at + count]))
-                    at += count
+            out.append((tier, where.tolist(), rows))
         return out
 
     def _gather(
@@ -569,20 +556,15 @@ class TransferMixin:
         return buffer[:num_blocks]
 
     def _land_chunk(
-        self,
-        posted: tuple[Any, torch.Tensor, int],
-        runs: list[Run],
-        indices: list[list[tuple[Tier, list[int], torch.Tensor]]],
-        directs: list[torch.Tensor | None],
-        host: _HostTimes,
+        self, work: Any, tensor: torch.Tensor, run: Run, slot: int, in_place: bool, host: _HostTimes
     ) -> None:
-        """Chunk ``i``'s receive done (on CUDA: the transfer stream waits for it), its
-        blocks scattered unless it landed in place."""
-        work, tensor, i = posted
+        """A chunk's receive done (on CUDA: the transfer stream waits for it), its blocks
+        scattered from staging buffer ``slot`` unless it landed in place."""
         host.wait(work)
-        if directs[i] is None:
+        if not in_place:
+            parts = host.index(self._chunk_index, run)
             t = time.perf_counter()
-            self._scatter(tensor, runs[i], indices[i], i % CHUNKS_IN_FLIGHT)
+            self._scatter(tensor, run, parts, slot)
             host.copy_s += time.perf_counter() - t
 
     def _scatter(
@@ -604,14 +586,14 @@ class TransferMixin:
 
     def _note_phases(self, side: str, stamps: list[float], host: _HostTimes) -> None:
         """Host milliseconds of the last gathered transfer's phases, for operators
-        (``transfer_info()["last_ms"]``): checking the blocks, making the index tables,
-        queuing every chunk, and waiting for the device to finish (and their ``total``);
-        within the queuing, the
-        time spent posting sends or receives, in their waits and in copies; and
-        ``started_s``, when the call began (``time.monotonic``: one clock for every
-        process of a host, so the two sides' start times show how far apart they began)."""
+        (``transfer_info()["last_ms"]``): checking the blocks, queuing every chunk, and
+        waiting for the device to finish (and their ``total``); within the queuing, the
+        time spent making index tables, posting sends or receives, in their waits and in
+        copies; and ``started_s``, when the call began (``time.monotonic``: one clock for
+        every process of a host, so the two sides' start times show how far apart they
+        began)."""
         stamps.append(time.monotonic())
-        names = ("check", "index", "queue", "device_wait")
+        names = ("check", "queue", "device_wait")
         spans = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         phases = {n: round(1e3 * t, 3) for n, t in zip(names, spans, strict=True)}
         phases["total"] = round(1e3 * (stamps[-1] - stamps[0]), 3)
@@ -629,13 +611,19 @@ class TransferMixin:
 
 
 class _HostTimes:
-    """Host seconds a transfer's chunk loop spends posting messages, waiting on them and
-    launching copies: which of them paces the loop."""
+    """Host seconds a transfer's chunk loop spends making chunks' index tables, posting
+    messages, waiting on them and launching copies: which of them paces the loop."""
 
-    __slots__ = ("post_s", "wait_s", "copy_s")
+    __slots__ = ("post_s", "wait_s", "copy_s", "index_s")
 
     def __init__(self) -> None:
-        self.post_s = self.wait_s = self.copy_s = 0.0
+        self.post_s = self.wait_s = self.copy_s = self.index_s = 0.0
+
+    def index(self, make: Any, run: Run) -> Any:
+        t = time.perf_counter()
+        parts = make(run)
+        self.index_s += time.perf_counter() - t
+        return parts
 
     def post(self, op: Any, tensor: torch.Tensor, peer: int) -> Any:
         t = time.perf_counter()
@@ -649,7 +637,12 @@ class _HostTimes:
         self.wait_s += time.perf_counter() - t
 
     def spent(self) -> dict[str, float]:
-        return {"post": self.post_s, "wait": self.wait_s, "copy": self.copy_s}
+        return {
+            "index": self.index_s,
+            "post": self.post_s,
+            "wait": self.wait_s,
+            "copy": self.copy_s,
+        }
 
 
 def chunk_lengths(num_blocks: int, per_chunk: int, first: int | None = None) -> list[int]:
