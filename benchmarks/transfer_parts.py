@@ -48,13 +48,12 @@ PLAIN_PIECES = (6, 16)
 #  chunk bytes, first chunk bytes or None for even chunks)
 SCATTERED_RUNS: tuple[tuple[str, int | None, int, int, int | None], ...] = (
     ("triton", 64, 3, 64 * MIB, None),
+    ("triton", 64, 3, 128 * MIB, None),
     ("triton", 64, 3, 256 * MIB, None),
-    ("triton", 64, 3, 256 * MIB, 16 * MIB),
-    ("triton", 64, 3, 256 * MIB, 32 * MIB),
-    ("triton", 64, 3, 256 * MIB, 64 * MIB),
-    ("triton", 64, 3, 128 * MIB, 32 * MIB),
     ("triton", 64, 3, 128 * MIB, 64 * MIB),
-    ("triton", 64, 4, 128 * MIB, 64 * MIB),
+    ("triton", 64, 3, 256 * MIB, 64 * MIB),
+    ("triton", 128, 3, 128 * MIB, 64 * MIB),
+    ("triton", None, 3, 128 * MIB, 64 * MIB),
 )
 # The sender's gathers alone: (programs, words per program step, warps)
 GATHER_RUNS: tuple[tuple[int | None, int, int], ...] = ((None, 2048, 4), (64, 2048, 4))

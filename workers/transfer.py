@@ -42,7 +42,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +60,12 @@ TRANSFER_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# 1 GiB of scattered 2 MiB blocks between two H200s (benchmarks/transfer_parts.py): 64 MiB
-# chunks 5.6 ms, 256 MiB 4.6 ms, 256 MiB ramping from 16 MiB 4.2 ms (one buffer: 3.1 ms).
-# Up to CHUNKS_IN_FLIGHT chunk-sized staging buffers per worker (768 MiB) outside the pools.
-CHUNK_BYTES = 256 << 20
+# 1 GiB of scattered 2 MiB blocks between two H200s (benchmarks/transfer_parts.py): even
+# 64 MiB chunks 4.6 ms, 256 MiB 4.2 ms, 128 MiB ramping from 64 MiB 3.7 ms (one plain
+# buffer: 3.4 ms). A chunk costs ~150 us of host time (tables, copy launch, NCCL post):
+# smaller first chunks leave the wire waiting for the host. Up to CHUNKS_IN_FLIGHT
+# chunk-sized staging buffers per worker (384 MiB) live outside the pools.
+CHUNK_BYTES = 128 << 20
 CHUNKS_IN_FLIGHT = 3
 COPIERS = ("triton", "torch", "engine")
 DEFAULT_COPIER = "triton"
@@ -71,7 +73,7 @@ DEFAULT_COPIER = "triton"
 # so copies and the wire take turns: on an H200 pair (benchmarks/transfer_parts.py) 1 GiB
 # of scattered blocks took 6.3 ms with a full grid, 4.2 ms with 64 programs (link: 3.3).
 DEFAULT_COPY_PROGRAMS: int | None = 64
-DEFAULT_FIRST_CHUNK_BYTES: int | None = 16 << 20
+DEFAULT_FIRST_CHUNK_BYTES: int | None = 64 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
@@ -80,6 +82,9 @@ _TIERS = tuple(Tier)  # by value
 # One chunk's blocks: [n, 2] rows (tier, block id) of the checked block table (a numpy view:
 # no Python object per block, whose allocation would also wake the garbage collector).
 Run = np.ndarray
+# A chunk's index tables: per tier, (tier, positions in the chunk, [n, 3] rows on the pool's
+# device), ``TransferMixin._chunk_indexes``.
+Parts = list[tuple[Tier, list[int], torch.Tensor]]
 
 
 def apply_transfer_env() -> None:
@@ -227,13 +232,14 @@ class TransferMixin:
             stamps = [start, time.monotonic()]
             host = _HostTimes()
             with self._transfer_stream():
+                indexes = _ChunkIndexes(self._chunk_indexes, runs, host)
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
                         # Its buffer is reused next: the gather waits (on the device) for its send.
                         host.wait(in_flight.popleft())
                     direct = self._direct_view(run)
-                    parts = [] if direct is not None else host.index(self._chunk_index, run)
+                    parts = [] if direct is not None else indexes[i]
                     t = time.perf_counter()
                     tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct)
                     host.copy_s += time.perf_counter() - t
@@ -261,18 +267,19 @@ class TransferMixin:
             with self._transfer_stream():
                 # Receives are posted before their chunk's index tables are made (when it is
                 # scattered): the first goes out right after the check.
-                posted: deque[tuple[Any, torch.Tensor, Run, int, bool]] = deque()
+                indexes = _ChunkIndexes(self._chunk_indexes, runs, host)
+                posted: deque[tuple[Any, torch.Tensor, int, int, bool]] = deque()
                 for i, run in enumerate(runs):
                     slot = i % CHUNKS_IN_FLIGHT
                     direct = self._direct_view(run)
                     tensor = direct if direct is not None else self._staging(len(run), slot)
                     work = host.post(dist.irecv, tensor, peer)
-                    posted.append((work, tensor, run, slot, direct is not None))
+                    posted.append((work, tensor, i, slot, direct is not None))
                     if len(posted) >= CHUNKS_IN_FLIGHT:
                         # Scattered before the next receive into its buffer is posted.
-                        self._land_chunk(*posted.popleft(), host)
+                        self._land_chunk(*posted.popleft(), runs, indexes, host)
                 while posted:
-                    self._land_chunk(*posted.popleft(), host)
+                    self._land_chunk(*posted.popleft(), runs, indexes, host)
                 stamps.append(time.monotonic())
             self._finish()
             self._note_phases("recv", stamps, host)
@@ -436,35 +443,44 @@ class TransferMixin:
             yield
         compute.wait_stream(stream)
 
-    def _chunk_index(self, run: Run) -> list[tuple[Tier, list[int], torch.Tensor]]:
-        """Per tier of the chunk's blocks: (tier, positions in the chunk, rows) where rows
-        is [n, 3] on the pool's device: (block id, position, block id). Its first column is
-        the index of the torch copier; columns 0-1 are the copy kernel's (source,
+    def _chunk_indexes(self, runs: list[Run]) -> list[Parts]:
+        """Per chunk, per tier of its blocks: (tier, positions in the chunk, rows) where
+        rows is [n, 3] on the pool's device: (block id, position, block id). Its first
+        column is the index of the torch copier; columns 0-1 are the copy kernel's (source,
         destination) pairs for a gather, columns 1-2 for a scatter (views, no copies). Made
-        with numpy when the chunk is reached (so the first chunk starts without waiting for
-        the others' tables), and sent to the device in one asynchronous copy from pinned
+        with numpy, and all of it goes to the device in one asynchronous copy from pinned
         memory: a pageable copy would stall the host until the stream reached it."""
-        out = []
-        positions = np.arange(len(run))
+        out: list[Parts] = [[] for _ in runs]
+        if not runs:
+            return out
+        table = np.concatenate(runs)
+        lengths = np.array([len(run) for run in runs])
+        run_of = np.repeat(np.arange(len(runs)), lengths)
+        position = np.arange(len(table)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         for tier in Tier:
-            mask = run[:, 0] == tier
+            mask = table[:, 0] == tier
             if not mask.any():
                 continue
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
-            ids, where = run[mask, 1], positions[mask]
+            ids, where = table[mask, 1], position[mask]
             host = torch.from_numpy(np.stack([ids, where, ids], axis=1))
             rows = (
                 host.pin_memory().to(pool.device, non_blocking=True)
                 if pool.device.type == "cuda"
                 else host
             )
-            out.append((tier, where.tolist(), rows))
+            counts = np.bincount(run_of[mask], minlength=len(runs)).tolist()
+            at = 0
+            for k, count in enumerate(counts):
+                if count:
+                    out[k].append((tier, where[at : at + count].tolist(), rows[at : at + count]))
+                    at += count
         return out
 
     def _gather(
         self,
         run: Run,
-        parts: list[tuple[Tier, list[int], torch.Tensor]],
+        parts: Parts,
         slot: int,
         direct: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -556,22 +572,30 @@ class TransferMixin:
         return buffer[:num_blocks]
 
     def _land_chunk(
-        self, work: Any, tensor: torch.Tensor, run: Run, slot: int, in_place: bool, host: _HostTimes
+        self,
+        work: Any,
+        tensor: torch.Tensor,
+        i: int,
+        slot: int,
+        in_place: bool,
+        runs: list[Run],
+        indexes: _ChunkIndexes,
+        host: _HostTimes,
     ) -> None:
-        """A chunk's receive done (on CUDA: the transfer stream waits for it), its blocks
-        scattered from staging buffer ``slot`` unless it landed in place."""
+        """Chunk ``i``'s receive done (on CUDA: the transfer stream waits for it), its
+        blocks scattered from staging buffer ``slot`` unless it landed in place."""
         host.wait(work)
         if not in_place:
-            parts = host.index(self._chunk_index, run)
+            parts = indexes[i]
             t = time.perf_counter()
-            self._scatter(tensor, run, parts, slot)
+            self._scatter(tensor, runs[i], parts, slot)
             host.copy_s += time.perf_counter() - t
 
     def _scatter(
         self,
         tensor: torch.Tensor,
         run: Run,
-        parts: list[tuple[Tier, list[int], torch.Tensor]],
+        parts: Parts,
         slot: int,
     ) -> None:
         for tier, positions, rows in parts:
@@ -619,12 +643,6 @@ class _HostTimes:
     def __init__(self) -> None:
         self.post_s = self.wait_s = self.copy_s = self.index_s = 0.0
 
-    def index(self, make: Any, run: Run) -> Any:
-        t = time.perf_counter()
-        parts = make(run)
-        self.index_s += time.perf_counter() - t
-        return parts
-
     def post(self, op: Any, tensor: torch.Tensor, peer: int) -> Any:
         t = time.perf_counter()
         work = op(tensor, peer)
@@ -643,6 +661,33 @@ class _HostTimes:
             "wait": self.wait_s,
             "copy": self.copy_s,
         }
+
+
+class _ChunkIndexes:
+    """The index tables of a transfer's chunks (``_chunk_indexes``), made when first asked
+    for: the first chunk's alone, so that it starts without waiting for the others', and
+    every other chunk's together when the next is asked for (one upload, not one per
+    chunk)."""
+
+    __slots__ = ("_make", "_runs", "_tables", "_host")
+
+    def __init__(
+        self, make: Callable[[list[Run]], list[Parts]], runs: list[Run], host: _HostTimes
+    ) -> None:
+        self._make, self._runs, self._host = make, runs, host
+        self._tables: list[Parts | None] = [None] * len(runs)
+
+    def __getitem__(self, i: int) -> Parts:
+        table = self._tables[i]
+        if table is None:
+            t = time.perf_counter()
+            todo = [0] if i == 0 else [k for k, v in enumerate(self._tables) if k and v is None]
+            for k, made in zip(todo, self._make([self._runs[k] for k in todo]), strict=True):
+                self._tables[k] = made
+            self._host.index_s += time.perf_counter() - t
+            table = self._tables[i]
+            assert table is not None
+        return table
 
 
 def chunk_lengths(num_blocks: int, per_chunk: int, first: int | None = None) -> list[int]:
