@@ -3,7 +3,7 @@
 # plain processes and between two Ray actors (benchmarks/transfer_parts.py), then the
 # service's transfer phase (benchmarks/scaling.py --phases transfer). Ray comes as wheels in
 # .whl/ (benchmarks/gpu_env.sh). A hard timeout bounds each part; $OUT keeps the JSON.
-#   [MODES="processes ray"] bash benchmarks/gpu_transfer.sh
+#   [MODES="processes ray"] bash benchmarks/gpu_transfer.sh   (MODES="": the service phase only)
 set -uo pipefail
 OUT=${OUT:-out}
 LIMIT_S=${LIMIT_S:-150}
@@ -14,7 +14,7 @@ t0=$(date +%s)
 # The CUDA tests of the copy kernel and the worker first: a broken copy fails here, not later.
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_write_copy.py \
   tests/unit/workers/test_worker_cuda.py 2>&1 | tail -3
-for mode in ${MODES:-processes ray}; do
+for mode in ${MODES-processes ray}; do
   flag=$([ "$mode" = ray ] && echo --ray || true)
   timeout -k 10 "$LIMIT_S" $PY -m benchmarks.transfer_parts --iters 6 --json $flag \
     >"$OUT/transfer-parts-$mode.stdout" 2>"$OUT/transfer-parts-$mode.err"

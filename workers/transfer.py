@@ -225,9 +225,12 @@ class TransferMixin:
         with self._entry("send_blocks"):
             peer, runs = self._transfer_args(dst_rank, blocks)
             if self._block_messages:
+                stamps = [start, time.monotonic()]
                 with self._transfer_stream():
                     self._send_messages(peer, runs)
+                stamps.append(time.monotonic())
                 self._finish()
+                self._note_phases("send", stamps, _HostTimes())  # the loop's parts untimed
                 return self._count("blocks_sent", blocks)
             stamps = [start, time.monotonic()]
             host = _HostTimes()
@@ -258,9 +261,12 @@ class TransferMixin:
         with self._entry("recv_blocks"):
             peer, runs = self._transfer_args(src_rank, blocks)
             if self._block_messages:
+                stamps = [start, time.monotonic()]
                 with self._transfer_stream():
                     self._recv_messages(peer, runs)
+                stamps.append(time.monotonic())
                 self._finish()
+                self._note_phases("recv", stamps, _HostTimes())  # the loop's parts untimed
                 return self._count("blocks_received", blocks)
             stamps = [start, time.monotonic()]
             host = _HostTimes()
@@ -609,7 +615,7 @@ class TransferMixin:
             _rows2d(pool).index_copy_(0, rows[:, 0], _rows2d(part.to(pool.device)))
 
     def _note_phases(self, side: str, stamps: list[float], host: _HostTimes) -> None:
-        """Host milliseconds of the last gathered transfer's phases, for operators
+        """Host milliseconds of the last transfer's phases, for operators
         (``transfer_info()["last_ms"]``): checking the blocks, queuing every chunk, and
         waiting for the device to finish (and their ``total``); within the queuing, the
         time spent making index tables, posting sends or receives, in their waits and in
