@@ -115,6 +115,9 @@ class Setup:
     # one process's own per-call cost does not bound what its worker is fed.
     clients_per_group: int = 1
     other_clients_per_group: tuple[int, ...] = ()  # also timed, reported beside
+    # Timed windows of ``steps`` per ticket-path decode; the median one is reported: one
+    # window's rate moves by ~10 % from run to run, and the ratios inherit it.
+    windows: int = 1
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -139,6 +142,7 @@ GPU_SETUP = Setup(
     depth=4,  # a worker with one client still has calls queued
     clients_per_group=2,
     other_clients_per_group=(1,),
+    windows=3,
 )
 SMALL_SETUP = Setup(
     layout=Layout(num_layers=1, num_kv_heads=2, head_dim=64, dtype="float32", block_size=16),
@@ -158,6 +162,7 @@ SMALL_SETUP = Setup(
     iters=5,
     depth=2,
     other_clients_per_group=(2,),
+    windows=2,
 )
 
 
@@ -423,26 +428,33 @@ def decode_tickets(
             for c, t, (q, want), _steps in lanes
         ]
         errors = [r["err"] for r in ray.get(warm, timeout=BARRIER_TIMEOUT_S)]
-        progress("  warm-up done (%d client processes, %d calls in flight each); timing %d steps",
-                 len(lanes), setup.depth, setup.steps)  # fmt: skip
+        progress("  warm-up done (%d client processes, %d calls in flight each); timing %d x %d steps",
+                 len(lanes), setup.depth, setup.windows, setup.steps)  # fmt: skip
         profiled = profile_worker(coord, True)
         before = worker_times(coord)
-        start_at = time.time() + CLIENT_START_DELAY_S
-        timed = ray.get(
-            [
-                c.timed.remote(t, q, steps, setup.depth, start_at)
-                for c, t, (q, _want), steps in lanes
-            ],
-            timeout=BARRIER_TIMEOUT_S,
-        )
+        windows = []
+        for _ in range(setup.windows):
+            start_at = time.time() + CLIENT_START_DELAY_S
+            timed = ray.get(
+                [
+                    c.timed.remote(t, q, steps, setup.depth, start_at)
+                    for c, t, (q, _want), steps in lanes
+                ],
+                timeout=BARRIER_TIMEOUT_S,
+            )
+            windows.append(max(r["end"] for r in timed) - min(r["start"] for r in timed))
         after = worker_times(coord)
         profile_worker(coord, False, profiled)
     finally:
         for t in tickets:
             coord.close_ticket(t.ticket_id)
-    seconds = max(r["end"] for r in timed) - min(r["start"] for r in timed)
+    seconds = statistics.median(windows)
     num_workers = len({w for w, _ in seqs.values()})
-    return _decode_result(setup, len(groups), num_workers, seconds, before, after, errors) | {
+    result = _decode_result(
+        setup, len(groups), num_workers, seconds, before, after, errors, windows
+    )
+    return result | {
+        "window_tokens_s": [setup.num_seqs * setup.steps / w for w in windows],
         "clients": len(lanes),
         "clients_per_group": per_group,
         "calls_in_flight_per_client": setup.depth,
@@ -462,23 +474,28 @@ def _decode_result(
     before: dict[str, float],
     after: dict[str, float],
     errors: list[float],
+    windows: list[float] | None = None,
 ) -> dict[str, Any]:
+    """The decode's figures from ``seconds`` (the timed window; with several ``windows``,
+    the median one); the workers' own times cover every window."""
     tokens = setup.num_seqs * setup.steps
-    calls = num_groups * setup.steps
+    windows = windows or [seconds]
+    calls = num_groups * setup.steps * len(windows)
     worker_call_s = after["call"] - before["call"]
     return {
         "calls_per_step": num_groups,
         "seconds": seconds,
         "tokens_s": tokens / seconds,
         "kv_read_gbps": tokens * setup.context * setup.layout.token_bytes / seconds / 1e9,
-        "call_ms": 1e3 * seconds * num_workers / calls,  # wall time per call per worker
+        # wall time per call per worker
+        "call_ms": 1e3 * sum(windows) * num_workers / calls,
         # Inside the workers, summed over them: the attention calls and their kernels.
         "worker_call_s": worker_call_s,
         "worker_call_ms": 1e3 * worker_call_s / calls,
         "worker_kernel_s": after["kernel"] - before["kernel"],
         "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, worker_call_s),
         # The workers' busy share of the wall time: below 100 %, they waited for calls.
-        "worker_busy_pct": 100 * worker_call_s / (seconds * num_workers),
+        "worker_busy_pct": 100 * worker_call_s / (sum(windows) * num_workers),
         "max_rel_err": max(errors),
         "ok": max(errors) <= (2e-2 if setup.layout.dtype == "bfloat16" else 1e-5),
     }
