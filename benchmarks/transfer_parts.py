@@ -27,7 +27,7 @@ import os
 import statistics
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -225,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         for rank, side in ((0, "send"), (1, "recv")):
             if name in sides[rank]["phases"]:
                 rows[name][f"{side}_host_ms"] = sides[rank]["phases"][name]
+    from benchmarks.worker import versions
+
     report = {
+        "benchmark": "transfer_parts",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
         "card": torch.cuda.get_device_name(0),
         "sides": "Ray actors" if args.ray else "processes",
         "bytes": num_bytes,
