@@ -12,6 +12,7 @@ Rows (median ms of ``iters``, the slower side; GB/s of the bytes moved):
   back, per copier (the service's path);
 - ``scattered, N chunks in flight``: the same with more staging buffers per side;
 - ``ramped``: chunks of up to ``chunk_bytes`` that start (and end) at ``first_chunk_bytes``;
+- ``ends full``: the first gather and the last scatter with a full grid (``FULL_GRID_ALONE``);
 - ``gather only``: the sender's gathers of every chunk without sending (device time).
 
 With ``--ray`` the two sides run in two Ray actors of one GPU each (as the service's workers
@@ -45,15 +46,16 @@ MIB = 1 << 20
 # The plain buffer as this many messages queued together.
 PLAIN_PIECES = (6, 16)
 # (copier, copy kernel programs or None for a full grid, chunks in flight per side,
-#  chunk bytes, first chunk bytes or None for even chunks)
-SCATTERED_RUNS: tuple[tuple[str, int | None, int, int, int | None], ...] = (
-    ("triton", 64, 3, 64 * MIB, None),
-    ("triton", 64, 3, 128 * MIB, None),
-    ("triton", 64, 3, 256 * MIB, None),
-    ("triton", 64, 3, 128 * MIB, 64 * MIB),
-    ("triton", 64, 3, 256 * MIB, 64 * MIB),
-    ("triton", 128, 3, 128 * MIB, 64 * MIB),
-    ("triton", None, 3, 128 * MIB, 64 * MIB),
+#  chunk bytes, first chunk bytes or None for even chunks, first gather and last scatter
+#  with a full grid: FULL_GRID_ALONE)
+SCATTERED_RUNS: tuple[tuple[str, int | None, int, int, int | None, bool], ...] = (
+    ("triton", 64, 3, 64 * MIB, None, False),
+    ("triton", 64, 3, 128 * MIB, 64 * MIB, False),
+    ("triton", 64, 3, 128 * MIB, 64 * MIB, True),
+    ("triton", 64, 3, 128 * MIB, None, True),
+    ("triton", 64, 3, 256 * MIB, None, True),
+    ("triton", 64, 3, 256 * MIB, 64 * MIB, True),
+    ("triton", 64, 3, 256 * MIB, 128 * MIB, True),
 )
 # The sender's gathers alone: (programs, words per program step, warps)
 GATHER_RUNS: tuple[tuple[int | None, int, int], ...] = ((None, 2048, 4), (64, 2048, 4))
@@ -127,14 +129,18 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
         )
     timed("consecutive", moves(consecutive))
     default_in_flight = transfer.CHUNKS_IN_FLIGHT
-    for copier, programs, in_flight, chunk, first in SCATTERED_RUNS:
+    default_ends = transfer.FULL_GRID_ALONE
+    for copier, programs, in_flight, chunk, first, full_ends in SCATTERED_RUNS:
         join(copier, programs, chunk, first)
         transfer.CHUNKS_IN_FLIGHT = in_flight
+        transfer.FULL_GRID_ALONE = full_ends
         worker._reset_staging()
         grid = "full grid" if programs is None else f"{programs} programs"
+        grid += " (ends full)" if full_ends else ""
         cut = f"{chunk // MIB} MiB" + ("" if first is None else f" from {first // MIB}")
         timed(f"scattered {copier}, {grid}, {cut}, {in_flight} in flight", moves(scattered))
     transfer.CHUNKS_IN_FLIGHT = default_in_flight
+    transfer.FULL_GRID_ALONE = default_ends
     worker._reset_staging()
 
     per_chunk = transfer.CHUNK_BYTES // LAYOUT.block_bytes

@@ -73,6 +73,10 @@ DEFAULT_COPIER = "triton"
 # so copies and the wire take turns: on an H200 pair (benchmarks/transfer_parts.py) 1 GiB
 # of scattered blocks took 6.3 ms with a full grid, 4.2 ms with 64 programs (link: 3.3).
 DEFAULT_COPY_PROGRAMS: int | None = 64
+# The copies that run with nothing of the transfer on the wire (the sender's first gather,
+# the receiver's last scatter) take a full grid instead: NCCL has no SM to lose then, and
+# they are the pipeline's fill and drain.
+FULL_GRID_ALONE = True
 DEFAULT_FIRST_CHUNK_BYTES: int | None = 64 << 20
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -111,7 +115,7 @@ class TransferMixin:
     _probe_buffer: torch.Tensor | None = None
     _copy_stream: Any = None
     _staging_buffers: list[torch.Tensor | None] | None = None
-    _row_copies: dict[tuple[Tier, int, bool], RowCopy]
+    _row_copies: dict[tuple[Tier, int, bool, bool], RowCopy]
     _block_messages: bool = False
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
@@ -244,7 +248,7 @@ class TransferMixin:
                     direct = self._direct_view(run)
                     parts = [] if direct is not None else indexes[i]
                     t = time.perf_counter()
-                    tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct)
+                    tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct, alone=i == 0)
                     host.copy_s += time.perf_counter() - t
                     in_flight.append(host.post(dist.isend, tensor, peer))
                 while in_flight:
@@ -489,9 +493,12 @@ class TransferMixin:
         parts: Parts,
         slot: int,
         direct: torch.Tensor | None,
+        *,
+        alone: bool = False,
     ) -> torch.Tensor:
         """The chunk to send: ``direct`` (the pool slice, ``_direct_view``) or staging
-        buffer ``slot`` with the run's blocks gathered into it."""
+        buffer ``slot`` with the run's blocks gathered into it (``alone``: with nothing
+        of the transfer on the wire, ``FULL_GRID_ALONE``)."""
         if direct is not None:
             return direct
         out = self._staging(len(run), slot)
@@ -499,7 +506,7 @@ class TransferMixin:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             index = rows[:, 0]
             if len(positions) == len(run) and pool.device == out.device:
-                self._copy_whole(tier, slot, out, rows[:, 0:2], run, sending=True)
+                self._copy_whole(tier, slot, out, rows[:, 0:2], run, sending=True, alone=alone)
             elif len(positions) == len(run):
                 out.copy_(pool.index_select(0, index), non_blocking=True)
             else:
@@ -516,6 +523,7 @@ class TransferMixin:
         run: Run,
         *,
         sending: bool,
+        alone: bool = False,
     ) -> None:
         """Gather (``sending``: pool -> staging) or scatter (staging -> pool) whole blocks
         of the ``tier`` pool on staging buffer ``slot``'s device; ``pairs`` are (source,
@@ -523,7 +531,7 @@ class TransferMixin:
         copier."""
         pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
         if self._copier == "triton":
-            self._row_copy(tier, slot, staging, sending)(pairs)
+            self._row_copy(tier, slot, staging, sending, alone)(pairs)
         elif self._copier == "engine":
             for position, block_id in enumerate(run[:, 1].tolist()):
                 if sending:
@@ -537,21 +545,26 @@ class TransferMixin:
         else:
             _rows2d(pool).index_copy_(0, pairs[:, 1], _rows2d(staging))
 
-    def _row_copy(self, tier: Tier, slot: int, staging: torch.Tensor, sending: bool) -> RowCopy:
-        """The copy kernel between the ``tier`` pool and staging buffer ``slot``. A kept
-        (CUDA) buffer's copy is checked once and kept with it, so per chunk only the launch
-        is left; a CPU chunk's fresh buffer gets a copy of its own."""
+    def _row_copy(
+        self, tier: Tier, slot: int, staging: torch.Tensor, sending: bool, alone: bool
+    ) -> RowCopy:
+        """The copy kernel between the ``tier`` pool and staging buffer ``slot`` (a full
+        grid when ``alone``, see ``FULL_GRID_ALONE``). A kept (CUDA) buffer's copy is
+        checked once and kept with it, so per chunk only the launch is left; a CPU chunk's
+        fresh buffer gets a copy of its own."""
         pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
+        full = alone and FULL_GRID_ALONE
+        programs = None if full else self._copy_programs
         buffers = self._staging_buffers
         kept = buffers[slot] if buffers is not None else None
         if kept is None:
             src, dst = (pool, staging) if sending else (staging, pool)
-            return RowCopy(src, dst, programs=self._copy_programs)
-        key = (tier, slot, sending)
+            return RowCopy(src, dst, programs=programs)
+        key = (tier, slot, sending, full)
         copy = self._row_copies.get(key)
         if copy is None:
             src, dst = (pool, kept) if sending else (kept, pool)
-            copy = self._row_copies[key] = RowCopy(src, dst, programs=self._copy_programs)
+            copy = self._row_copies[key] = RowCopy(src, dst, programs=programs)
         return copy
 
     def _staging(self, num_blocks: int, slot: int) -> torch.Tensor:
@@ -594,7 +607,7 @@ class TransferMixin:
         if not in_place:
             parts = indexes[i]
             t = time.perf_counter()
-            self._scatter(tensor, runs[i], parts, slot)
+            self._scatter(tensor, runs[i], parts, slot, alone=i == len(runs) - 1)
             host.copy_s += time.perf_counter() - t
 
     def _scatter(
@@ -603,11 +616,13 @@ class TransferMixin:
         run: Run,
         parts: Parts,
         slot: int,
+        *,
+        alone: bool = False,
     ) -> None:
         for tier, positions, rows in parts:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             if len(positions) == len(run) and pool.device == tensor.device:
-                self._copy_whole(tier, slot, tensor, rows[:, 1:3], run, sending=False)
+                self._copy_whole(tier, slot, tensor, rows[:, 1:3], run, sending=False, alone=alone)
                 continue
             part = tensor
             if len(positions) != len(run):
