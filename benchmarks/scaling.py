@@ -619,11 +619,8 @@ def median_seconds(fn: Any, iters: int) -> float:
 # Other ways to cut and copy the same transfer (TransferGroup settings over the defaults).
 TRANSFER_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("chunks_64MiB", {"chunk_bytes": 64 << 20, "first_chunk_bytes": None}),
-    ("chunks_128MiB", {"chunk_bytes": 128 << 20, "first_chunk_bytes": None}),
     ("chunks_256MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": None}),
-    ("chunks_128MiB_from_32MiB", {"chunk_bytes": 128 << 20, "first_chunk_bytes": 32 << 20}),
-    ("chunks_256MiB_from_32MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": 32 << 20}),
-    ("chunks_256MiB_from_64MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": 64 << 20}),
+    ("chunks_128MiB_from_64MiB", {"chunk_bytes": 128 << 20, "first_chunk_bytes": 64 << 20}),
     ("chunks_256MiB_from_128MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": 128 << 20}),
     ("block_messages", {"block_messages": True}),
     ("torch_index_copies", {"copier": "torch"}),

@@ -9,9 +9,9 @@ receives each chunk and scatters it into its own blocks. Chunks are pipelined (t
 chunk is gathered, and the last one scattered, while one is on the wire), with at most
 ``CHUNKS_IN_FLIGHT`` staging buffers per side. With ``first_chunk_bytes`` the chunks ramp:
 the first and last are that small and each next one doubles up to ``chunk_bytes``
-(``chunk_lengths``), so the wire starts after a short gather and ends after a short
-scatter while the middle goes in few large messages (each NCCL message costs ~50 us of
-its own on an H200 pair). A run of consecutive blocks of one pool on
+(``chunk_lengths``), so the wire starts after a shorter gather and ends after a shorter
+scatter; by default they do not, as the first gather and the last scatter take a full
+grid instead (``FULL_GRID_ALONE``), and small chunks cost host time per chunk. A run of consecutive blocks of one pool on
 the transfer device goes straight from and into the pool, with no staging copy.
 
 With ``block_messages`` (a group-wide choice, so both sides cut the same messages) every
@@ -60,11 +60,12 @@ TRANSFER_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# 1 GiB of scattered 2 MiB blocks between two H200s (benchmarks/transfer_parts.py): even
-# 64 MiB chunks 4.6 ms, 256 MiB 4.2 ms, 128 MiB ramping from 64 MiB 3.7 ms (one plain
-# buffer: 3.4 ms). A chunk costs ~150 us of host time (tables, copy launch, NCCL post):
-# smaller first chunks leave the wire waiting for the host. Up to CHUNKS_IN_FLIGHT
-# chunk-sized staging buffers per worker (384 MiB) live outside the pools.
+# 1 GiB of scattered 2 MiB blocks between two H200s (benchmarks/transfer_parts.py, one
+# run): 64 MiB chunks 4.06 ms; 128 MiB chunks with the first gather and last scatter on a
+# full grid (FULL_GRID_ALONE) 3.82 ms; one plain buffer 3.11 ms. A chunk costs the host
+# ~150-350 us (its index table, the copy kernel's launch, NCCL's post), about what 64 MiB
+# takes on the wire: smaller chunks leave the wire waiting for the host. Up to
+# CHUNKS_IN_FLIGHT chunk-sized staging buffers per worker (384 MiB) live outside the pools.
 CHUNK_BYTES = 128 << 20
 CHUNKS_IN_FLIGHT = 3
 COPIERS = ("triton", "torch", "engine")
@@ -77,7 +78,7 @@ DEFAULT_COPY_PROGRAMS: int | None = 64
 # the receiver's last scatter) take a full grid instead: NCCL has no SM to lose then, and
 # they are the pipeline's fill and drain.
 FULL_GRID_ALONE = True
-DEFAULT_FIRST_CHUNK_BYTES: int | None = 64 << 20
+DEFAULT_FIRST_CHUNK_BYTES: int | None = None
 DEFAULT_TIMEOUT_S = 120.0
 
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
