@@ -44,7 +44,7 @@ POOL_BLOCKS = 2048
 GROUP_KEY = "transfer-parts/"
 MIB = 1 << 20
 # The plain buffer as this many messages queued together.
-PLAIN_PIECES = (6, 16)
+PLAIN_PIECES = (8, 16)
 # (copier, copy kernel programs or None for a full grid, chunks in flight per side,
 #  chunk bytes, first chunk bytes or None for even chunks, first gather and last scatter
 #  with a full grid: FULL_GRID_ALONE)
