@@ -42,7 +42,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from kvservice.kernels import RowCopy
 from kvservice.workers.checks import check_index
+from kvservice.workers.transfer_chunks import ChunkIndexes, HostTimes, Parts, Run, chunk_lengths
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
 from kvservice.core.ids import Tier
@@ -84,12 +85,6 @@ DEFAULT_TIMEOUT_S = 120.0
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
 TierBlocks = Sequence[tuple[int, int]] | np.ndarray
 _TIERS = tuple(Tier)  # by value
-# One chunk's blocks: [n, 2] rows (tier, block id) of the checked block table (a numpy view:
-# no Python object per block, whose allocation would also wake the garbage collector).
-Run = np.ndarray
-# A chunk's index tables: per tier, (tier, positions in the chunk, [n, 3] rows on the pool's
-# device), ``TransferMixin._chunk_indexes``.
-Parts = list[tuple[Tier, list[int], torch.Tensor]]
 
 
 def apply_transfer_env() -> None:
@@ -235,12 +230,12 @@ class TransferMixin:
                     self._send_messages(peer, runs)
                 stamps.append(time.monotonic())
                 self._finish()
-                self._note_phases("send", stamps, _HostTimes())  # the loop's parts untimed
+                self._note_phases("send", stamps, HostTimes())  # the loop's parts untimed
                 return self._count("blocks_sent", blocks)
             stamps = [start, time.monotonic()]
-            host = _HostTimes()
+            host = HostTimes()
             with self._transfer_stream():
-                indexes = _ChunkIndexes(self._chunk_indexes, runs, host)
+                indexes = ChunkIndexes(self._chunk_indexes, runs, host)
                 in_flight: deque[Any] = deque()
                 for i, run in enumerate(runs):
                     if len(in_flight) >= CHUNKS_IN_FLIGHT:
@@ -271,14 +266,14 @@ class TransferMixin:
                     self._recv_messages(peer, runs)
                 stamps.append(time.monotonic())
                 self._finish()
-                self._note_phases("recv", stamps, _HostTimes())  # the loop's parts untimed
+                self._note_phases("recv", stamps, HostTimes())  # the loop's parts untimed
                 return self._count("blocks_received", blocks)
             stamps = [start, time.monotonic()]
-            host = _HostTimes()
+            host = HostTimes()
             with self._transfer_stream():
                 # Receives are posted before their chunk's index tables are made (when it is
                 # scattered): the first goes out right after the check.
-                indexes = _ChunkIndexes(self._chunk_indexes, runs, host)
+                indexes = ChunkIndexes(self._chunk_indexes, runs, host)
                 posted: deque[tuple[Any, torch.Tensor, int, int, bool]] = deque()
                 for i, run in enumerate(runs):
                     slot = i % CHUNKS_IN_FLIGHT
@@ -603,8 +598,8 @@ class TransferMixin:
         slot: int,
         in_place: bool,
         runs: list[Run],
-        indexes: _ChunkIndexes,
-        host: _HostTimes,
+        indexes: ChunkIndexes,
+        host: HostTimes,
     ) -> None:
         """Chunk ``i``'s receive done (on CUDA: the transfer stream waits for it), its
         blocks scattered from staging buffer ``slot`` unless it landed in place."""
@@ -634,7 +629,7 @@ class TransferMixin:
                 part = tensor[torch.tensor(positions, device=tensor.device)]
             _rows2d(pool).index_copy_(0, rows[:, 0], _rows2d(part.to(pool.device)))
 
-    def _note_phases(self, side: str, stamps: list[float], host: _HostTimes) -> None:
+    def _note_phases(self, side: str, stamps: list[float], host: HostTimes) -> None:
         """Host milliseconds of the last transfer's phases, for operators
         (``transfer_info()["last_ms"]``): checking the blocks, queuing every chunk, and
         waiting for the device to finish (and their ``total``); within the queuing, the
@@ -658,86 +653,6 @@ class TransferMixin:
     def _count(self, counter: str, blocks: TierBlocks) -> int:
         self._counters[counter] += len(blocks)
         return len(blocks) * self._block_bytes()
-
-
-class _HostTimes:
-    """Host seconds a transfer's chunk loop spends making chunks' index tables, posting
-    messages, waiting on them and launching copies: which of them paces the loop."""
-
-    __slots__ = ("post_s", "wait_s", "copy_s", "index_s")
-
-    def __init__(self) -> None:
-        self.post_s = self.wait_s = self.copy_s = self.index_s = 0.0
-
-    def post(self, op: Any, tensor: torch.Tensor, peer: int) -> Any:
-        t = time.perf_counter()
-        work = op(tensor, peer)
-        self.post_s += time.perf_counter() - t
-        return work
-
-    def wait(self, work: Any) -> None:
-        t = time.perf_counter()
-        work.wait()  # on CUDA: the current (transfer) stream waits for it, not the host
-        self.wait_s += time.perf_counter() - t
-
-    def spent(self) -> dict[str, float]:
-        return {
-            "index": self.index_s,
-            "post": self.post_s,
-            "wait": self.wait_s,
-            "copy": self.copy_s,
-        }
-
-
-class _ChunkIndexes:
-    """The index tables of a transfer's chunks (``_chunk_indexes``), made when first asked
-    for: the first chunk's alone, so that it starts without waiting for the others', and
-    every other chunk's together when the next is asked for (one upload, not one per
-    chunk)."""
-
-    __slots__ = ("_make", "_runs", "_tables", "_host")
-
-    def __init__(
-        self, make: Callable[[list[Run]], list[Parts]], runs: list[Run], host: _HostTimes
-    ) -> None:
-        self._make, self._runs, self._host = make, runs, host
-        self._tables: list[Parts | None] = [None] * len(runs)
-
-    def __getitem__(self, i: int) -> Parts:
-        table = self._tables[i]
-        if table is None:
-            t = time.perf_counter()
-            todo = [0] if i == 0 else [k for k, v in enumerate(self._tables) if k and v is None]
-            for k, made in zip(todo, self._make([self._runs[k] for k in todo]), strict=True):
-                self._tables[k] = made
-            self._host.index_s += time.perf_counter() - t
-            table = self._tables[i]
-            assert table is not None
-        return table
-
-
-def chunk_lengths(num_blocks: int, per_chunk: int, first: int | None = None) -> list[int]:
-    """How a transfer of ``num_blocks`` is cut into chunks (blocks per chunk, in order;
-    both sides cut alike from these numbers alone). Even chunks of ``per_chunk`` blocks;
-    with ``first``, a ramp: chunks of ``first``, 2 x ``first``, ... from both ends toward
-    the middle, which goes in chunks of ``per_chunk``."""
-    if num_blocks <= 0:
-        return []
-    per_chunk = max(1, per_chunk)
-    if first is None or first >= per_chunk:
-        whole, rest = divmod(num_blocks, per_chunk)
-        return [per_chunk] * whole + ([rest] if rest else [])
-    head: list[int] = []
-    tail: list[int] = []
-    left, size = num_blocks, max(1, first)
-    while left and size < per_chunk:
-        for side in (head, tail):
-            take = min(size, left)
-            if take:
-                side.append(take)
-                left -= take
-        size *= 2
-    return head + chunk_lengths(left, per_chunk) + tail[::-1]
 
 
 def _rows2d(blocks: torch.Tensor) -> torch.Tensor:

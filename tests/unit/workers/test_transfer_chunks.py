@@ -1,11 +1,13 @@
 """How a block transfer is cut into chunks: both sides cut alike from the block count, every
-block goes in exactly one chunk, in order, and no chunk exceeds the largest size."""
+block goes in exactly one chunk, in order, and no chunk exceeds the largest size; and when
+the chunks' index tables are made."""
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
-from kvservice.workers.transfer import chunk_lengths
+from kvservice.workers.transfer_chunks import ChunkIndexes, HostTimes, chunk_lengths
 
 
 def test_even_chunks() -> None:
@@ -37,3 +39,21 @@ def test_every_block_once_within_bounds(num_blocks: int, per_chunk: int, first: 
     else:  # the ramp costs at most two chunks per doubling
         doublings = max(0, (per_chunk - 1).bit_length() - (first - 1).bit_length() + 1)
         assert len(lengths) <= even + 2 * doublings
+
+
+def test_chunk_tables_are_made_first_alone_then_the_rest_together() -> None:
+    # The first chunk's tables come at once (it starts without the others'); the next ask
+    # makes every other chunk's in one call (one upload), and nothing is made twice.
+    runs = [np.full((n, 2), i) for i, n in enumerate([2, 3, 1])]
+    calls: list[list[int]] = []
+
+    def make(asked: list[np.ndarray]) -> list[list]:
+        calls.append([int(run[0, 0]) for run in asked])
+        return [[("tables of", int(run[0, 0]))] for run in asked]
+
+    host = HostTimes()
+    indexes = ChunkIndexes(make, runs, host)
+    assert indexes[0] == [("tables of", 0)] and calls == [[0]]
+    assert indexes[1] == [("tables of", 1)] and calls == [[0], [1, 2]]
+    assert indexes[2] == [("tables of", 2)] and indexes[0] and len(calls) == 2
+    assert host.spent()["index"] > 0 and host.spent()["post"] == 0
