@@ -224,31 +224,12 @@ class TransferMixin:
         start = time.monotonic()
         with self._entry("send_blocks"):
             peer, runs = self._transfer_args(dst_rank, blocks)
-            if self._block_messages:
-                stamps = [start, time.monotonic()]
-                with self._transfer_stream():
-                    self._send_messages(peer, runs)
-                stamps.append(time.monotonic())
-                self._finish()
-                self._note_phases("send", stamps, HostTimes())  # the loop's parts untimed
-                return self._count("blocks_sent", blocks)
-            stamps = [start, time.monotonic()]
-            host = HostTimes()
+            stamps, host = [start, time.monotonic()], HostTimes()
             with self._transfer_stream():
-                indexes = ChunkIndexes(self._chunk_indexes, runs, host)
-                in_flight: deque[Any] = deque()
-                for i, run in enumerate(runs):
-                    if len(in_flight) >= CHUNKS_IN_FLIGHT:
-                        # Its buffer is reused next: the gather waits (on the device) for its send.
-                        host.wait(in_flight.popleft())
-                    direct = self._direct_view(run)
-                    parts = [] if direct is not None else indexes[i]
-                    t = time.perf_counter()
-                    tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct, alone=i == 0)
-                    host.copy_s += time.perf_counter() - t
-                    in_flight.append(host.post(dist.isend, tensor, peer))
-                while in_flight:
-                    host.wait(in_flight.popleft())
+                if self._block_messages:
+                    self._send_messages(peer, runs)  # the loop's parts go untimed
+                else:
+                    self._send_chunks(peer, runs, host)
                 stamps.append(time.monotonic())
             self._finish()
             self._note_phases("send", stamps, host)
@@ -260,36 +241,53 @@ class TransferMixin:
         start = time.monotonic()
         with self._entry("recv_blocks"):
             peer, runs = self._transfer_args(src_rank, blocks)
-            if self._block_messages:
-                stamps = [start, time.monotonic()]
-                with self._transfer_stream():
-                    self._recv_messages(peer, runs)
-                stamps.append(time.monotonic())
-                self._finish()
-                self._note_phases("recv", stamps, HostTimes())  # the loop's parts untimed
-                return self._count("blocks_received", blocks)
-            stamps = [start, time.monotonic()]
-            host = HostTimes()
+            stamps, host = [start, time.monotonic()], HostTimes()
             with self._transfer_stream():
-                # Receives are posted before their chunk's index tables are made (when it is
-                # scattered): the first goes out right after the check.
-                indexes = ChunkIndexes(self._chunk_indexes, runs, host)
-                posted: deque[tuple[Any, torch.Tensor, int, int, bool]] = deque()
-                for i, run in enumerate(runs):
-                    slot = i % CHUNKS_IN_FLIGHT
-                    direct = self._direct_view(run)
-                    tensor = direct if direct is not None else self._staging(len(run), slot)
-                    work = host.post(dist.irecv, tensor, peer)
-                    posted.append((work, tensor, i, slot, direct is not None))
-                    if len(posted) >= CHUNKS_IN_FLIGHT:
-                        # Scattered before the next receive into its buffer is posted.
-                        self._land_chunk(*posted.popleft(), runs, indexes, host)
-                while posted:
-                    self._land_chunk(*posted.popleft(), runs, indexes, host)
+                if self._block_messages:
+                    self._recv_messages(peer, runs)  # the loop's parts go untimed
+                else:
+                    self._recv_chunks(peer, runs, host)
                 stamps.append(time.monotonic())
             self._finish()
             self._note_phases("recv", stamps, host)
             return self._count("blocks_received", blocks)
+
+    def _send_chunks(self, peer: int, runs: list[Run], host: HostTimes) -> None:
+        """Gather each chunk into a staging buffer (or take its pool slice) and send it,
+        up to ``CHUNKS_IN_FLIGHT`` at once; the first gather takes a full grid."""
+        indexes = ChunkIndexes(self._chunk_indexes, runs, host)
+        in_flight: deque[Any] = deque()
+        for i, run in enumerate(runs):
+            if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                # Its buffer is reused next: the gather waits (on the device) for its send.
+                host.wait(in_flight.popleft())
+            direct = self._direct_view(run)
+            parts = [] if direct is not None else indexes[i]
+            t = time.perf_counter()
+            tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct, alone=i == 0)
+            host.copy_s += time.perf_counter() - t
+            in_flight.append(host.post(dist.isend, tensor, peer))
+        while in_flight:
+            host.wait(in_flight.popleft())
+
+    def _recv_chunks(self, peer: int, runs: list[Run], host: HostTimes) -> None:
+        """Receive each chunk into a staging buffer (or its pool slice) and scatter it, up
+        to ``CHUNKS_IN_FLIGHT`` posted at once; the last scatter takes a full grid.
+        Receives are posted before their chunk's index tables are made (when it is
+        scattered): the first goes out right after the check."""
+        indexes = ChunkIndexes(self._chunk_indexes, runs, host)
+        posted: deque[tuple[Any, torch.Tensor, int, int, bool]] = deque()
+        for i, run in enumerate(runs):
+            slot = i % CHUNKS_IN_FLIGHT
+            direct = self._direct_view(run)
+            tensor = direct if direct is not None else self._staging(len(run), slot)
+            work = host.post(dist.irecv, tensor, peer)
+            posted.append((work, tensor, i, slot, direct is not None))
+            if len(posted) >= CHUNKS_IN_FLIGHT:
+                # Scattered before the next receive into its buffer is posted.
+                self._land_chunk(*posted.popleft(), runs, indexes, host)
+        while posted:
+            self._land_chunk(*posted.popleft(), runs, indexes, host)
 
     def transfer_probe(
         self, peer_rank: int, num_bytes: int, send: bool, iters: int = 1, pieces: int = 1
