@@ -11,8 +11,9 @@ chunk is gathered, and the last one scattered, while one is on the wire), with a
 the first and last are that small and each next one doubles up to ``chunk_bytes``
 (``chunk_lengths``), so the wire starts after a shorter gather and ends after a shorter
 scatter; by default they do not, as the first gather and the last scatter take a full
-grid instead (``FULL_GRID_ALONE``), and small chunks cost host time per chunk. A run of consecutive blocks of one pool on
-the transfer device goes straight from and into the pool, with no staging copy.
+grid instead (``FULL_GRID_ALONE``), and small chunks cost host time per chunk. A run of
+consecutive blocks of one pool on the transfer device goes straight from and into the
+pool, with no staging copy.
 
 With ``block_messages`` (a group-wide choice, so both sides cut the same messages) every
 block goes as a message of its own, grouped per chunk (``batch_isend_irecv``), sent from
@@ -84,7 +85,6 @@ DEFAULT_TIMEOUT_S = 120.0
 
 # (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
 TierBlocks = Sequence[tuple[int, int]] | np.ndarray
-_TIERS = tuple(Tier)  # by value
 
 
 def apply_transfer_env() -> None:
@@ -141,9 +141,9 @@ class TransferMixin:
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
         every rank has joined. Every member must get the same ``chunk_bytes``,
         ``first_chunk_bytes`` (None, or ``chunk_bytes`` or more: every chunk
-        ``chunk_bytes``) and ``block_messages``
-        (one message per block instead of gathered chunks); ``copier`` and
-        ``copy_programs`` choose how this worker gathers and scatters."""
+        ``chunk_bytes``) and ``block_messages`` (one message per block instead of gathered
+        chunks); ``copier`` and ``copy_programs`` choose how this worker gathers and
+        scatters."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
@@ -263,9 +263,7 @@ class TransferMixin:
                 host.wait(in_flight.popleft())
             direct = self._direct_view(run)
             parts = [] if direct is not None else indexes[i]
-            t = time.perf_counter()
-            tensor = self._gather(run, parts, i % CHUNKS_IN_FLIGHT, direct, alone=i == 0)
-            host.copy_s += time.perf_counter() - t
+            tensor = host.copy(self._gather, run, parts, i % CHUNKS_IN_FLIGHT, direct, alone=i == 0)
             in_flight.append(host.post(dist.isend, tensor, peer))
         while in_flight:
             host.wait(in_flight.popleft())
@@ -384,10 +382,11 @@ class TransferMixin:
         )
         starts = np.cumsum([0, *lengths]).tolist()
         runs = [table[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-        for tier in Tier if len(self._pending) else ():
-            ids = table[table[:, 0] == tier, 1]
-            if ids.size:
-                self._pending.wait_on_host(tier, ids.tolist())
+        if len(self._pending):  # swaps in flight: wait for those touching these blocks
+            for tier in Tier:
+                ids = table[table[:, 0] == tier, 1]
+                if ids.size:
+                    self._pending.wait_on_host(tier, ids.tolist())
         return peer, runs
 
     def _check_blocks(self, blocks: TierBlocks) -> np.ndarray:
@@ -552,17 +551,16 @@ class TransferMixin:
         fresh buffer gets a copy of its own."""
         pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
         full = alone and FULL_GRID_ALONE
-        programs = None if full else self._copy_programs
         buffers = self._staging_buffers
         kept = buffers[slot] if buffers is not None else None
-        if kept is None:
-            src, dst = (pool, staging) if sending else (staging, pool)
-            return RowCopy(src, dst, programs=programs)
         key = (tier, slot, sending, full)
-        copy = self._row_copies.get(key)
+        copy = self._row_copies.get(key) if kept is not None else None
         if copy is None:
-            src, dst = (pool, kept) if sending else (kept, pool)
-            copy = self._row_copies[key] = RowCopy(src, dst, programs=programs)
+            buffer = staging if kept is None else kept
+            src, dst = (pool, buffer) if sending else (buffer, pool)
+            copy = RowCopy(src, dst, programs=None if full else self._copy_programs)
+            if kept is not None:
+                self._row_copies[key] = copy
         return copy
 
     def _staging(self, num_blocks: int, slot: int) -> torch.Tensor:
@@ -604,9 +602,7 @@ class TransferMixin:
         host.wait(work)
         if not in_place:
             parts = indexes[i]
-            t = time.perf_counter()
-            self._scatter(tensor, runs[i], parts, slot, alone=i == len(runs) - 1)
-            host.copy_s += time.perf_counter() - t
+            host.copy(self._scatter, tensor, runs[i], parts, slot, alone=i == len(runs) - 1)
 
     def _scatter(
         self,

@@ -36,6 +36,13 @@ class HostTimes:
         self.post_s += time.perf_counter() - t
         return work
 
+    def copy(self, launch: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``launch(*args, **kwargs)``, a gather or scatter, counted as copy time."""
+        t = time.perf_counter()
+        result = launch(*args, **kwargs)
+        self.copy_s += time.perf_counter() - t
+        return result
+
     def wait(self, work: Any) -> None:
         t = time.perf_counter()
         work.wait()  # on CUDA: the current (transfer) stream waits for it, not the host
