@@ -674,29 +674,31 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             ])  # fmt: skip
             probe_in_worker.append(max(seconds))  # the later side's loop
 
+        def block_seconds() -> tuple[float, float]:
+            """Median seconds of the block transfer timed from here (two actor calls) and
+            inside the workers (the driver's calls left out: a transfer lasts as long as
+            its longer side, from the call's start to its end), from the same transfers."""
+            by_group()  # warm-up (a new group's communicator, its staging buffers)
+            here, inside = [], []
+            for _ in range(setup.iters):
+                start_t = time.perf_counter()
+                by_group()
+                here.append(time.perf_counter() - start_t)
+                inside.append(max(
+                    handles[0].call("transfer_info")["last_ms"]["send"]["total"],
+                    handles[1].call("transfer_info")["last_ms"]["recv"]["total"],
+                ) / 1e3)  # fmt: skip
+            return statistics.median(here), statistics.median(inside)
+
         with phase("plain send/recv and block transfer"):
             plain_s = median_seconds(plain, setup.iters)
-            block_s = median_seconds(by_group, setup.iters)
+            block_s, block_in_worker_s = block_seconds()
             plain_s = min(plain_s, median_seconds(plain, setup.iters))  # either side of it
         progress(
             "  blocks %.1f GB/s, plain send/recv %.1f GB/s",
             num_bytes / block_s / 1e9,
             num_bytes / plain_s / 1e9,
         )
-
-        # The same two timed inside the workers (the driver's two actor calls left out):
-        # a transfer lasts as long as its longer side, from the call's start to its end.
-        def blocks_in_worker_s() -> float:
-            spans = []
-            for _ in range(setup.iters):
-                by_group()
-                spans.append(max(
-                    handles[0].call("transfer_info")["last_ms"]["send"]["total"],
-                    handles[1].call("transfer_info")["last_ms"]["recv"]["total"],
-                ) / 1e3)  # fmt: skip
-            return statistics.median(spans)
-
-        block_in_worker_s = blocks_in_worker_s()
         in_worker = {
             "block_transfer_gbps": num_bytes / block_in_worker_s / 1e9,
             "nccl_send_recv_gbps": num_bytes / statistics.median(probe_in_worker) / 1e9,
@@ -732,8 +734,9 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
                 for k, v in (default | change).items():
                     setattr(group, k, v)
                 coord.form_transfer_group()
-                variants[name] = num_bytes / median_seconds(by_group, setup.iters) / 1e9
-                variants_in_worker[name] = num_bytes / blocks_in_worker_s() / 1e9
+                variant_s, variant_in_worker_s = block_seconds()
+                variants[name] = num_bytes / variant_s / 1e9
+                variants_in_worker[name] = num_bytes / variant_in_worker_s / 1e9
                 progress("  %s: %.1f GB/s (inside the workers %.1f GB/s)", name, variants[name],
                          variants_in_worker[name])  # fmt: skip
             for k, v in default.items():
