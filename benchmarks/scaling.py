@@ -616,18 +616,23 @@ def median_seconds(fn: Any, iters: int) -> float:
     return statistics.median(times)
 
 
-# Other ways to cut and copy the same transfer (TransferGroup settings over the defaults).
+# Other ways to cut and copy the same transfer (TransferGroup settings over the defaults;
+# every chunked variant with peer copy off, which would otherwise take the transfer).
+_CHUNKED = {"peer_copy": "off"}
 TRANSFER_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("chunks_64MiB", {"chunk_bytes": 64 << 20, "first_chunk_bytes": None}),
-    ("chunks_256MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": None}),
-    ("chunks_128MiB_from_64MiB", {"chunk_bytes": 128 << 20, "first_chunk_bytes": 64 << 20}),
-    ("chunks_256MiB_from_128MiB", {"chunk_bytes": 256 << 20, "first_chunk_bytes": 128 << 20}),
-    ("block_messages", {"block_messages": True}),
-    ("torch_index_copies", {"copier": "torch"}),
-    ("copy_engine_copies", {"copier": "engine"}),
-    ("copy_kernel_full_grid", {"copier": "triton", "copy_programs": None}),
-    ("copy_kernel_32_programs", {"copier": "triton", "copy_programs": 32}),
-    ("copy_kernel_128_programs", {"copier": "triton", "copy_programs": 128}),
+    ("peer_copy_push", {"peer_copy": "push"}),
+    ("peer_copy_pull", {"peer_copy": "pull"}),
+    ("chunks_128MiB", _CHUNKED | {"chunk_bytes": 128 << 20, "first_chunk_bytes": None}),
+    ("chunks_64MiB", _CHUNKED | {"chunk_bytes": 64 << 20, "first_chunk_bytes": None}),
+    ("chunks_256MiB", _CHUNKED | {"chunk_bytes": 256 << 20, "first_chunk_bytes": None}),
+    (
+        "chunks_128MiB_from_64MiB",
+        _CHUNKED | {"chunk_bytes": 128 << 20, "first_chunk_bytes": 64 << 20},
+    ),
+    ("block_messages", _CHUNKED | {"block_messages": True}),
+    ("torch_index_copies", _CHUNKED | {"copier": "torch"}),
+    ("copy_engine_copies", _CHUNKED | {"copier": "engine"}),
+    ("copy_kernel_full_grid", _CHUNKED | {"copier": "triton", "copy_programs": None}),
 )
 
 
@@ -655,9 +660,11 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
         )  # fmt: skip
         num_bytes = n * layout.block_bytes
 
+        paths: set[str] = set()
+
         def by_group() -> None:
             calls: list[Any] = []
-            assert submit_transfer(transfer, handles, group, calls) == "group"
+            paths.add(submit_transfer(transfer, handles, group, calls))
             resolve_all(calls)
 
         def through_host() -> None:
@@ -728,6 +735,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
                 "block_messages",
                 "copier",
                 "copy_programs",
+                "peer_copy",
             )
             default = {k: getattr(group, k) for k in knobs}
             for name, change in TRANSFER_VARIANTS:
@@ -757,9 +765,19 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             progress("  plain send/recv in %d messages: %.1f GB/s", pieces,
                      variants[f"plain_in_{pieces}_messages"])  # fmt: skip
         with phase("check the moved blocks"):
-            by_group()  # the default path's copy is the one checked
-            moved = handles[1].call("export_blocks", Tier.GPU, dst)
-            ok = bool(torch.equal(moved, data))
+            # The default path's copy, and the chunked one's when the default is peer copy.
+            default_paths, ok = sorted(paths), True
+            for peer_copy in (group.peer_copy, "off"):
+                group.peer_copy = peer_copy
+                coord.form_transfer_group()
+                handles[1].call("import_blocks", Tier.GPU, dst, torch.zeros_like(data))
+                paths.clear()
+                by_group()
+                moved = handles[1].call("export_blocks", Tier.GPU, dst)
+                ok = ok and bool(torch.equal(moved, data))
+                progress("  moved blocks checked over the %s path: %s", paths.pop(), ok)
+            group.peer_copy = default["peer_copy"]
+            coord.form_transfer_group()
         # The same path over more bytes: the fixed costs of a transfer (the two actor
         # calls, checking and indexing the blocks) weigh less. Sources repeat (a block
         # may be sent several times); destinations are distinct.
@@ -824,6 +842,8 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "bigger": bigger,
             "copier": group.copier,
             "copy_programs": group.copy_programs,
+            "peer_copy": group.peer_copy,
+            "paths": default_paths,
             "variants_gbps": variants,
             "variants_in_worker_gbps": variants_in_worker,
             "in_worker": in_worker,

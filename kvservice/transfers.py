@@ -2,7 +2,9 @@
 
 - Between members of the transfer group, a transfer is one ``send_blocks`` on the source
   and one ``recv_blocks`` on the destination (``kvservice.workers.transfer``): GPU to GPU
-  over NCCL, or over gloo between CPU workers.
+  over NCCL, or over gloo between CPU workers. Between two members that mapped each
+  other's pools (same host, ``peer_copy``) a transfer of GPU-tier blocks is one copy
+  kernel between the pools instead (path "peer"): both calls get both sides' blocks.
 - Otherwise (a worker outside the group, local workers, no group at all) the blocks go
   through host memory: ``export_blocks`` on the source, ``import_blocks`` on the
   destination, one pair per (source tier, destination tier). Between Ray actors the
@@ -31,6 +33,7 @@ from datetime import timedelta
 import numpy as np
 
 from kvservice.coordinator_workers import PendingCall, RayWorkerHandle, WorkerHandle, resolve_all
+from kvservice.core.ids import Tier
 from kvservice.core.migration import TransferBlocks
 from kvservice.workers.transfer import (
     DEFAULT_COPIER,
@@ -41,6 +44,10 @@ from kvservice.workers.transfer import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
+# Between GPUs of one host (NCCL groups): "push" (the sender's kernel writes the
+# receiver's pool over NVLink) or "pull". Between CPU workers peer copy moves the pools
+# into shared memory, so it is only on when asked for.
+DEFAULT_GPU_PEER_COPY = "push"
 
 
 class TransferGroup:
@@ -56,6 +63,7 @@ class TransferGroup:
         copier: str = DEFAULT_COPIER,
         copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
         first_chunk_bytes: int | None = DEFAULT_FIRST_CHUNK_BYTES,
+        peer_copy: str | None = None,
     ) -> None:
         import torch.distributed as dist
 
@@ -74,6 +82,8 @@ class TransferGroup:
         # a full grid).
         self.copier = copier
         self.copy_programs = copy_programs
+        # "push", "pull" or "off"; None: DEFAULT_GPU_PEER_COPY over NCCL, "off" over gloo.
+        self.peer_copy = peer_copy
         self._store = dist.TCPStore(
             self.host, 0, is_master=True, wait_for_workers=False,
             timeout=timedelta(seconds=timeout_s),
@@ -82,6 +92,8 @@ class TransferGroup:
         self.generation = 0
         self.ranks: dict[int, int] = {}  # worker id -> rank in the current group
         self.backend: str | None = None
+        # Worker-id pairs that mapped each other's pools: their transfers go by peer copy.
+        self.peer_pairs: set[frozenset[int]] = set()
 
     def form(
         self, handles: Mapping[int, WorkerHandle], devices: Mapping[int, str]
@@ -94,6 +106,7 @@ class TransferGroup:
             return {}
         self.generation += 1
         backend = "nccl" if all(devices[w].startswith("cuda") for w in members) else "gloo"
+        peer_copy = self.peer_copy or (DEFAULT_GPU_PEER_COPY if backend == "nccl" else "off")
         key = f"kvservice-transfer-{self.generation}/"
         calls = [
             handles[w].submit(
@@ -110,23 +123,33 @@ class TransferGroup:
                 self.copier,
                 self.copy_programs,
                 self.first_chunk_bytes,
+                peer_copy,
             )  # fmt: skip
             for rank, w in enumerate(members)
         ]
         try:
-            resolve_all(calls)
+            infos = resolve_all(calls)
         except BaseException:
             self.ranks = {}
+            self.peer_pairs = set()
             raise
         self.ranks = {w: rank for rank, w in enumerate(members)}
+        mapped = {
+            (members[info["rank"]], members[peer]) for info in infos for peer in info["peers"]
+        }
+        self.peer_pairs = {frozenset(pair) for pair in mapped if pair[::-1] in mapped}
         self.backend = backend
-        log.info("transfer group %d: workers %s over %s", self.generation, members, backend)
+        log.info(
+            "transfer group %d: workers %s over %s, peer copy %s between %s",
+            self.generation, members, backend, peer_copy, sorted(map(sorted, self.peer_pairs)),
+        )  # fmt: skip
         return dict(self.ranks)
 
     def leave(self, handles: Mapping[int, WorkerHandle]) -> None:
         """Members still in ``handles`` leave the group (best effort: a gone one is gone)."""
         calls = [handles[w].submit("transfer_leave") for w in self.ranks if w in handles]
         self.ranks = {}
+        self.peer_pairs = set()
         try:
             resolve_all(calls)
         except Exception:  # noqa: BLE001 - a worker that is gone has left
@@ -134,6 +157,10 @@ class TransferGroup:
 
     def joined(self, *worker_ids: int) -> bool:
         return all(w in self.ranks for w in worker_ids)
+
+    def mapped(self, a: int, b: int) -> bool:
+        """Whether workers ``a`` and ``b`` copy each other's GPU-tier blocks directly."""
+        return frozenset((a, b)) in self.peer_pairs
 
 
 def submit_transfer(
@@ -143,7 +170,7 @@ def submit_transfer(
     calls: list[PendingCall],
 ) -> str:
     """Submit the calls that copy the blocks (appended to ``calls``, in order); returns
-    the path taken: "group", "host" or "none" (no blocks)."""
+    the path taken: "peer", "group", "host" or "none" (no blocks)."""
     if not transfer.blocks:
         return "none"
     src_id, dst_id = transfer.src_worker_id, transfer.dst_worker_id
@@ -154,13 +181,15 @@ def submit_transfer(
         # each way for 512 blocks). The receiver's half goes first: the sender's first
         # chunk cannot leave before the receiver has posted for it.
         table = np.array(transfer.blocks, dtype=np.int64).reshape(-1, 4)
-        calls.append(
-            dst.submit("recv_blocks", group.ranks[src_id], np.ascontiguousarray(table[:, 2:]))
-        )
-        calls.append(
-            src.submit("send_blocks", group.ranks[dst_id], np.ascontiguousarray(table[:, :2]))
-        )
-        return "group"
+        src_rows = np.ascontiguousarray(table[:, :2])
+        dst_rows = np.ascontiguousarray(table[:, 2:])
+        # Peer copy: each side also gets the other's blocks (GPU tier on both sides only).
+        peer = group.mapped(src_id, dst_id) and bool((table[:, [0, 2]] == Tier.GPU).all())
+        recv_args = (src_rows,) if peer else ()
+        send_args = (dst_rows,) if peer else ()
+        calls.append(dst.submit("recv_blocks", group.ranks[src_id], dst_rows, *recv_args))
+        calls.append(src.submit("send_blocks", group.ranks[dst_id], src_rows, *send_args))
+        return "peer" if peer else "group"
     by_tiers: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     for src_tier, src_block, dst_tier, dst_block in transfer.blocks:
         ids = by_tiers.setdefault((int(src_tier), int(dst_tier)), ([], []))

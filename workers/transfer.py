@@ -15,6 +15,11 @@ grid instead (``FULL_GRID_ALONE``), and small chunks cost host time per chunk. A
 consecutive blocks of one pool on the transfer device goes straight from and into the
 pool, with no staging copy.
 
+With ``peer_copy`` (a group-wide choice) members of one host map each other's GPU-tier
+pools at join, and a transfer the coordinator marks for it (GPU-tier blocks on both sides,
+``peer_blocks`` given to both calls) is one copy kernel between the two pools, ordered by
+two small messages (``kvservice.workers.transfer_peer``); no chunk, no staging.
+
 With ``block_messages`` (a group-wide choice, so both sides cut the same messages) every
 block goes as a message of its own, grouped per chunk (``batch_isend_irecv``), sent from
 and received into its place in the pool: no staging copy, but on an H200 pair 2 MiB
@@ -53,6 +58,7 @@ import torch.distributed as dist
 from kvservice.kernels import RowCopy
 from kvservice.workers.checks import check_index
 from kvservice.workers.transfer_chunks import ChunkIndexes, HostTimes, Parts, Run, chunk_lengths
+from kvservice.workers.transfer_peer import PEER_COPY_MODES, PeerCopy, map_peers
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
 from kvservice.core.ids import Tier
@@ -116,6 +122,7 @@ class TransferMixin:
     _copier: str = DEFAULT_COPIER
     _copy_programs: int | None = DEFAULT_COPY_PROGRAMS
     _last_phases: dict[str, dict[str, float]]
+    _peer: PeerCopy | None = None
 
     if TYPE_CHECKING:
 
@@ -136,6 +143,7 @@ class TransferMixin:
         copier: str = DEFAULT_COPIER,
         copy_programs: int | None = DEFAULT_COPY_PROGRAMS,
         first_chunk_bytes: int | None = DEFAULT_FIRST_CHUNK_BYTES,
+        peer_copy: str = "off",
     ) -> dict[str, Any]:
         """Join process group ``group_key`` (rendezvous on the TCP store at host:port) as
         ``rank`` of ``world_size``, leaving any group this process was in. Blocks until
@@ -143,7 +151,8 @@ class TransferMixin:
         ``first_chunk_bytes`` (None, or ``chunk_bytes`` or more: every chunk
         ``chunk_bytes``) and ``block_messages`` (one message per block instead of gathered
         chunks); ``copier`` and ``copy_programs`` choose how this worker gathers and
-        scatters."""
+        scatters; with ``peer_copy`` ("push" or "pull", the same on every member) it maps
+        the pools of the members on its host (``kvservice.workers.transfer_peer``)."""
         with self._entry("transfer_join"):
             world_size = check_index("world_size", world_size, 1 << 16)
             chunk_bytes = check_index("chunk_bytes", chunk_bytes, 1 << 40)
@@ -161,6 +170,10 @@ class TransferMixin:
                 copy_programs = check_index("copy_programs", copy_programs, 1 << 20)
                 if copy_programs < 1:
                     raise InvalidArgument("copy_programs must be None or >= 1")
+            if peer_copy not in PEER_COPY_MODES:
+                raise InvalidArgument(
+                    f"peer_copy must be one of {PEER_COPY_MODES}, got {peer_copy!r}"
+                )
             apply_transfer_env()
             self._leave_group()
             timeout = timedelta(seconds=timeout_s)
@@ -175,9 +188,18 @@ class TransferMixin:
                 timeout=timeout,
             )
             self._transfer_rank = rank
+            self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
+            peers = {}
+            if peer_copy != "off":
+                try:
+                    prefixed = dist.PrefixStore(group_key, store)
+                    peers = map_peers(prefixed, rank, world_size, self.gpu_pool)
+                except BaseException:
+                    self._leave_group()  # a member that did not publish: no half-joined group
+                    raise
+            self._peer = PeerCopy(peer_copy, self.gpu_pool, peers, self._transfer_device)
             self._chunk_bytes = chunk_bytes
             self._first_chunk_bytes = first_chunk_bytes
-            self._transfer_device = self.device if backend == "nccl" else torch.device("cpu")
             self._block_messages = bool(block_messages)
             self._copier = copier
             self._copy_programs = copy_programs
@@ -193,6 +215,7 @@ class TransferMixin:
             dist.destroy_process_group()
         self._transfer_rank = None
         self._transfer_device = None
+        self._peer = None  # unmaps the peers' pools
         self._probe_buffer = None
         self._reset_staging()
 
@@ -214,43 +237,57 @@ class TransferMixin:
             "block_messages": self._block_messages if joined else None,
             "copier": self._copier if joined else None,
             "copy_programs": self._copy_programs if joined else None,
+            "peer_copy": self._peer.mode if self._peer is not None else None,
+            "peers": sorted(self._peer.peers) if self._peer is not None else [],
             "last_ms": dict(self._last_phases) if joined else {},
         }
 
     # ----------------------------------------------------------------- blocks
-    def send_blocks(self, dst_rank: int, blocks: TierBlocks) -> int:
+    def send_blocks(
+        self, dst_rank: int, blocks: TierBlocks, peer_blocks: TierBlocks | None = None
+    ) -> int:
         """Send the blocks, in order, to the ``recv_blocks`` of rank ``dst_rank``; returns
-        the bytes sent."""
-        start = time.monotonic()
-        with self._entry("send_blocks"):
-            peer, runs = self._transfer_args(dst_rank, blocks)
-            stamps, host = [start, time.monotonic()], HostTimes()
-            with self._transfer_stream():
-                if self._block_messages:
-                    self._send_messages(peer, runs)  # the loop's parts go untimed
-                else:
-                    self._send_chunks(peer, runs, host)
-                stamps.append(time.monotonic())
-            self._finish()
-            self._note_phases("send", stamps, host)
-            return self._count("blocks_sent", blocks)
+        the bytes sent. With ``peer_blocks`` (where they land at the peer, given to both
+        sides) the blocks go by peer copy."""
+        return self._transfer_blocks("send", dst_rank, blocks, peer_blocks)
 
-    def recv_blocks(self, src_rank: int, blocks: TierBlocks) -> int:
+    def recv_blocks(
+        self, src_rank: int, blocks: TierBlocks, peer_blocks: TierBlocks | None = None
+    ) -> int:
         """Receive the blocks of the matching ``send_blocks`` of rank ``src_rank`` into
-        these blocks, in order; returns the bytes received."""
+        these blocks, in order; returns the bytes received. With ``peer_blocks`` (where
+        they come from at the peer) the blocks come by peer copy."""
+        return self._transfer_blocks("recv", src_rank, blocks, peer_blocks)
+
+    def _transfer_blocks(
+        self, side: str, peer_rank: int, blocks: TierBlocks, peer_blocks: TierBlocks | None
+    ) -> int:
         start = time.monotonic()
-        with self._entry("recv_blocks"):
-            peer, runs = self._transfer_args(src_rank, blocks)
+        sending = side == "send"
+        with self._entry(f"{side}_blocks"):
+            peer, table = self._transfer_args(peer_rank, blocks)
+            theirs = None
+            if peer_blocks is not None:
+                if self._peer is None:  # pragma: no cover - _transfer_args checked the group
+                    raise FailedPrecondition("this worker is in no transfer group")
+                theirs = self._peer.check(peer, table, peer_blocks, sending)
             stamps, host = [start, time.monotonic()], HostTimes()
             with self._transfer_stream():
-                if self._block_messages:
-                    self._recv_messages(peer, runs)  # the loop's parts go untimed
+                if theirs is not None:
+                    assert self._peer is not None
+                    self._peer.run(peer, table, theirs, sending)
+                elif self._block_messages:  # the loop's parts go untimed
+                    (self._send_messages if sending else self._recv_messages)(
+                        peer, self._cut(table)
+                    )
                 else:
-                    self._recv_chunks(peer, runs, host)
+                    (self._send_chunks if sending else self._recv_chunks)(
+                        peer, self._cut(table), host
+                    )
                 stamps.append(time.monotonic())
             self._finish()
-            self._note_phases("recv", stamps, host)
-            return self._count("blocks_received", blocks)
+            self._note_phases(side, stamps, host)
+            return self._count("blocks_sent" if sending else "blocks_received", blocks)
 
     def _send_chunks(self, peer: int, runs: list[Run], host: HostTimes) -> None:
         """Gather each chunk into a staging buffer (or take its pool slice) and send it,
@@ -364,15 +401,24 @@ class TransferMixin:
                 pool[block_id].copy_(tensor, non_blocking=True)
 
     # ----------------------------------------------------------------- internals
-    def _transfer_args(self, peer_rank: int, blocks: TierBlocks) -> tuple[int, list[Run]]:
-        """The checked peer and the checked blocks cut into chunks (both sides cut alike),
-        once the swaps touching them are done."""
+    def _transfer_args(self, peer_rank: int, blocks: TierBlocks) -> tuple[int, np.ndarray]:
+        """The checked peer and the checked blocks (``_check_blocks``), once the swaps
+        touching them are done."""
         if self._transfer_rank is None:
             raise FailedPrecondition("this worker is in no transfer group")
         peer = check_index("peer rank", peer_rank, dist.get_world_size())
         if peer == self._transfer_rank:
             raise InvalidArgument("a worker does not transfer to itself")
         table = self._check_blocks(blocks)
+        if len(self._pending):  # swaps in flight: wait for those touching these blocks
+            for tier in Tier:
+                ids = table[table[:, 0] == tier, 1]
+                if ids.size:
+                    self._pending.wait_on_host(tier, ids.tolist())
+        return peer, table
+
+    def _cut(self, table: np.ndarray) -> list[Run]:
+        """The checked blocks cut into chunks: both sides cut alike, from the count alone."""
         block_bytes = self._block_bytes()
         first = self._first_chunk_bytes
         lengths = chunk_lengths(
@@ -381,13 +427,7 @@ class TransferMixin:
             None if first is None else max(1, first // block_bytes),
         )
         starts = np.cumsum([0, *lengths]).tolist()
-        runs = [table[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-        if len(self._pending):  # swaps in flight: wait for those touching these blocks
-            for tier in Tier:
-                ids = table[table[:, 0] == tier, 1]
-                if ids.size:
-                    self._pending.wait_on_host(tier, ids.tolist())
-        return peer, runs
+        return [table[a:b] for a, b in zip(starts, starts[1:], strict=False)]
 
     def _check_blocks(self, blocks: TierBlocks) -> np.ndarray:
         """``blocks`` as a checked [n, 2] int64 array of (tier, block id), checked all at

@@ -165,6 +165,54 @@ def test_blocks_cross_the_group_in_pipelined_chunks(
     assert handles[0].call("transfer_info")["rank"] is None
 
 
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_gpu_tier_blocks_go_by_peer_copy_between_mapped_workers(
+    handles: dict[int, RayWorkerHandle], mode: str
+) -> None:
+    # CPU workers map each other's pools through shared memory (CUDA IPC between GPUs):
+    # the same messages and copy, on gloo.
+    group = TransferGroup(
+        "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes, peer_copy=mode
+    )
+    assert group.form(handles, {0: "cpu", 1: "cpu"}) == {0: 0, 1: 1}
+    assert group.mapped(0, 1) and group.mapped(1, 0)
+    for w, peers in ((0, [1]), (1, [0])):
+        info = handles[w].call("transfer_info")
+        assert (info["peer_copy"], info["peers"]) == (mode, peers)
+    sent = fill(handles[0], seed=6)
+    fill(handles[1], seed=7)
+    received_before = handles[1].call("stats")["blocks_received"]
+    gpu_only = moves(*((GPU, b, GPU, d) for b, d in ((9, 1), (2, 20), (30, 3), (9, 31), (4, 10))))
+    assert run(gpu_only, handles, group) == "peer"
+    check(handles, gpu_only, sent)
+    assert handles[1].call("stats")["blocks_received"] - received_before == 5
+    # A transfer naming CPU-tier blocks takes the chunked path of the same group.
+    assert run(SCATTERED, handles, group) == "group"
+    check(handles, SCATTERED, sent)
+    # Bad peer blocks are refused on either side before any message (both sides check the
+    # same), and nothing moves.
+    before = handles[1].call("export_blocks", GPU, [1, 2])
+    for side, own, theirs in (
+        ("send_blocks", [(0, 1)], [(0, 32)]),  # out of the peer's range
+        ("recv_blocks", [(0, 1)], [(1, 0)]),  # a CPU-tier block
+        ("send_blocks", [(0, 1), (0, 2)], [(0, 5), (0, 5)]),  # one destination twice
+        ("recv_blocks", [(0, 1), (0, 2)], [(0, 3)]),  # not one per block
+    ):
+        with pytest.raises(InvalidArgument):
+            handles[1 if side == "recv_blocks" else 0].call(
+                side, 0 if side == "recv_blocks" else 1, own, theirs
+            )
+    assert torch.equal(handles[1].call("export_blocks", GPU, [1, 2]), before)
+    # Without peer copy the same group's transfers are chunked again.
+    group.peer_copy = "off"
+    group.form(handles, {0: "cpu", 1: "cpu"})
+    assert not group.mapped(0, 1) and handles[0].call("transfer_info")["peers"] == []
+    sent = fill(handles[0], seed=8)
+    assert run(gpu_only, handles, group) == "group"
+    check(handles, gpu_only, sent)
+    group.leave(handles)
+
+
 def test_a_bad_copier_is_refused_and_changes_nothing(
     handles: dict[int, RayWorkerHandle],
 ) -> None:
