@@ -681,26 +681,47 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             ])  # fmt: skip
             probe_in_worker.append(max(seconds))  # the later side's loop
 
+        # The last block_seconds' median ms from the driver's first step to each moment.
+        timeline: dict[str, float] = {}
+
         def block_seconds() -> tuple[float, float]:
             """Median seconds of the block transfer timed from here (two actor calls) and
             inside the workers (the driver's calls left out: a transfer lasts as long as
             its longer side, from the call's start to its end), from the same transfers."""
             by_group()  # warm-up (a new group's communicator, its staging buffers)
             here, inside = [], []
+            moments: dict[str, list[float]] = {}
             for _ in range(setup.iters):
-                start_t = time.perf_counter()
-                by_group()
+                start_t, at = time.perf_counter(), time.monotonic()
+                calls: list[Any] = []
+                paths.add(submit_transfer(transfer, handles, group, calls))
+                submitted = time.monotonic()
+                resolve_all(calls)
                 here.append(time.perf_counter() - start_t)
-                inside.append(max(
-                    handles[0].call("transfer_info")["last_ms"]["send"]["total"],
-                    handles[1].call("transfer_info")["last_ms"]["recv"]["total"],
-                ) / 1e3)  # fmt: skip
+                returned = time.monotonic()
+                send = handles[0].call("transfer_info")["last_ms"]["send"]
+                recv = handles[1].call("transfer_info")["last_ms"]["recv"]
+                inside.append(max(send["total"], recv["total"]) / 1e3)
+                # One host clock (time.monotonic) for the driver and both workers.
+                for name, moment in (
+                    ("submitted", submitted),
+                    ("recv_started", recv["started_s"]),
+                    ("send_started", send["started_s"]),
+                    ("recv_ended", recv["started_s"] + recv["total"] / 1e3),
+                    ("send_ended", send["started_s"] + send["total"] / 1e3),
+                    ("returned", returned),
+                ):
+                    moments.setdefault(name, []).append(1e3 * (moment - at))
+            timeline.clear()
+            timeline.update({k: round(statistics.median(v), 3) for k, v in moments.items()})
             return statistics.median(here), statistics.median(inside)
 
         with phase("plain send/recv and block transfer"):
             plain_s = median_seconds(plain, setup.iters)
             block_s, block_in_worker_s = block_seconds()
+            default_timeline = dict(timeline)
             plain_s = min(plain_s, median_seconds(plain, setup.iters))  # either side of it
+        progress("  block transfer timeline, median ms from the driver's start: %s", timeline)
         progress(
             "  blocks %.1f GB/s, plain send/recv %.1f GB/s",
             num_bytes / block_s / 1e9,
@@ -728,6 +749,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
         progress("  last block transfer, host ms per phase: %s", phases_ms)
         variants: dict[str, float] = {}
         variants_in_worker: dict[str, float] = {}
+        variant_timelines: dict[str, dict[str, float]] = {}
         with phase("chunk size and message variants"):
             knobs = (
                 "chunk_bytes",
@@ -745,8 +767,9 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
                 variant_s, variant_in_worker_s = block_seconds()
                 variants[name] = num_bytes / variant_s / 1e9
                 variants_in_worker[name] = num_bytes / variant_in_worker_s / 1e9
-                progress("  %s: %.1f GB/s (inside the workers %.1f GB/s)", name, variants[name],
-                         variants_in_worker[name])  # fmt: skip
+                variant_timelines[name] = dict(timeline)
+                progress("  %s: %.1f GB/s (inside the workers %.1f GB/s), timeline %s", name,
+                         variants[name], variants_in_worker[name], timeline)  # fmt: skip
             for k, v in default.items():
                 setattr(group, k, v)
             coord.form_transfer_group()
@@ -839,6 +862,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "nccl_send_recv_gbps": num_bytes / plain_s / 1e9,
             "block_over_nccl_pct": 100 * plain_s / block_s,
             "last_transfer_host_ms": phases_ms,
+            "timeline_ms": default_timeline,
             "bigger": bigger,
             "copier": group.copier,
             "copy_programs": group.copy_programs,
@@ -846,6 +870,7 @@ def run_transfer(setup: Setup, use_gpu: bool) -> dict[str, Any]:
             "paths": default_paths,
             "variants_gbps": variants,
             "variants_in_worker_gbps": variants_in_worker,
+            "variant_timelines_ms": variant_timelines,
             "in_worker": in_worker,
             "host_path_gbps": num_bytes / host_s / 1e9,
             "migration_gbps": migration["bytes"] / migration["seconds"] / 1e9

@@ -13,7 +13,10 @@ Rows (median ms of ``iters``, the slower side; GB/s of the bytes moved):
 - ``scattered, N chunks in flight``: the same with more staging buffers per side;
 - ``ramped``: chunks of up to ``chunk_bytes`` that start (and end) at ``first_chunk_bytes``;
 - ``ends full``: the first gather and the last scatter with a full grid (``FULL_GRID_ALONE``);
-- ``gather only``: the sender's gathers of every chunk without sending (device time).
+- ``gather only``: the sender's gathers of every chunk without sending (device time);
+- ``peer copy push|pull``: the scattered blocks by one copy kernel over the peer's pool,
+  mapped through CUDA IPC (only where the sides map each other: Ray actors, each seeing
+  its own GPU as cuda:0).
 
 With ``--ray`` the two sides run in two Ray actors of one GPU each (as the service's workers
 do) instead of two plain processes: the same rows, to tell the process's surroundings
@@ -61,6 +64,13 @@ SCATTERED_RUNS: tuple[tuple[str, int | None, int, int, int | None, bool], ...] =
 GATHER_RUNS: tuple[tuple[int | None, int, int], ...] = ((None, 2048, 4), (64, 2048, 4))
 
 
+def _scattered(rank: int, blocks: int) -> np.ndarray:
+    """Rank ``rank``'s scattered blocks: (tier, block id) rows, as the coordinator sends."""
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randperm(POOL_BLOCKS, generator=gen)[:blocks].numpy()
+    return np.stack([np.full_like(ids, int(Tier.GPU)), ids], axis=1)
+
+
 def _side(rank: int, port: int, blocks: int, iters: int, queue: Any) -> None:
     queue.put((rank, run_side(rank, port, blocks, iters, f"cuda:{rank}")))
 
@@ -75,10 +85,8 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     transfer.apply_transfer_env()
     worker = Worker(rank, LAYOUT, device=device, num_gpu_blocks=POOL_BLOCKS, num_cpu_blocks=1)
     peer = 1 - rank
-    gen = torch.Generator().manual_seed(rank)
     # (tier, block id) rows as the coordinator sends them: int64 arrays.
-    ids = torch.randperm(POOL_BLOCKS, generator=gen)[:blocks].numpy()
-    scattered = np.stack([np.full_like(ids, int(Tier.GPU)), ids], axis=1)
+    scattered = _scattered(rank, blocks)
     consecutive = np.stack([np.full(blocks, int(Tier.GPU)), np.arange(blocks)], axis=1)
     num_bytes = blocks * LAYOUT.block_bytes
     results: dict[str, float] = {}
@@ -91,12 +99,13 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
         programs: int | None = None,
         chunk: int = transfer.CHUNK_BYTES,
         first: int | None = None,
+        peer_copy: str = "off",
     ) -> None:
         # A new store prefix per group: a prefix used before still holds its rendezvous.
         key = f"{GROUP_KEY}{next(joins)}/"
         worker.transfer_join(
             "127.0.0.1", port, key, rank, 2, "nccl", chunk_bytes=chunk, copier=copier,
-            copy_programs=programs, first_chunk_bytes=first,
+            copy_programs=programs, first_chunk_bytes=first, peer_copy=peer_copy,
         )  # fmt: skip
 
     def timed(name: str, fn: Any) -> None:
@@ -115,10 +124,10 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
             phases[name] = {k: v for k, v in last.items() if k != "started_s"}
             worker._last_phases.clear()  # a row without a block transfer notes none
 
-    def moves(which: np.ndarray) -> Any:
+    def moves(which: np.ndarray, theirs: np.ndarray | None = None) -> Any:
         if rank == 0:
-            return lambda: worker.send_blocks(peer, which)
-        return lambda: worker.recv_blocks(peer, which)
+            return lambda: worker.send_blocks(peer, which, theirs)
+        return lambda: worker.recv_blocks(peer, which, theirs)
 
     join()
     timed("plain", lambda: worker.transfer_probe(peer, num_bytes, rank == 0))
@@ -142,6 +151,10 @@ def run_side(rank: int, port: int, blocks: int, iters: int, device: str) -> dict
     transfer.CHUNKS_IN_FLIGHT = default_in_flight
     transfer.FULL_GRID_ALONE = default_ends
     worker._reset_staging()
+    for mode in ("push", "pull"):
+        join(peer_copy=mode)
+        if worker.transfer_info()["peers"]:  # both sides map alike (one host, one kind)
+            timed(f"peer copy {mode}", moves(scattered, _scattered(peer, blocks)))
 
     per_chunk = transfer.CHUNK_BYTES // LAYOUT.block_bytes
     staging = torch.empty(

@@ -275,7 +275,7 @@ class TransferMixin:
             with self._transfer_stream():
                 if theirs is not None:
                     assert self._peer is not None
-                    self._peer.run(peer, table, theirs, sending)
+                    self._peer.run(peer, table, theirs, sending, host)
                 elif self._block_messages:  # the loop's parts go untimed
                     (self._send_messages if sending else self._recv_messages)(
                         peer, self._cut(table)
@@ -440,10 +440,14 @@ class TransferMixin:
         if table.ndim != 2 or table.shape[1] != 2 or table.dtype.kind not in "iu":
             raise InvalidArgument("blocks must be (tier, block id) pairs of ints")
         table = table.astype(np.int64, copy=False)
-        tiers = table[:, 0]
-        bad = (tiers < 0) | (tiers >= len(Tier))
-        if bad.any():
-            raise InvalidArgument(f"tier must be in [0, {len(Tier)}), got {int(tiers[bad][0])}")
+        if not len(table):
+            return table
+        tiers, ids = table[:, 0], table[:, 1]
+        if tiers.min() < 0 or tiers.max() >= len(Tier):
+            bad = tiers[(tiers < 0) | (tiers >= len(Tier))]
+            raise InvalidArgument(f"tier must be in [0, {len(Tier)}), got {int(bad[0])}")
+        if not tiers.any() and 0 <= ids.min() and ids.max() < self.gpu_pool.shape[0]:
+            return table  # all GPU tier (0), all in range: the usual case, a few reductions
         for tier in Tier:
             pool = self.gpu_pool if tier is Tier.GPU else self.cpu_pool
             ids = table[tiers == tier, 1]
