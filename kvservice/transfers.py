@@ -178,14 +178,13 @@ def submit_transfer(
     src_id, dst_id = transfer.src_worker_id, transfer.dst_worker_id
     src, dst = handles[src_id], handles[dst_id]
     if group is not None and group.joined(src_id, dst_id):
-        # (tier, block id) rows as int64 arrays: Ray passes an array out of band, where a
-        # list of hundreds of tuples is pickled and unpickled element by element (~0.5 ms
-        # each way for 512 blocks). The receiver's half goes first: the sender's first
+        # (tier, block id) rows as int64 bytes: a list of hundreds of tuples is pickled and
+        # unpickled element by element (~0.5 ms each way for 512 blocks). The receiver's half goes first: the sender's first
         # chunk cannot leave before the receiver has posted for it.
         rows = itertools.chain.from_iterable(transfer.blocks)  # half np.array's time
         table = np.fromiter(rows, np.int64, 4 * len(transfer.blocks)).reshape(-1, 4)
-        src_rows = np.ascontiguousarray(table[:, :2])
-        dst_rows = np.ascontiguousarray(table[:, 2:])
+        # As bytes: Ray passes bytes several times faster than an array (~80 us each).
+        src_rows, dst_rows = table[:, :2].tobytes(), table[:, 2:].tobytes()
         # Peer copy: each side also gets the other's blocks (GPU tier on both sides only).
         peer = group.mapped(src_id, dst_id) and bool((table[:, [0, 2]] == Tier.GPU).all())
         recv_args = (src_rows,) if peer else ()

@@ -57,7 +57,14 @@ import torch
 import torch.distributed as dist
 from kvservice.kernels import RowCopy
 from kvservice.workers.checks import check_index
-from kvservice.workers.transfer_chunks import ChunkIndexes, HostTimes, Parts, Run, chunk_lengths
+from kvservice.workers.transfer_chunks import (
+    ChunkIndexes,
+    HostTimes,
+    Parts,
+    Run,
+    chunk_lengths,
+    pair_rows,
+)
 from kvservice.workers.transfer_peer import PEER_COPY_MODES, PeerCopy, map_peers
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
@@ -89,8 +96,9 @@ FULL_GRID_ALONE = True
 DEFAULT_FIRST_CHUNK_BYTES: int | None = None
 DEFAULT_TIMEOUT_S = 120.0
 
-# (tier, block id) per block, in transfer order: pairs, or an [n, 2] integer array
-TierBlocks = Sequence[tuple[int, int]] | np.ndarray
+# (tier, block id) per block, in transfer order: pairs, an [n, 2] integer array, or such an
+# int64 array's bytes (``transfer_chunks.pair_rows``)
+TierBlocks = Sequence[tuple[int, int]] | np.ndarray | bytes
 
 
 def apply_transfer_env() -> None:
@@ -287,7 +295,7 @@ class TransferMixin:
                 stamps.append(time.monotonic())
             self._finish()
             self._note_phases(side, stamps, host)
-            return self._count("blocks_sent" if sending else "blocks_received", blocks)
+            return self._count("blocks_sent" if sending else "blocks_received", len(table))
 
     def _send_chunks(self, peer: int, runs: list[Run], host: HostTimes) -> None:
         """Gather each chunk into a staging buffer (or take its pool slice) and send it,
@@ -433,13 +441,7 @@ class TransferMixin:
         """``blocks`` as a checked [n, 2] int64 array of (tier, block id), checked all at
         once: a transfer names hundreds of blocks, and a Python check per block costs as
         much host time as a chunk on the wire."""
-        try:
-            table = np.asarray(blocks if len(blocks) else np.empty((0, 2), np.int64))
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"blocks must be (tier, block id) pairs: {exc}") from None
-        if table.ndim != 2 or table.shape[1] != 2 or table.dtype.kind not in "iu":
-            raise InvalidArgument("blocks must be (tier, block id) pairs of ints")
-        table = table.astype(np.int64, copy=False)
+        table = pair_rows(blocks)
         if not len(table):
             return table
         tiers, ids = table[:, 0], table[:, 1]
@@ -688,9 +690,9 @@ class TransferMixin:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def _count(self, counter: str, blocks: TierBlocks) -> int:
-        self._counters[counter] += len(blocks)
-        return len(blocks) * self._block_bytes()
+    def _count(self, counter: str, num_blocks: int) -> int:
+        self._counters[counter] += num_blocks
+        return num_blocks * self._block_bytes()
 
 
 def _rows2d(blocks: torch.Tensor) -> torch.Tensor:

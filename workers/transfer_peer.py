@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from kvservice.kernels import RowCopy
-from kvservice.workers.transfer_chunks import HostTimes
+from kvservice.workers.transfer_chunks import HostTimes, pair_rows
 
 from kvservice.core.errors import FailedPrecondition, InvalidArgument
 from kvservice.core.ids import Tier
@@ -168,16 +168,9 @@ class PeerCopy:
         copying side the peer mapped and its block ids in range."""
         if self.mode == "off" or peer not in self.peers:
             raise FailedPrecondition(f"transfer rank {peer} is not mapped for peer copy")
-        try:
-            table = np.asarray(theirs)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"peer blocks must be (tier, block id) pairs: {exc}") from None
-        if table.shape != own.shape or table.dtype.kind not in "iu":
-            raise InvalidArgument(
-                f"peer blocks must be {len(own)} (tier, block id) pairs of ints, "
-                f"got shape {table.shape}"
-            )
-        table = table.astype(np.int64, copy=False)
+        table = pair_rows(theirs, "peer blocks")
+        if table.shape != own.shape:
+            raise InvalidArgument(f"peer blocks must be {len(own)} pairs, got {len(table)}")
         if not len(table):
             return table
         # Whole-array reductions only: this is on the transfer's critical path, and a

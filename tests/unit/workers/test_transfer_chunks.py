@@ -57,3 +57,19 @@ def test_chunk_tables_are_made_first_alone_then_the_rest_together() -> None:
     assert indexes[1] == [("tables of", 1)] and calls == [[0], [1, 2]]
     assert indexes[2] == [("tables of", 2)] and indexes[0] and len(calls) == 2
     assert host.spent()["index"] > 0 and host.spent()["post"] == 0
+
+
+def test_pair_rows_take_pairs_arrays_and_bytes() -> None:
+    import pytest
+    from kvservice.workers.transfer_chunks import pair_rows
+
+    from kvservice.core.errors import InvalidArgument
+
+    table = np.array([[0, 5], [1, 2], [0, 7]], dtype=np.int64)
+    for form in (table, table.tolist(), [tuple(r) for r in table.tolist()], table.tobytes()):
+        got = pair_rows(form)
+        assert got.dtype == np.int64 and got.tolist() == table.tolist()
+    assert pair_rows([]).shape == (0, 2) and pair_rows(b"").shape == (0, 2)
+    for bad in (table.tobytes()[:-8], [(0, 1, 2)], [(0, 1.5)], [[0], [1]], "ab", [("a", "b")]):
+        with pytest.raises(InvalidArgument):
+            pair_rows(bad)
