@@ -86,14 +86,20 @@ def map_peers(
     """Publish this member's pool on ``store`` and map every other member's on this host;
     returns rank -> mapped pool. A peer that cannot be mapped is left out (logged)."""
     me = host_identity()
-    store.set(f"peer-pool/{rank}", pickle.dumps((me, export_pool(pool))))
+    try:
+        exported: bytes | None = export_pool(pool)
+    except Exception:  # noqa: BLE001 - e.g. an allocator whose memory cannot be shared
+        log.warning("this worker's pool cannot be shared: peers copy by chunks", exc_info=True)
+        exported = None
+    # Every member publishes (None when it cannot share): the others wait for the key.
+    store.set(f"peer-pool/{rank}", pickle.dumps((me, exported)))
     peers: dict[int, torch.Tensor] = {}
     for other in range(world_size):
         if other == rank:
             continue
         host, handle = pickle.loads(store.get(f"peer-pool/{other}"))  # noqa: S301 - our group
-        if host != me:
-            continue
+        if host != me or handle is None or exported is None:
+            continue  # another host, or one side cannot share: that pair copies by chunks
         try:
             mapped = opener(handle)
         except Exception:  # noqa: BLE001 - that pair takes the chunked path instead

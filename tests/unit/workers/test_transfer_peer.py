@@ -48,6 +48,7 @@ def test_a_worker_maps_the_peers_of_its_host_that_open() -> None:
     publish(store, 2, "another-host/boot", torch.zeros((6, 2, 4)))
     publish(store, 3, here, torch.zeros((6, 2, 4)))
     publish(store, 4, here, torch.zeros((6, 3, 4)))  # another block shape
+    store.set("peer-pool/5", pickle.dumps((here, None)))  # a member that cannot share
     own = torch.ones((4, 2, 4))
 
     def opener(handle: bytes) -> torch.Tensor:
@@ -56,7 +57,7 @@ def test_a_worker_maps_the_peers_of_its_host_that_open() -> None:
             raise RuntimeError("cannot open")  # rank 3's
         return pool
 
-    peers = map_peers(store, 0, 5, own, opener=opener)
+    peers = map_peers(store, 0, 6, own, opener=opener)
     assert sorted(peers) == [1]
     assert "peer-pool/0" in store.values  # our own, for the others
     peers[1][2] = 7.0  # the peer's memory itself
@@ -98,3 +99,17 @@ def test_who_copies() -> None:
     pull = PeerCopy("pull", pool, {}, torch.device("cpu"))
     assert push.copies(sending=True) and not push.copies(sending=False)
     assert pull.copies(sending=False) and not pull.copies(sending=True)
+
+
+def test_a_pool_that_cannot_be_shared_maps_no_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvservice.workers.transfer_peer as transfer_peer
+
+    store = DictStore()
+    publish(store, 1, host_identity(), torch.zeros((6, 2, 4)))
+
+    def refuse(pool: torch.Tensor) -> bytes:
+        raise RuntimeError("expandable segments cannot be shared")
+
+    monkeypatch.setattr(transfer_peer, "export_pool", refuse)
+    assert map_peers(store, 0, 2, torch.zeros((4, 2, 4))) == {}
+    assert pickle.loads(store.get("peer-pool/0"))[1] is None  # the peer learns it too
