@@ -14,6 +14,10 @@ t0=$(date +%s)
 # The CUDA tests of the copy kernel and the worker first: a broken copy fails here, not later.
 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_write_copy.py \
   tests/unit/workers/test_worker_cuda.py 2>&1 | tail -3
+# Peer copy between two GPU actors through CUDA IPC, checked block by block.
+timeout 240 $PY -m pytest -q -p no:cacheprovider -m integration -k cuda_ipc \
+  tests/integration/test_transfer.py 2>&1 | tail -3
+ray stop --force >/dev/null 2>&1 || true
 for mode in ${MODES-processes ray}; do
   flag=$([ "$mode" = ray ] && echo --ray || true)
   timeout -k 10 "$LIMIT_S" $PY -m benchmarks.transfer_parts --iters 6 --json $flag \

@@ -1,7 +1,8 @@
 """Block transfers between two CPU worker actors: over a gloo process group (the same
 code NCCL runs between GPUs) and through host memory; mixed tiers, scattered and
 consecutive blocks, many pipelined chunks, the plain send/recv probe, and a group formed
-again (a new generation) still pairing sends with receives."""
+again (a new generation) still pairing sends with receives; peer copy over shared memory
+and, with two GPUs, through CUDA IPC between GPU actors over NCCL."""
 
 from __future__ import annotations
 
@@ -171,14 +172,48 @@ def test_gpu_tier_blocks_go_by_peer_copy_between_mapped_workers(
 ) -> None:
     # CPU workers map each other's pools through shared memory (CUDA IPC between GPUs):
     # the same messages and copy, on gloo.
+    peer_copy_round(handles, "cpu", mode)
+
+
+@pytest.fixture(scope="module")
+def gpu_handles(ray_cluster: None) -> Iterator[dict[int, RayWorkerHandle]]:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    group = start_worker_actors(
+        LAYOUT, 2, use_gpu=True, namespace=f"{NAMESPACE}-gpu", detached=False, max_restarts=0,
+        num_gpu_blocks=32, num_cpu_blocks=8,
+    )  # fmt: skip
+    try:
+        out = {w: RayWorkerHandle(w, a) for w, a in group.actors.items()}
+        for handle in out.values():
+            handle.call("info")
+        yield out
+    finally:
+        stop_worker_actors(group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "push"])
+def test_gpu_workers_copy_blocks_through_cuda_ipc(
+    gpu_handles: dict[int, RayWorkerHandle], mode: str | None
+) -> None:
+    # Two actors of one GPU each (each sees its own as cuda:0) map each other's pools
+    # through CUDA IPC; None: the default over NCCL (pull).
+    peer_copy_round(gpu_handles, "cuda:0", mode)
+
+
+def peer_copy_round(handles: dict[int, RayWorkerHandle], device: str, mode: str | None) -> None:
+    """Peer copy in ``mode`` between the two workers: GPU-tier transfers by peer copy,
+    others chunked, bad peer blocks refused on both sides, then peer copy off."""
+    devices = {0: device, 1: device}
     group = TransferGroup(
         "127.0.0.1", timeout_s=30, chunk_bytes=2 * LAYOUT.block_bytes, peer_copy=mode
     )
-    assert group.form(handles, {0: "cpu", 1: "cpu"}) == {0: 0, 1: 1}
+    assert group.form(handles, devices) == {0: 0, 1: 1}
     assert group.mapped(0, 1) and group.mapped(1, 0)
     for w, peers in ((0, [1]), (1, [0])):
         info = handles[w].call("transfer_info")
-        assert (info["peer_copy"], info["peers"]) == (mode, peers)
+        assert (info["peer_copy"], info["peers"]) == (mode or "pull", peers)
     sent = fill(handles[0], seed=6)
     fill(handles[1], seed=7)
     received_before = handles[1].call("stats")["blocks_received"]
@@ -205,7 +240,7 @@ def test_gpu_tier_blocks_go_by_peer_copy_between_mapped_workers(
     assert torch.equal(handles[1].call("export_blocks", GPU, [1, 2]), before)
     # Without peer copy the same group's transfers are chunked again.
     group.peer_copy = "off"
-    group.form(handles, {0: "cpu", 1: "cpu"})
+    group.form(handles, devices)
     assert not group.mapped(0, 1) and handles[0].call("transfer_info")["peers"] == []
     sent = fill(handles[0], seed=8)
     assert run(gpu_only, handles, group) == "group"
