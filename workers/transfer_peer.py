@@ -170,8 +170,9 @@ class PeerCopy:
             torch.cuda.current_stream(self.pool.device).synchronize()
 
     def check(self, peer: int, own: np.ndarray, theirs: Any, sending: bool) -> np.ndarray:
-        """``theirs`` as checked rows matching ``own``: GPU tier on both sides, and for the
-        copying side the peer mapped and its block ids in range."""
+        """``theirs`` as checked rows matching ``own``: the peer mapped, GPU tier on both
+        sides, its block ids in range and no destination twice. Both sides check alike,
+        so a refused transfer is refused by both before any message."""
         if self.mode == "off" or peer not in self.peers:
             raise FailedPrecondition(f"transfer rank {peer} is not mapped for peer copy")
         table = pair_rows(theirs, "peer blocks")
