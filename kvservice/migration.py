@@ -204,7 +204,13 @@ class Migrator:
             **{k: int(v) for k, v in sorted(self.counters.items())},
             "transfer_group": None
             if group is None or not group.ranks
-            else {"ranks": dict(group.ranks), "backend": group.backend, "generation": group.generation},
+            else {
+                "ranks": dict(group.ranks),
+                "backend": group.backend,
+                "generation": group.generation,
+                # Worker pairs that copy GPU-tier blocks through each other's mapped pools.
+                "peer_pairs": sorted(sorted(pair) for pair in group.peer_pairs),
+            },
         }
 
     # ------------------------------------------------------------------ internals
