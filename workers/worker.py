@@ -39,6 +39,7 @@ from kvservice.workers.checks import (
     check_tensor,
     check_tier,
 )
+from kvservice.workers.decode_graphs import DEFAULT_MAX_GRAPHS, DecodeGraphs
 from kvservice.workers.host_result import HostResult
 from kvservice.workers.pending import PendingCopies
 from kvservice.workers.plan import AttendPlan, DevicePlan, PlanCache, PreparedPlan, prepare_plan
@@ -92,11 +93,18 @@ class Worker(TransferMixin):
         gpu_mem_fraction: float | None = None,
         num_cpu_blocks: int | None = None,
         cpu_pool_gib: float | None = None,
+        decode_graphs: int = DEFAULT_MAX_GRAPHS,
     ) -> None:
         if not isinstance(layout, Layout):
             raise InvalidArgument(f"layout must be a Layout, got {type(layout).__name__}")
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise InvalidArgument(f"worker_id must be an int >= 0, got {worker_id!r}")
+        if (
+            isinstance(decode_graphs, bool)
+            or not isinstance(decode_graphs, int)
+            or decode_graphs < 0
+        ):
+            raise InvalidArgument(f"decode_graphs must be an int >= 0, got {decode_graphs!r}")
         self.worker_id = worker_id
         self.layout = layout
         self.device = resolve_device(device)
@@ -118,6 +126,8 @@ class Worker(TransferMixin):
         self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
         self._plans = PlanCache(size=16)  # a few steps' plans, several clients' tickets
+        # Decode calls that return through pinned memory replay CUDA graphs (0: never).
+        self._decode_graphs = DecodeGraphs(decode_graphs) if is_cuda and decode_graphs else None
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
         # Ids of the step tickets the coordinator opened here and has not closed: a call
@@ -398,6 +408,23 @@ class Worker(TransferMixin):
         k_cache, v_cache = self._caches(layer)
         up = self._staged_to_device if staged else self._to_device
         q_dev = up(q)
+        # A graph's output is overwritten by its next replay: only for a call whose output
+        # is copied off the device next on this stream (q from the host, attend_to_host).
+        graphs = self._decode_graphs
+        if not (
+            staged and prepared.is_decode and sliding_window is None and q.device != self.device
+        ):
+            graphs = None
+        if graphs is not None:
+            writes = (
+                None if k_new is None or v_new is None else (up(k_new), up(v_new), dev.write_slots)
+            )
+            with self._timer.region("paged_decode", stream, sample=_SAMPLE):
+                result = graphs.decode(
+                    layer, k_cache, v_cache, q_dev, block_tables, seq_lens,
+                    scale=scale, return_lse=return_lse, writes=writes,
+                )  # fmt: skip
+            return result, q.device
         if k_new is not None and v_new is not None:
             with self._timer.region("write_kv", stream, sample=_SAMPLE):
                 kernels.write_kv(
@@ -590,6 +617,7 @@ class Worker(TransferMixin):
                 "blocks_in_flight": len(self._pending.blocks_in_flight(tier)),
             }
         moved = ("gpu_to_cpu", "cpu_to_gpu")
+        graphs = self._decode_graphs
         return {
             "worker_id": self.worker_id,
             "epoch": self.epoch,
@@ -604,6 +632,11 @@ class Worker(TransferMixin):
             "blocks_sent": counters.get("blocks_sent", 0),
             "blocks_received": counters.get("blocks_received", 0),
             "tiered": self.tiered.stats(),
+            "decode_graphs": {
+                "graphs": len(graphs) if graphs is not None else 0,
+                "captures": graphs.captures if graphs is not None else 0,
+                "replays": graphs.replays if graphs is not None else 0,
+            },
             "kernel_time": self._timer.totals(),
             "call_time": {
                 name: {

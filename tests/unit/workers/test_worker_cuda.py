@@ -101,3 +101,40 @@ def test_calls_queued_before_any_wait_give_each_its_own_output() -> None:
         out = result.wait()
         assert out.device.type == "cpu" and out.is_pinned()
         assert torch.equal(out, worker.attend(0, plan, q))
+
+
+def test_decode_graphs_replay_each_calls_tables_and_writes() -> None:
+    # Calls returning through pinned memory replay a CUDA graph per key (layer, shapes,
+    # scale, writes): the tables' contents and the new K/V change from call to call and the
+    # outputs must match a worker without graphs, call by call, including what was written.
+    gen = torch.Generator().manual_seed(4)
+    graphed = cuda_worker()
+    plain = Worker(1, LAYOUT, device="cuda", num_gpu_blocks=64, num_cpu_blocks=16, decode_graphs=0)
+    data = torch.randn(64, *LAYOUT.block_shape, generator=gen).to(torch.bfloat16)
+    for worker in (graphed, plain):
+        worker.import_blocks(Tier.GPU, list(range(64)), data)
+    plans = [
+        AttendPlan([[3, 9, 4], [20, 21]], [40, 17], [1, 1], new_slots=[4 * 16 + 7, 21 * 16]),
+        AttendPlan([[5, 6, 7], [30, 31, 32]], [33, 48], [1, 1], new_slots=[7 * 16, 32 * 16 + 15]),
+        AttendPlan([[10, 11], [12, 13]], [20, 31], [1, 1], new_slots=[11 * 16 + 3, 13 * 16 + 14]),
+    ]
+    for step in range(7):
+        plan = plans[step % 3]
+        q = torch.randn(2, 8, LAYOUT.head_dim, generator=gen).to(torch.bfloat16)
+        k_new, v_new = kv(2, gen), kv(2, gen)
+        got = graphed.attend_to_host(1, plan, q, k_new, v_new, return_lse=True).wait()
+        want = plain.attend_to_host(1, plan, q, k_new, v_new, return_lse=True).wait()
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), step
+    assert torch.equal(
+        graphed.export_blocks(Tier.GPU, list(range(64))),
+        plain.export_blocks(Tier.GPU, list(range(64))),
+    )
+    # Plans 0 and 1 share a key (tables [2, 3]); plan 2 has its own (tables [2, 2]).
+    stats = graphed.stats()["decode_graphs"]
+    assert (stats["graphs"], stats["captures"], stats["replays"]) == (2, 2, 5)
+    assert plain.stats()["decode_graphs"] == {"graphs": 0, "captures": 0, "replays": 0}
+    # At most decode_graphs graphs are kept.
+    one = Worker(2, LAYOUT, device="cuda", num_gpu_blocks=64, num_cpu_blocks=16, decode_graphs=1)
+    for plan in plans:
+        one.attend_to_host(1, plan, torch.randn(2, 8, LAYOUT.head_dim).to(torch.bfloat16)).wait()
+    assert one.stats()["decode_graphs"]["graphs"] == 1

@@ -73,6 +73,8 @@ def test_pools_sized_by_memory() -> None:
         ({"num_gpu_blocks": 4, "num_cpu_blocks": 2, "cpu_pool_gib": 1.0}, "not both"),
         ({"gpu_mem_fraction": 1.5}, "gpu_mem_fraction"),
         ({"num_gpu_blocks": 4, "device": "meta"}, "device"),
+        ({"num_gpu_blocks": 4, "decode_graphs": -1}, "decode_graphs"),
+        ({"num_gpu_blocks": 4, "decode_graphs": True}, "decode_graphs"),
         ({"num_gpu_blocks": 4, "device": "cuda:0"}, "CUDA"),
     ],
 )
@@ -151,8 +153,13 @@ def test_progress_updates_fold_into_the_records_when_read() -> None:
 
 @pytest.mark.parametrize(
     "progress, match",
-    [({1: 9}, "within its 8 tokens"), ({1: -1}, "within"), ({1: "3"}, "within"),
-     ({-1: 2}, "progress key"), ([(1, 2)], "progress must be a dict")],
+    [
+        ({1: 9}, "within its 8 tokens"),
+        ({1: -1}, "within"),
+        ({1: "3"}, "within"),
+        ({-1: 2}, "progress key"),
+        ([(1, 2)], "progress must be a dict"),
+    ],
 )
 def test_bad_progress_updates_change_nothing(progress, match) -> None:
     worker = make_worker()
