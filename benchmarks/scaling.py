@@ -179,6 +179,7 @@ def start(
         transfer_group=True,
         num_gpu_blocks=num_gpu_blocks,
         num_cpu_blocks=0,
+        **({} if DECODE_GRAPHS is None else {"decode_graphs": DECODE_GRAPHS}),
     )
 
 
@@ -502,6 +503,7 @@ def _decode_result(
 
 
 PROFILE_WORKERS = False  # --profile-workers (the profiler slows the calls it watches)
+DECODE_GRAPHS: int | None = None  # --decode-graphs (None: the workers' default)
 
 
 def profile_worker(coord: Coordinator, start: bool, worker_id: int | None = None) -> int | None:
@@ -1060,6 +1062,10 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile one worker's calls in each timed decode (stderr; slows those calls)",
     )  # fmt: skip
     parser.add_argument("--small", action="store_true", help="the small CPU shapes even on a GPU")
+    parser.add_argument(
+        "--decode-graphs", type=int, default=None,
+        help="CUDA graphs kept per worker for ticket decode calls (0: none)",
+    )  # fmt: skip
     parser.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps")
     parser.add_argument(
@@ -1082,8 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
         "--table-from", type=Path, default=None, help="only print the table of this JSON"
     )
     args = parser.parse_args(argv)
-    global PROFILE_WORKERS
+    global PROFILE_WORKERS, DECODE_GRAPHS
     PROFILE_WORKERS = args.profile_workers
+    DECODE_GRAPHS = args.decode_graphs
     if args.table_from:
         print(table(summarize(json.loads(args.table_from.read_text()))))
         return 0

@@ -37,7 +37,9 @@ _COORDINATOR_OPTIONS = (
     "high_watermark", "low_watermark", "vocab_size", "metrics", "segment_tokens", "quotas",
     "default_quota",
 )  # fmt: skip
-_WORKER_OPTIONS = ("num_gpu_blocks", "gpu_mem_fraction", "num_cpu_blocks", "cpu_pool_gib")
+_WORKER_OPTIONS = (
+    "num_gpu_blocks", "gpu_mem_fraction", "num_cpu_blocks", "cpu_pool_gib", "decode_graphs",
+)  # fmt: skip
 
 
 def worker_namespace(name: str) -> str:
