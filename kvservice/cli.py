@@ -39,7 +39,9 @@ log = logging.getLogger("kvservice")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvservice", description="A distributed, paged KV-cache memory service.")
+    parser = argparse.ArgumentParser(
+        prog="kvservice", description="A distributed, paged KV-cache memory service."
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -58,19 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", default="llama3-8b",
         help=f"a name ({', '.join(layout_names())}) or L,H,D[,dtype]",
     )  # fmt: skip
-    serve.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per block")
+    serve.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per block"
+    )
     serve.add_argument(
         "--gpu-mem-fraction", type=float, default=None,
         help="share of each GPU's memory for its block pool (default 0.9)",
     )  # fmt: skip
-    serve.add_argument("--num-gpu-blocks", type=int, default=None, help="device-tier blocks per worker")
+    serve.add_argument(
+        "--num-gpu-blocks", type=int, default=None, help="device-tier blocks per worker"
+    )
     serve.add_argument("--cpu-pool-gib", type=float, default=None, help="host-tier GiB per worker")
-    serve.add_argument("--num-cpu-blocks", type=int, default=None, help="host-tier blocks per worker")
+    serve.add_argument(
+        "--num-cpu-blocks", type=int, default=None, help="host-tier blocks per worker"
+    )
     serve.add_argument(
         "--num-workers", type=int, default=None,
         help="worker actors (default: one per GPU in the cluster, or 1)",
     )  # fmt: skip
-    serve.add_argument("--namespace", default=None, help="Ray namespace of the worker actors")
+    serve.add_argument(
+        "--namespace", default=None,
+        help="Ray namespace of the worker actors (with --coordinator-actor: of that actor)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--coordinator-actor", default=None, metavar="NAME",
+        help="run the coordinator as Ray actor NAME, shared with Ray clients "
+        "(Client.ray(name=NAME, namespace=...)); each gRPC call then takes one more hop",
+    )  # fmt: skip
     serve.add_argument("--high-watermark", type=float, default=0.95)
     serve.add_argument("--low-watermark", type=float, default=0.85)
     serve.add_argument("--vocab-size", type=int, default=None, help="reject token ids >= this")
@@ -168,22 +184,28 @@ def run_serve(args: argparse.Namespace) -> int:
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
     num_workers = args.num_workers or max(1, num_gpus)
     metrics = Metrics()
-    if args.metrics_port:
+    if args.metrics_port and not args.coordinator_actor:  # else the actor serves them
         start_metrics_server(metrics, args.metrics_port, args.host)
     log.info(
         "layout %s, %d worker(s) on %s", layout.key(), num_workers, "GPUs" if num_gpus else "CPUs"
     )
 
     def make_service() -> Any:
-        service = start_ray_service(
-            layout,
-            num_workers=num_workers,
-            namespace=args.namespace,
-            metrics=metrics,
-            scaling=True,  # kvservice scale; and one worker per GPU that joins, unless sized
-            follow_gpus=args.num_workers is None and num_gpus > 0,
-            **service_options(args),
-        )
+        scaling = {
+            "scaling": True,  # kvservice scale; and one worker per GPU that joins, unless sized
+            "follow_gpus": args.num_workers is None and num_gpus > 0,
+        }
+        if args.coordinator_actor:
+            service = start_coordinator_actor(args, layout, num_workers, scaling)
+        else:
+            service = start_ray_service(
+                layout,
+                num_workers=num_workers,
+                namespace=args.namespace,
+                metrics=metrics,
+                **scaling,
+                **service_options(args),
+            )
         if args.lease_ttl_s is None:
             return service
         from kvservice.leases import LeasedService
@@ -203,6 +225,34 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def start_coordinator_actor(
+    args: argparse.Namespace, layout: Any, num_workers: int, scaling: dict[str, bool]
+) -> Any:
+    """The coordinator as Ray actor ``--coordinator-actor`` (in ``--namespace``), on this
+    node, started here with its workers and stopped with this server (or joined, when it
+    runs already); the gRPC calls go to it as any Ray client's do. The actor serves the
+    Prometheus endpoint (``--metrics-port`` on ``--host``): the metrics are its own."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kvservice.transport_ray import RayTransport
+
+    name = args.coordinator_actor
+    log.info("coordinator actor %r in namespace %r", name, args.namespace)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    metrics = {"metrics_port": args.metrics_port, "metrics_addr": args.host}
+    return RayTransport.connect(
+        layout,
+        name=name,
+        namespace=args.namespace,
+        num_workers=num_workers,
+        actor_options={"scheduling_strategy": here},
+        **scaling,
+        **(metrics if args.metrics_port else {}),
+        **service_options(args),
+    )
 
 
 def _tokens_in_env() -> bool:

@@ -149,6 +149,13 @@ class CoordinatorActor:
     """The coordinator and its worker actors, run as one Ray actor (see module docstring)."""
 
     def __init__(self, layout: Layout, name: str, options: dict[str, Any]) -> None:
+        options = dict(options)
+        port, addr = options.pop("metrics_port", None), options.pop("metrics_addr", "0.0.0.0")
+        if port:  # the coordinator's metrics live here: served from this actor's node
+            from kvservice.metrics import Metrics, start_metrics_server
+
+            options["metrics"] = Metrics()
+            start_metrics_server(options["metrics"], port, addr)
         self._coordinator = start_ray_service(
             layout, namespace=worker_namespace(name), **options
         )
@@ -201,11 +208,14 @@ class RayTransport:
         num_workers: int = 1,
         use_gpu: bool | None = None,
         ready_timeout_s: float = 120.0,
+        actor_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> RayTransport:
         """Connect to actor ``name``, or start it (and its workers) when ``layout`` is given.
 
-        ``options``: worker pool sizes and coordinator options, as for ``start_ray_service``.
+        ``options``: worker pool sizes and coordinator options, as for ``start_ray_service``,
+        and ``metrics_port`` (with ``metrics_addr``) for a Prometheus endpoint served by the
+        actor. ``actor_options``: Ray options of a started actor (e.g. its scheduling).
         """
         import ray
 
@@ -220,7 +230,7 @@ class RayTransport:
                     f"no kvservice coordinator actor {name!r} on this Ray cluster; give a "
                     f"layout to start one"
                 ) from None
-            actor_options: dict[str, Any] = {"name": name, "get_if_exists": True}
+            actor_options = {**(actor_options or {}), "name": name, "get_if_exists": True}
             if namespace is not None:
                 actor_options["namespace"] = namespace
             if detached:

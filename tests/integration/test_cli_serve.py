@@ -1,5 +1,6 @@
 """``kvservice serve`` as a real process on the test's Ray cluster: health, gRPC calls,
-metrics over HTTP, ``kvservice status``, recovery after a crash, and a clean SIGTERM."""
+metrics over HTTP, ``kvservice status``, recovery after a crash, and a clean SIGTERM; and
+with its coordinator as a named Ray actor, shared by gRPC and Ray clients."""
 
 from __future__ import annotations
 
@@ -32,19 +33,40 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, gcs_address: str, namespace: str, log_path: Path) -> None:
+    def __init__(self, gcs_address: str, namespace: str, log_path: Path, *extra: str) -> None:
         self.log_path = log_path
         self.port = free_port()
         self.metrics_port = free_port()
         layout = f"{LAYOUT.num_layers},{LAYOUT.num_kv_heads},{LAYOUT.head_dim},{LAYOUT.dtype}"
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "kvservice.cli", "serve",
-                "--ray-address", gcs_address, "--host", "127.0.0.1",
-                "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                "--layout", layout, "--block-size", str(LAYOUT.block_size),
-                "--num-workers", "1", "--num-gpu-blocks", "32", "--num-cpu-blocks", "32",
-                "--namespace", namespace, "--grace", "5",
+                sys.executable,
+                "-m",
+                "kvservice.cli",
+                "serve",
+                "--ray-address",
+                gcs_address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--layout",
+                layout,
+                "--block-size",
+                str(LAYOUT.block_size),
+                "--num-workers",
+                "1",
+                "--num-gpu-blocks",
+                "32",
+                "--num-cpu-blocks",
+                "32",
+                "--namespace",
+                namespace,
+                "--grace",
+                "5",
+                *extra,
             ],  # fmt: skip
             stdout=log_path.open("w"),  # a file, not a pipe: a full pipe would block it
             stderr=subprocess.STDOUT,
@@ -104,9 +126,11 @@ def test_serve_recovers_after_a_crash_and_stops_on_sigterm(namespace: str, tmp_p
             info = client.create_sequence(list(range(10)))
             shadow.prefill(client, info.seq_id, 10, 0)
             before = client.get_sequence(info.seq_id)
-        metrics = urllib.request.urlopen(
-            f"http://127.0.0.1:{first.metrics_port}/metrics", timeout=10
-        ).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{first.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         assert "kvservice_sequences_live 1.0" in metrics
         assert 'kvservice_rpc_latency_seconds_count{method="attend"}' in metrics
         status = subprocess.run(
@@ -133,3 +157,42 @@ def test_serve_recovers_after_a_crash_and_stops_on_sigterm(namespace: str, tmp_p
         code = second.stop(signal.SIGTERM)
     assert code == 0, second.output()
     assert find_worker_actors(namespace) == {}
+
+
+def test_serve_shares_its_coordinator_actor_with_ray_clients(
+    namespace: str, tmp_path: Path
+) -> None:
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    shadow = Shadow(seed=8)
+    name = f"coordinator-{namespace}"
+    serve = ServeProcess(gcs, namespace, tmp_path / "actor.log", "--coordinator-actor", name)
+    try:
+        serve.wait_serving()
+        with Client.grpc(serve.address, timeout=60) as client:
+            info = client.create_sequence(list(range(10)))
+            shadow.prefill(client, info.seq_id, 10, 0)
+            seen = client.get_sequence(info.seq_id)
+        # A Ray client attaches to the same coordinator: the sequence gRPC made is there,
+        # and what the Ray client does is seen over gRPC.
+        with Client.ray(name=name, namespace=namespace) as ray_client:
+            assert ray_client.get_sequence(info.seq_id) == seen
+            ray_client.append_tokens([info.seq_id], [[3]])
+            for layer in range(LAYOUT.num_layers):
+                out, expected = shadow.attend(ray_client, layer, [info.seq_id], [1], [11])
+                assert (out - expected).abs().max() <= ATOL * 10
+        with Client.grpc(serve.address, timeout=60) as client:
+            assert client.get_sequence(info.seq_id).length == 11  # the Ray client's append
+            client.free([info.seq_id])
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        assert 'kvservice_rpc_latency_seconds_count{method="attend"}' in metrics
+    finally:
+        code = serve.stop(signal.SIGTERM)
+    assert code == 0, serve.output()
+    with pytest.raises(ValueError):  # stopped with the server that started it
+        ray.get_actor(name, namespace=namespace)
