@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray namespace of the worker actors (with --coordinator-actor: of that actor)",
     )  # fmt: skip
     serve.add_argument(
+        "--decode-graphs", type=int, default=None, metavar="N",
+        help="CUDA graphs each GPU worker keeps for step tickets' decode calls (default 0)",
+    )  # fmt: skip
+    serve.add_argument(
         "--coordinator-actor", default=None, metavar="NAME",
         help="run the coordinator as Ray actor NAME, shared with Ray clients "
         "(Client.ray(name=NAME, namespace=...)); each gRPC call then takes one more hop",
@@ -152,6 +156,7 @@ def service_options(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_mem_fraction": args.gpu_mem_fraction,
         "num_cpu_blocks": args.num_cpu_blocks,
         "cpu_pool_gib": args.cpu_pool_gib,
+        "decode_graphs": args.decode_graphs,
         "vocab_size": args.vocab_size,
         "quotas": parse_quotas(args.quota) if args.quota else None,
         "default_quota": args.default_quota,

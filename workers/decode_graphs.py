@@ -13,10 +13,15 @@ Invariants:
 - A replay's output is the graph's own buffer, overwritten by the next replay of that
   graph: only a caller that copies it off the device on the same stream before queuing
   anything else may take it (the next replay is ordered after that copy).
-- The first call of a key runs its kernels directly (that also compiles them), then the
-  graph is captured; capturing does not run the kernels, so nothing is written twice.
-- At most ``max_graphs`` graphs (their private memory pools: the split buffers) are kept;
-  the least recently used goes first.
+- A key's first ``CAPTURE_AFTER`` calls run their kernels directly (that also compiles
+  them); the last of them then captures the graph. Capturing does not run the kernels, so
+  nothing is written twice. A capture costs a device synchronization (torch's capture
+  does one), so keys that come and go (a batch whose size keeps changing) are never
+  captured, and one that recurs is captured once.
+- At most ``max_graphs`` graphs are kept, the least recently used going first. Each holds
+  a private memory pool (its split buffers; torch rounds them up to 20 MiB segments)
+  outside the block pools' budget, which is why a worker keeps none unless asked
+  (``Worker(decode_graphs=N)``): N should cover a graph per layer, or they thrash.
 """
 
 from __future__ import annotations
@@ -30,7 +35,28 @@ import torch
 
 from kvservice import kernels
 
-DEFAULT_MAX_GRAPHS = 16
+DEFAULT_MAX_GRAPHS = 0  # a worker's default: none (see above)
+# Calls of one key that run directly; the last of them captures its graph.
+CAPTURE_AFTER = 3
+
+
+class Sightings:
+    """How many times each recent key was seen (the ``size`` most recently seen kept)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._counts: OrderedDict[Any, int] = OrderedDict()
+
+    def see(self, key: Any) -> int:
+        """Count one more sighting of ``key``; returns its count so far."""
+        count = self._counts.pop(key, 0) + 1
+        self._counts[key] = count
+        if len(self._counts) > self.size:
+            self._counts.popitem(last=False)
+        return count
+
+    def forget(self, key: Any) -> None:
+        self._counts.pop(key, None)
 
 
 @dataclass
@@ -43,11 +69,12 @@ class _Graph:
 class DecodeGraphs:
     """Per worker: decode calls by graph key, captured on a key's first call."""
 
-    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
+    def __init__(self, max_graphs: int) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
+        self._sightings = Sightings(4 * max_graphs)
         self.captures = 0
         self.replays = 0
 
@@ -92,8 +119,10 @@ class DecodeGraphs:
                 scale=scale, return_lse=return_lse, check_indices=False,
             )  # fmt: skip
 
-        result = run(inputs)  # this call's own result; compiles what the graph will hold
-        self._capture(key, inputs, run)
+        result = run(inputs)  # this call's own result; compiles what a graph would hold
+        if self._sightings.see(key) >= CAPTURE_AFTER:
+            self._sightings.forget(key)
+            self._capture(key, inputs, run)
         return result
 
     def _capture(

@@ -126,7 +126,8 @@ class Worker(TransferMixin):
         self.tiered = TieredAttention(self)
         self._pending = PendingCopies()
         self._plans = PlanCache(size=16)  # a few steps' plans, several clients' tickets
-        # Decode calls that return through pinned memory replay CUDA graphs (0: never).
+        # Decode calls that return through pinned memory replay CUDA graphs, at most this
+        # many kept (0: never; kvservice.workers.decode_graphs).
         self._decode_graphs = DecodeGraphs(decode_graphs) if is_cuda and decode_graphs else None
         self._timer = KernelTimer(self.device)
         self._ledger = LedgerBook()
