@@ -1,7 +1,8 @@
 """Scaling a running Ray service of CPU worker actors: ``kvservice scale`` adds workers
 (reusing a drained worker's bundle), drains one (its sequences move over the gloo
-transfer group and read the same afterwards), scales down; the controller adds workers
-when the cluster's GPU count grows. No sequence is lost on the way."""
+transfer group and read the same afterwards), scales down; sequences migrate by peer copy
+(shared memory between CPU workers); the controller adds workers when the cluster's GPU
+count grows. No sequence is lost on the way."""
 
 from __future__ import annotations
 
@@ -80,6 +81,28 @@ def test_scale_up_drain_and_down_lose_nothing(service: Coordinator) -> None:
     status = request_scale(NAMESPACE, workers=2, timeout_s=120)  # back into a vacant bundle
     assert status["error"] is None and len(coord.worker_ids) == 2
     assert request_scale(NAMESPACE)["num_workers"] == 2  # no request: the status
+    check(coord, shadow, lengths)
+    coord.check_invariants()
+
+
+def test_sequences_migrate_by_peer_copy_and_read_the_same(service: Coordinator) -> None:
+    # The path GPU workers of one host take by default, here over CPU workers' shared
+    # memory: the migrator's group maps the pools, and a migration's blocks go by peer copy.
+    coord, shadow = service, Shadow(seed=5)
+    coord.migrator.group.peer_copy = "pull"
+    coord.form_transfer_group()
+    assert coord.migrator.stats()["transfer_group"]["peer_pairs"] == [[0, 1]]
+    lengths: dict[int, int] = {}
+    for i in range(4):
+        info = coord.create_sequence([100 * i + t for t in range(9)])
+        shadow.prefill(coord, info.seq_id, 9, 0)
+        lengths[info.seq_id] = 9
+    src = coord.get_sequence(next(iter(lengths))).worker_id
+    moving = [s for s in lengths if coord.get_sequence(s).worker_id == src]
+    before = coord.migrator.stats().get("transfers_peer", 0)
+    coord.migrate(moving, 1 - src)
+    assert coord.migrator.stats()["transfers_peer"] > before
+    assert all(coord.get_sequence(s).worker_id == 1 - src for s in moving)
     check(coord, shadow, lengths)
     coord.check_invariants()
 
