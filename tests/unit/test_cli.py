@@ -22,7 +22,7 @@ def test_serve_options_reach_the_service() -> None:
     args = cli.build_parser().parse_args(
         ["serve", "--ray-address", "local", "--layout", "tiny", "--block-size", "8",
          "--gpu-mem-fraction", "0.5", "--cpu-pool-gib", "2", "--num-workers", "3",
-         "--vocab-size", "1000"]
+         "--vocab-size", "1000", "--decode-graphs", "64"]
     )  # fmt: skip
     assert args.ray_address == "local" and args.num_workers == 3
     assert parse_layout(args.layout, block_size=args.block_size) == Layout(2, 2, 16, "float32", 8)
@@ -30,6 +30,7 @@ def test_serve_options_reach_the_service() -> None:
         "gpu_mem_fraction": 0.5,
         "cpu_pool_gib": 2.0,
         "vocab_size": 1000,
+        "decode_graphs": 64,
         "high_watermark": 0.95,
         "low_watermark": 0.85,
     }
