@@ -167,7 +167,10 @@ def test_serve_shares_its_coordinator_actor_with_ray_clients(
     gcs = ray.get_runtime_context().gcs_address
     shadow = Shadow(seed=8)
     name = f"coordinator-{namespace}"
-    serve = ServeProcess(gcs, namespace, tmp_path / "actor.log", "--coordinator-actor", name)
+    serve = ServeProcess(
+        gcs, namespace, tmp_path / "actor.log", "--coordinator-actor", name,
+        "--decode-graphs", "4",  # a worker option passed through the actor (CPU: no graphs)
+    )  # fmt: skip
     try:
         serve.wait_serving()
         with Client.grpc(serve.address, timeout=60) as client:
