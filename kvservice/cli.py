@@ -302,6 +302,9 @@ def print_status(stats: dict[str, Any]) -> None:
     console.print(table)
     prefix = stats.get("prefix_cache", {})
     swaps = stats.get("swaps", {})
+    moves = stats.get("migration", {})
+    paths = {p: moves.get(f"transfers_{p}", 0) for p in ("peer", "group", "host")}
+    pairs = (moves.get("transfer_group") or {}).get("peer_pairs", [])
     console.print(
         f"layout L{layout.get('num_layers')} H{layout.get('num_kv_heads')} "
         f"D{layout.get('head_dim')} {layout.get('dtype')} block {layout.get('block_size')} | "
@@ -310,6 +313,12 @@ def print_status(stats: dict[str, Any]) -> None:
         f"({prefix.get('hit_tokens', 0)}/{prefix.get('query_tokens', 0)} tokens) | "
         f"swapped out {swaps.get('out', {}).get('blocks', 0)} / "
         f"in {swaps.get('in', {}).get('blocks', 0)} blocks"
+    )
+    console.print(
+        "transfers between workers: "
+        + ", ".join(f"{n} {p}" for p, n in paths.items())
+        + f" ({moves.get('blocks_transferred', 0)} blocks)"
+        + (f" | peer copy between {pairs}" if pairs else "")
     )
 
 

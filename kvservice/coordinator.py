@@ -643,6 +643,9 @@ class Coordinator(DataPlane):
                     },
                     "stream_seconds": stream_seconds,
                 },
+                # Sequences moved and prefixes copied between workers, by transfer path
+                # (transfers_peer, transfers_group, transfers_host), and the transfer group.
+                "migration": _jsonable(self.migrator.stats()),
             }
 
     def check_invariants(self) -> None:

@@ -63,11 +63,15 @@ def test_status_table(capsys: pytest.CaptureFixture[str]) -> None:
         "sequences_live": 3,
         "prefix_cache": {"hit_rate": 0.25, "hit_tokens": 4, "query_tokens": 16},
         "swaps": {"out": {"blocks": 7}, "in": {"blocks": 5}},
+        "migration": {"transfers_peer": 4, "transfers_host": 1, "blocks_transferred": 40,
+                      "transfer_group": {"peer_pairs": [[0, 1]]}},
     }  # fmt: skip
     cli.print_status(stats)
     out = capsys.readouterr().out
     assert "25.0%" in out and "sequences 3" in out and "swapped out 7" in out
     assert "gpu" in out and "cpu" in out
+    text = " ".join(out.split())  # the console wraps long lines
+    assert "4 peer, 0 group, 1 host (40 blocks) | peer copy between [[0, 1]]" in text
 
 
 def test_named_and_spelled_out_layouts() -> None:
