@@ -179,8 +179,9 @@ def submit_transfer(
     src, dst = handles[src_id], handles[dst_id]
     if group is not None and group.joined(src_id, dst_id):
         # (tier, block id) rows as int64 bytes: a list of hundreds of tuples is pickled and
-        # unpickled element by element (~0.5 ms each way for 512 blocks). The receiver's half goes first: the sender's first
-        # chunk cannot leave before the receiver has posted for it.
+        # unpickled element by element (~0.5 ms each way for 512 blocks). The receiver's
+        # half goes first: the sender's first chunk cannot leave before the receiver has
+        # posted for it (and by peer copy, the receiver is the side that copies).
         rows = itertools.chain.from_iterable(transfer.blocks)  # half np.array's time
         table = np.fromiter(rows, np.int64, 4 * len(transfer.blocks)).reshape(-1, 4)
         # As bytes: Ray passes bytes several times faster than an array (~80 us each).

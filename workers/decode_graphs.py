@@ -81,6 +81,9 @@ class DecodeGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def stats(self) -> dict[str, int]:
+        return {"graphs": len(self), "captures": self.captures, "replays": self.replays}
+
     def decode(
         self,
         layer: int,

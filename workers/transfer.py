@@ -274,16 +274,15 @@ class TransferMixin:
         sending = side == "send"
         with self._entry(f"{side}_blocks"):
             peer, table = self._transfer_args(peer_rank, blocks)
-            theirs = None
+            peer_copy, theirs = self._peer, None  # set whenever this worker is joined
             if peer_blocks is not None:
-                if self._peer is None:  # pragma: no cover - _transfer_args checked the group
+                if peer_copy is None:  # pragma: no cover - _transfer_args checked the group
                     raise FailedPrecondition("this worker is in no transfer group")
-                theirs = self._peer.check(peer, table, peer_blocks, sending)
+                theirs = peer_copy.check(peer, table, peer_blocks, sending)
             stamps, host = [start, time.monotonic()], HostTimes()
             with self._transfer_stream():
-                if theirs is not None:
-                    assert self._peer is not None
-                    self._peer.run(peer, table, theirs, sending, host)
+                if peer_copy is not None and theirs is not None:
+                    peer_copy.run(peer, table, theirs, sending, host)
                 elif self._block_messages:  # the loop's parts go untimed
                     (self._send_messages if sending else self._recv_messages)(
                         peer, self._cut(table)

@@ -411,11 +411,8 @@ class Worker(TransferMixin):
         q_dev = up(q)
         # A graph's output is overwritten by its next replay: only for a call whose output
         # is copied off the device next on this stream (q from the host, attend_to_host).
-        graphs = self._decode_graphs
-        if not (
-            staged and prepared.is_decode and sliding_window is None and q.device != self.device
-        ):
-            graphs = None
+        replayable = staged and prepared.is_decode and sliding_window is None
+        graphs = self._decode_graphs if replayable and q.device != self.device else None
         if graphs is not None:
             writes = (
                 None if k_new is None or v_new is None else (up(k_new), up(v_new), dev.write_slots)
@@ -619,6 +616,7 @@ class Worker(TransferMixin):
             }
         moved = ("gpu_to_cpu", "cpu_to_gpu")
         graphs = self._decode_graphs
+        no_graphs = {"graphs": 0, "captures": 0, "replays": 0}
         return {
             "worker_id": self.worker_id,
             "epoch": self.epoch,
@@ -633,11 +631,7 @@ class Worker(TransferMixin):
             "blocks_sent": counters.get("blocks_sent", 0),
             "blocks_received": counters.get("blocks_received", 0),
             "tiered": self.tiered.stats(),
-            "decode_graphs": {
-                "graphs": len(graphs) if graphs is not None else 0,
-                "captures": graphs.captures if graphs is not None else 0,
-                "replays": graphs.replays if graphs is not None else 0,
-            },
+            "decode_graphs": graphs.stats() if graphs is not None else no_graphs,
             "kernel_time": self._timer.totals(),
             "call_time": {
                 name: {

@@ -88,6 +88,11 @@ class ServeProcess:
                 time.sleep(0.5)
         raise AssertionError(f"server not SERVING in {START_TIMEOUT_S}s:\n{self.output()}")
 
+    def metrics(self) -> str:
+        """The text of the server's Prometheus endpoint."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
+
     def output(self) -> str:
         return self.log_path.read_text()
 
@@ -126,11 +131,7 @@ def test_serve_recovers_after_a_crash_and_stops_on_sigterm(namespace: str, tmp_p
             info = client.create_sequence(list(range(10)))
             shadow.prefill(client, info.seq_id, 10, 0)
             before = client.get_sequence(info.seq_id)
-        metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{first.metrics_port}/metrics", timeout=10)
-            .read()
-            .decode()
-        )
+        metrics = first.metrics()
         assert "kvservice_sequences_live 1.0" in metrics
         assert 'kvservice_rpc_latency_seconds_count{method="attend"}' in metrics
         status = subprocess.run(
@@ -188,11 +189,7 @@ def test_serve_shares_its_coordinator_actor_with_ray_clients(
         with Client.grpc(serve.address, timeout=60) as client:
             assert client.get_sequence(info.seq_id).length == 11  # the Ray client's append
             client.free([info.seq_id])
-        metrics = (
-            urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=10)
-            .read()
-            .decode()
-        )
+        metrics = serve.metrics()
         assert 'kvservice_rpc_latency_seconds_count{method="attend"}' in metrics
     finally:
         code = serve.stop(signal.SIGTERM)
