@@ -92,7 +92,9 @@ NAMESPACE = "kvservice-bench-scaling"
 INLINE_BYTES = 2 << 20
 BARRIER_TIMEOUT_S = 300.0
 # Client processes start their timed calls together, this long after they are asked to.
-CLIENT_START_DELAY_S = 0.5
+CLIENT_START_DELAY_S = 1.0
+# Untimed calls per client before each window (graphs captured, connections made).
+WARM_CALLS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,33 @@ class Setup:
     # Timed windows of ``steps`` per ticket-path decode; the median one is reported: one
     # window's rate moves by ~10 % from run to run, and the ratios inherit it.
     windows: int = 1
+    # Other ways to run the ticket path (``Variant.parse``), timed window by window in
+    # turn with the main one on the same service, so drift of the host hits all alike.
+    variants: tuple[str, ...] = ()
+    # Also time the paths off the ticket path (every call through the coordinator, and
+    # tickets from threads of the driver).
+    other_paths: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way to run the ticket path: over the workers' local channels or Ray, with how
+    many decode graphs per worker."""
+
+    name: str
+    channel: bool
+    graphs: int
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """``ray`` or ``channel``, optionally ``+graphs`` (``AB_GRAPHS`` graphs per worker)."""
+        path, _, extra = spec.partition("+")
+        if path not in ("ray", "channel") or extra not in ("", "graphs"):
+            raise ValueError(f"a variant is ray|channel[+graphs], got {spec!r}")
+        return cls(spec, path == "channel", AB_GRAPHS if extra else 0)
+
+
+AB_GRAPHS = 16  # decode graphs per worker in a variant with graphs
 
 
 # The decode workload holds one layer of Llama-3-8B's KV shape (8 KV heads of 128, bf16;
@@ -373,12 +402,25 @@ class StepClient:
         return {"err": err, **self.timed(ticket, q, steps, depth)}
 
     def timed(
-        self, ticket: Any, q: torch.Tensor, steps: int, depth: int, start_at: float = 0.0
+        self,
+        ticket: Any,
+        q: torch.Tensor,
+        steps: int,
+        depth: int,
+        start_at: float = 0.0,
+        *,
+        channel: bool = True,
+        warm: int = 0,
     ) -> dict[str, float]:
         """``steps`` calls from wall-clock time ``start_at`` on: every client starts at
-        once, so the window is not stretched by the actor calls' own start skew."""
+        once, so the window is not stretched by the actor calls' own start skew. Through
+        the workers' local channels or Ray; ``warm`` untimed calls first."""
         from collections import deque
 
+        for group in ticket.groups:
+            group.handle.use_channel = channel
+        for _ in range(warm):
+            ticket.attend(0, q)
         time.sleep(max(0.0, start_at - time.time()))
         in_flight: deque[Any] = deque()
         start = time.time()
@@ -391,16 +433,27 @@ class StepClient:
         return {"start": start, "end": time.time()}
 
 
+def main_variant() -> Variant:
+    """The ticket path as the service was started: its decode graphs, the local channel
+    unless turned off in the clients' environment."""
+    from kvservice.ticket_channel import enabled_by_env
+
+    return Variant("main", enabled_by_env(), DECODE_GRAPHS or 0)
+
+
 def decode_tickets(
     coord: Coordinator,
     setup: Setup,
     seqs: dict[int, tuple[int, torch.Tensor]],
     clients: list[Any],
     per_group: int | None = None,
-) -> dict[str, Any]:
+    variants: list[Variant] | None = None,
+) -> dict[str, dict[str, Any]]:
     """``steps`` decode steps over every sequence, ``clients_per_group`` client processes
     per call group (the group's steps split between them), each through the group's
-    read-only step ticket (the coordinator plans each group once)."""
+    read-only step ticket (the coordinator plans each group once). Per variant (the
+    main one alone by default) its figures; with several, their windows take turns and
+    the workers' graphs are set for each."""
     import ray
 
     groups = _groups(setup, seqs)
@@ -432,34 +485,51 @@ def decode_tickets(
         progress("  warm-up done (%d client processes, %d calls in flight each); timing %d x %d steps",
                  len(lanes), setup.depth, setup.windows, setup.steps)  # fmt: skip
         profiled = profile_worker(coord, True)
-        before = worker_times(coord)
-        windows = []
-        for _ in range(setup.windows):
-            start_at = time.time() + CLIENT_START_DELAY_S
-            timed = ray.get(
-                [
-                    c.timed.remote(t, q, steps, setup.depth, start_at)
-                    for c, t, (q, _want), steps in lanes
-                ],
-                timeout=BARRIER_TIMEOUT_S,
-            )
-            windows.append(max(r["end"] for r in timed) - min(r["start"] for r in timed))
-        after = worker_times(coord)
+        variants = variants or [main_variant()]
+        windows: dict[str, list[float]] = {v.name: [] for v in variants}
+        spent = {v.name: {"call": 0.0, "kernel": 0.0} for v in variants}
+        for i in range(setup.windows):
+            # Each round in another order, so no variant always follows the same one.
+            for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+                for handle in coord._handles.values():
+                    handle.call("set_decode_graphs", v.graphs)
+                before = worker_times(coord)
+                start_at = time.time() + CLIENT_START_DELAY_S
+                timed = ray.get(
+                    [
+                        c.timed.remote(t, q, steps, setup.depth, start_at, channel=v.channel,
+                                       warm=WARM_CALLS)
+                        for c, t, (q, _want), steps in lanes
+                    ],
+                    timeout=BARRIER_TIMEOUT_S,
+                )  # fmt: skip
+                after = worker_times(coord)
+                windows[v.name].append(
+                    max(r["end"] for r in timed) - min(r["start"] for r in timed)
+                )
+                for key in ("call", "kernel"):
+                    spent[v.name][key] += after[key] - before[key]
         profile_worker(coord, False, profiled)
     finally:
         for t in tickets:
             coord.close_ticket(t.ticket_id)
-    seconds = statistics.median(windows)
     num_workers = len({w for w, _ in seqs.values()})
-    result = _decode_result(
-        setup, len(groups), num_workers, seconds, before, after, errors, windows
-    )
-    return result | {
-        "window_tokens_s": [setup.num_seqs * setup.steps / w for w in windows],
-        "clients": len(lanes),
-        "clients_per_group": per_group,
-        "calls_in_flight_per_client": setup.depth,
-    }
+    results = {}
+    for v in variants:
+        seconds = statistics.median(windows[v.name])
+        result = _decode_result(
+            setup, len(groups), num_workers, seconds, {"call": 0.0, "kernel": 0.0},
+            spent[v.name], errors, windows[v.name],
+        )  # fmt: skip
+        results[v.name] = result | {
+            "window_tokens_s": [setup.num_seqs * setup.steps / w for w in windows[v.name]],
+            "clients": len(lanes),
+            "clients_per_group": per_group,
+            "calls_in_flight_per_client": setup.depth,
+            "channel": v.channel,
+            "decode_graphs": v.graphs,
+        }
+    return results
 
 
 def _share(steps: int, lanes: int, lane: int) -> int:
@@ -497,6 +567,9 @@ def _decode_result(
         "kernel_share_pct": 100 * (after["kernel"] - before["kernel"]) / max(1e-9, worker_call_s),
         # The workers' busy share of the wall time: below 100 %, they waited for calls.
         "worker_busy_pct": 100 * worker_call_s / (sum(windows) * num_workers),
+        # The decode kernels' share of the wall time (sampled on the device): how far
+        # the GPUs were kept busy.
+        "gpu_busy_pct": 100 * (after["kernel"] - before["kernel"]) / (sum(windows) * num_workers),
         "max_rel_err": max(errors),
         "ok": max(errors) <= (2e-2 if setup.layout.dtype == "bfloat16" else 1e-5),
     }
@@ -550,8 +623,8 @@ class Phases:
 
 
 def report_decode(d: dict[str, Any]) -> None:
-    progress("  %.0f tokens/s, %.2f ms per call per worker, workers busy %.0f %%",
-             d["tokens_s"], d["call_ms"], d["worker_busy_pct"])  # fmt: skip
+    progress("  %.0f tokens/s, %.2f ms per call per worker, workers busy %.0f %%, kernels %.0f %%",
+             d["tokens_s"], d["call_ms"], d["worker_busy_pct"], d["gpu_busy_pct"])  # fmt: skip
 
 
 def run_workers(
@@ -576,25 +649,26 @@ def run_workers(
             placement[str(worker_id)] = placement.get(str(worker_id), 0) + 1
         result["placement"] = placement
         if "decode" in phases:
+            variants = [main_variant(), *map(Variant.parse, setup.variants)]
             with phase("decode, client processes with step tickets"):
-                result["decode"] = decode_tickets(coord, setup, seqs, clients)
+                timed = decode_tickets(coord, setup, seqs, clients, variants=variants)
+            result["decode"] = timed.pop("main")
+            if timed:
+                result["decode_variants"] = timed
             saved()
             report_decode(result["decode"])
+            for name, other in timed.items():
+                progress("  variant %s:", name)
+                report_decode(other)
             for per_group in setup.other_clients_per_group:
                 # The same path with another number of client processes, for comparison.
                 with phase(f"decode, {per_group} client processes per group"):
-                    other = decode_tickets(coord, setup, seqs, clients, per_group)
+                    other = decode_tickets(coord, setup, seqs, clients, per_group)["main"]
                     result[f"decode_{per_group}_clients_per_group"] = other
                 saved()
                 report_decode(other)
-            with phase("decode, every call through the coordinator"):
-                result["decode_via_coordinator"] = decode(coord, setup, seqs)
-            saved()
-            report_decode(result["decode_via_coordinator"])
-            with phase("decode, tickets from threads of this process"):
-                result["decode_tickets_one_process"] = decode(coord, setup, seqs, tickets=True)
-            saved()
-            report_decode(result["decode_tickets_one_process"])
+            if setup.other_paths:
+                other_paths(coord, setup, seqs, result, saved, phase)
         if "capacity" in phases:
             # The workload's sequences are of max_context tokens too: they count.
             with phase("capacity"):
@@ -606,6 +680,25 @@ def run_workers(
         with phase("stop"):
             coord.close()
     return result
+
+
+def other_paths(
+    coord: Coordinator,
+    setup: Setup,
+    seqs: dict[int, tuple[int, torch.Tensor]],
+    result: dict[str, Any],
+    saved: Callable[[], None],
+    phase: Phases,
+) -> None:
+    """The decode off the ticket path of client processes, for comparison."""
+    with phase("decode, every call through the coordinator"):
+        result["decode_via_coordinator"] = decode(coord, setup, seqs)
+    saved()
+    report_decode(result["decode_via_coordinator"])
+    with phase("decode, tickets from threads of this process"):
+        result["decode_tickets_one_process"] = decode(coord, setup, seqs, tickets=True)
+    saved()
+    report_decode(result["decode_tickets_one_process"])
 
 
 def median_seconds(fn: Any, iters: int) -> float:
@@ -1009,6 +1102,19 @@ def table(report: dict[str, Any]) -> str:
             else f"{'-':>10}{'-':>12}"
         )
         lines.append(f"{r['workers']:>8}{cells}{cap}  {r.get('placement', '-')}")
+    for name in sorted({n for r in report["runs"] for n in r.get("decode_variants", {})}):
+        rows = [(r["workers"], r["decode_variants"][name]) for r in report["runs"]
+                if name in r.get("decode_variants", {})]  # fmt: skip
+        base = rows[0][1]["tokens_s"] if rows and rows[0][0] == 1 else None
+        lines.append(
+            f"  variant {name} (windows in turn with the main one): "
+            + ", ".join(
+                f"{w} worker(s) {d['tokens_s']:.0f} tokens/s"
+                + (f" ({d['tokens_s'] / base:.2f}x)" if base else "")
+                + f", {d['call_ms']:.2f} ms/call, GPU busy {d.get('gpu_busy_pct', 0):.0f} %"
+                for w, d in rows
+            )
+        )
     for key in sorted({k for r in report["runs"] for k in r if k.endswith("_clients_per_group")}):
         per_group = key.removeprefix("decode_").removesuffix("_clients_per_group")
         base = next((r[key]["tokens_s"] for r in report["runs"] if key in r), None)
@@ -1066,6 +1172,15 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-graphs", type=int, default=None,
         help="CUDA graphs kept per worker for ticket decode calls (0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", default="",
+        help="ticket-path variants timed in turn with the main one, e.g. ray,ray+graphs "
+        "(ray|channel, +graphs for decode graphs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ticket-only", action="store_true",
+        help="leave out the decode through the coordinator and from the driver's threads",
+    )  # fmt: skip
     parser.add_argument("--workers", default=None, help="worker counts, e.g. 1,2,4")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps")
     parser.add_argument(
@@ -1107,6 +1222,14 @@ def main(argv: list[str] | None = None) -> int:
         setup = replace(setup, depth=args.depth)
     if args.clients_per_group:
         setup = replace(setup, clients_per_group=args.clients_per_group)
+    if args.variants:
+        try:
+            variants = tuple(Variant.parse(v).name for v in args.variants.split(",") if v)
+        except ValueError as exc:
+            parser.error(str(exc))
+        setup = replace(setup, variants=variants)
+    if args.ticket_only:
+        setup = replace(setup, other_paths=False)
     if args.workers:
         counts = [int(w) for w in args.workers.split(",")]
     else:

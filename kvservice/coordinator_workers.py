@@ -18,15 +18,22 @@ A worker that is gone raises ``WorkerLost``; errors the worker raises on purpose
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvservice.core.errors import KVServiceError
 from kvservice.workers.actor import TICKET_GROUP
 from kvservice.workers.wire import PlanEncoder, decode_result, encode_tensor
 from kvservice.workers.worker import StaleEpoch
+
+if TYPE_CHECKING:
+    from kvservice.ticket_channel import ChannelConnection
+
+logger = logging.getLogger(__name__)
 
 # Calls whose plan and tensors go to a Ray worker in wire form (kvservice.workers.wire):
 # block tables as numpy arrays under a per-plan key, tensors as numpy arrays.
@@ -187,6 +194,12 @@ class RayWorkerHandle:
         self.actor = actor
         self.epoch = epoch
         self._plans = PlanEncoder()
+        # Ticket calls go through the worker's local channel when this process is on the
+        # worker's host (``kvservice.ticket_channel``); False keeps them on Ray.
+        self.use_channel = True
+        self._channel: ChannelConnection | None = None
+        self._channel_lock = threading.Lock()
+        self._no_channel_pid: int | None = None  # the process that found none to use
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Another process gets its own plan encoder: plan keys name one sender's plans.
@@ -210,11 +223,50 @@ class RayWorkerHandle:
         and in any order with this handle's other ticket calls (``RayWorker.ticket_call``)."""
         if self.epoch is None or method not in WIRE_METHODS:
             return self.submit(method, *args, **kwargs)
+        channel = self._local_channel() if self.use_channel else None
+        if channel is not None and len(args) == 5 and kwargs.get("ticket") is not None:
+            layer, plan, q, k_new, v_new = args
+            options = dict(kwargs)
+            ticket = options.pop("ticket")
+            return channel.submit(
+                self.epoch, layer, self._plans.encode(plan), (q, k_new, v_new), ticket, options
+            )
         wire_args, options = self._wire_form(args, kwargs)
         ticket_call = self.actor.ticket_call.options(concurrency_group=TICKET_GROUP)
         return _RayPending(
             self, ticket_call.remote(self.epoch, method, *wire_args, **options), wire=True
         )
+
+    def _local_channel(self) -> ChannelConnection | None:
+        """This process's connection to the worker's local channel, made on first use;
+        None when the worker is on another host, or the channel cannot be reached (then
+        this process asks no more)."""
+        from kvservice.ticket_channel import ChannelConnection, enabled_by_env
+        from kvservice.workers.transfer_peer import host_identity
+
+        pid = os.getpid()
+        conn = self._channel
+        if conn is not None and conn.pid == pid and conn.broken is None:
+            return conn
+        if self._no_channel_pid == pid:
+            return None
+        with self._channel_lock:
+            conn = self._channel
+            if conn is not None and conn.pid == pid and conn.broken is None:
+                return conn
+            self._channel = None
+            try:
+                if not enabled_by_env():
+                    raise OSError("turned off in this process's environment")
+                host, address = self.get(self.actor.channel_address.remote())
+                if host != host_identity():
+                    raise OSError("the worker is on another host")
+                self._channel = ChannelConnection(address, self.worker_id)
+            except (OSError, KVServiceError, AttributeError, WorkerLost) as exc:
+                # Ray then reports a lost worker at the call's result, as ever.
+                logger.debug("worker %d: ticket calls stay on Ray (%s)", self.worker_id, exc)
+                self._no_channel_pid = pid
+            return self._channel
 
     def _wire_form(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -32,7 +32,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvservice.workers.channel import ChannelServer
+from kvservice.workers.host_result import HostResult
 from kvservice.workers.transfer import TRANSFER_ENV
+from kvservice.workers.transfer_peer import host_identity
 from kvservice.workers.wire import PlanDecoder, decode_tensor, encode_result
 from kvservice.workers.worker import Worker
 
@@ -80,6 +83,7 @@ class RayWorker(Worker):
         self._profiler: Any = None
         # Held by every call while it touches the worker (see the module docstring).
         self._lock = threading.RLock()
+        self._channel: ChannelServer | None = None  # started by the first channel_address
         # Everything made so far (torch, Ray, the pools' bookkeeping) lives as long as the
         # actor: out of the collector's sight, a full collection, which a call's small
         # allocations trigger now and then, no longer walks it (tens of ms in a mid-call).
@@ -106,6 +110,41 @@ class RayWorker(Worker):
             decoded, options = self._decoded(args, kwargs)
             pending = self.fenced(epoch, "attend_to_host", *decoded, **options)
         return encode_result(pending.wait())
+
+    def channel_address(self) -> tuple[str, str]:
+        """(host identity, address) of this worker's local channel
+        (``kvservice.workers.channel``), started on the first ask: callers on this host
+        may send their ticket calls through it instead of Ray."""
+        with self._lock:
+            if self._channel is None:
+                self._channel = ChannelServer(
+                    self._channel_call, pin_memory=self.device.type == "cuda"
+                )
+            return host_identity(), self._channel.address
+
+    def close_channel(self) -> None:
+        """Stop the local channel; its callers see it close (and go through Ray again)."""
+        with self._lock:
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def _channel_call(
+        self, epoch: int, layer: int, plan: Any, q: Any, k_new: Any, v_new: Any,
+        *, ticket: int | None, **options: Any,
+    ) -> HostResult:  # fmt: skip
+        """A call read from the local channel, queued as ``ticket_call`` queues one."""
+        if ticket is None:
+            raise InvalidArgument("only attend through a step ticket runs on the local channel")
+        with self._lock, self._profiled():
+            plan = self._wire_plans.decode(plan)
+            return self.fenced(
+                epoch, "attend_to_host", layer, plan, q, k_new, v_new, ticket=ticket, **options
+            )
+
+    def stats(self) -> dict[str, Any]:
+        channel = self._channel
+        return super().stats() | {"channel": channel.stats() if channel is not None else None}
 
     def _decoded(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

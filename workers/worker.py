@@ -82,6 +82,11 @@ class StaleEpoch(RuntimeError):
 RECENT_CALLS = 1024  # per entry point, for the median of ``stats()["call_time"]``
 
 
+def _check_graph_count(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"decode_graphs must be an int >= 0, got {value!r}")
+
+
 class Worker(TransferMixin):
     def __init__(
         self,
@@ -99,12 +104,7 @@ class Worker(TransferMixin):
             raise InvalidArgument(f"layout must be a Layout, got {type(layout).__name__}")
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise InvalidArgument(f"worker_id must be an int >= 0, got {worker_id!r}")
-        if (
-            isinstance(decode_graphs, bool)
-            or not isinstance(decode_graphs, int)
-            or decode_graphs < 0
-        ):
-            raise InvalidArgument(f"decode_graphs must be an int >= 0, got {decode_graphs!r}")
+        _check_graph_count(decode_graphs)
         self.worker_id = worker_id
         self.layout = layout
         self.device = resolve_device(device)
@@ -543,6 +543,21 @@ class Worker(TransferMixin):
     def close_ticket(self, ticket_id: int) -> None:
         """Calls through ``ticket_id`` are refused from now on (closing twice is harmless)."""
         self._tickets.discard(ticket_id)
+
+    def set_decode_graphs(self, max_graphs: int) -> None:
+        """Keep up to ``max_graphs`` decode graphs from now on (0: none), as
+        ``Worker(decode_graphs=...)`` would; a new count drops the graphs kept so far
+        (once the device is done with them). CPU workers keep none whatever the count."""
+        _check_graph_count(max_graphs)
+        with self._entry("set_decode_graphs"):
+            graphs = self._decode_graphs
+            if self.device.type != "cuda" or (
+                graphs is not None and graphs.max_graphs == max_graphs
+            ):
+                return
+            if graphs is not None:
+                torch.cuda.synchronize(self.device)  # a replay's output may still be read
+            self._decode_graphs = DecodeGraphs(max_graphs) if max_graphs else None
 
     def _check_ticket(self, ticket: int | None) -> None:
         if ticket is not None and ticket not in self._tickets:

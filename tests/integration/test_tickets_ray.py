@@ -147,3 +147,34 @@ def test_ticket_calls_beside_the_coordinator_s_commands_stay_exact(service: Coor
             t.join(timeout=60)
     assert not errors, errors[0]
     coord.close_ticket(ticket.ticket_id)
+
+
+def _channel_calls(coord: Coordinator) -> dict[int, int]:
+    out = {}
+    for wid, handle in coord._handles.items():
+        channel = handle.call("stats")["channel"]
+        out[wid] = 0 if channel is None else channel["calls"]
+    return out
+
+
+def test_ticket_calls_take_the_local_channel_or_ray_alike(service: Coordinator) -> None:
+    # Callers on the workers' host send ticket calls through the workers' local channels;
+    # with the channel off they go through Ray: the same outputs, the same fencing.
+    coord, shadow = service, Shadow(seed=5)
+    ids = prefilled(coord, shadow, base=30, length=8)
+    ticket = coord.open_ticket(ids, [1] * 4, writes=False)
+    q = torch.randn(4, NUM_Q_HEADS, LAYOUT.head_dim)
+    expected = coord.attend(0, ids, [1] * 4, q)
+    before = _channel_calls(coord)
+    torch.testing.assert_close(ticket.attend(0, q), expected, atol=ATOL, rtol=1e-4)
+    through = _channel_calls(coord)
+    assert all(through[w] == before[w] + 1 for w in before)  # one call per worker
+    for group in ticket.groups:
+        group.handle.use_channel = False
+    torch.testing.assert_close(ticket.attend(0, q), expected, atol=ATOL, rtol=1e-4)
+    assert _channel_calls(coord) == through
+    for group in ticket.groups:
+        group.handle.use_channel = True
+    coord.free(ids[:1])  # revoked: refused on the channel too
+    with pytest.raises(errors.FailedPrecondition):
+        ticket.attend(0, q)

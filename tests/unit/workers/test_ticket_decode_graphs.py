@@ -29,3 +29,16 @@ def test_a_graph_cache_needs_room_for_one() -> None:
     with pytest.raises(ValueError):
         DecodeGraphs(0)
     assert len(DecodeGraphs(2)) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "4"])
+def test_a_worker_refuses_a_bad_graph_count_and_a_cpu_one_keeps_none(bad: object) -> None:
+    from worker_helpers import make_worker
+
+    from kvservice.core.errors import InvalidArgument
+
+    worker = make_worker()
+    with pytest.raises(InvalidArgument, match="decode_graphs"):
+        worker.set_decode_graphs(bad)  # type: ignore[arg-type]
+    worker.set_decode_graphs(4)  # CPU workers replay no graphs
+    assert worker.stats()["decode_graphs"] == {"graphs": 0, "captures": 0, "replays": 0}

@@ -146,3 +146,29 @@ def test_decode_graphs_replay_each_calls_tables_and_writes() -> None:
         q = torch.randn(2, 8, LAYOUT.head_dim).to(torch.bfloat16)
         one.attend_to_host(layer, plans[0], q).wait()
     assert one.stats()["decode_graphs"] == {"graphs": 1, "captures": 2, "replays": 0}
+
+
+def test_decode_graphs_can_be_turned_off_and_on_again() -> None:
+    gen = torch.Generator().manual_seed(6)
+    worker = Worker(0, LAYOUT, device="cuda", num_gpu_blocks=64, num_cpu_blocks=16)
+    data = torch.randn(64, *LAYOUT.block_shape, generator=gen).to(torch.bfloat16)
+    worker.import_blocks(Tier.GPU, list(range(64)), data)
+    plan = AttendPlan([[3, 9, 4], [20, 21]], [40, 17], [1, 1])
+    q = torch.randn(2, 8, LAYOUT.head_dim, generator=gen).to(torch.bfloat16)
+    want = worker.attend(0, plan, q)
+
+    def calls(n: int) -> None:
+        for _ in range(n):
+            assert torch.equal(worker.attend_to_host(0, plan, q).wait(), want)
+
+    calls(4)
+    assert worker.stats()["decode_graphs"]["graphs"] == 0  # none by default
+    worker.set_decode_graphs(2)
+    calls(4)  # the third captures, the fourth replays
+    assert worker.stats()["decode_graphs"] == {"graphs": 1, "captures": 1, "replays": 1}
+    worker.set_decode_graphs(2)  # the same count keeps them
+    calls(1)
+    assert worker.stats()["decode_graphs"]["replays"] == 2
+    worker.set_decode_graphs(0)
+    calls(4)
+    assert worker.stats()["decode_graphs"]["graphs"] == 0
