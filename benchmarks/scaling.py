@@ -3,7 +3,8 @@ transfers between two workers against a plain NCCL send/recv of the same bytes.
 
     python -m benchmarks.scaling [--json] [--small] [--workers 1,2,4] [--out FILE]
         [--phases decode,capacity,transfer] [--skip-capacity] [--depth N] [--steps N]
-        [--clients-per-group N]
+        [--clients-per-group N] [--decode-graphs N] [--variants ray,channel+graphs,...]
+        [--ticket-only]
     python -m benchmarks.scaling --table-from FILE   (the table of a JSON written before)
 
 Starts Ray (``ray.init(num_gpus=<visible GPUs>)`` unless already connected) and, for each
@@ -21,8 +22,11 @@ transfer group formed. NVLS and multicast stay off everywhere (``TRANSFER_ENV``)
   worker count; the group's steps split between them) that take the group's step ticket
   from the coordinator (``kvservice.tickets``: planned once, read-only, so it serves
   every step) and send its attention calls straight to its worker, ``depth`` calls in
-  flight each, so the coordinator is off the per-call path (on the worker, ticket calls
-  queue their kernels while earlier calls' outputs go back); ``decode_via_coordinator``: every call through
+  flight each, so the coordinator is off the per-call path (over the worker's local
+  channel, as clients on the workers' host do; on the worker, ticket calls queue their
+  kernels while earlier calls' outputs go back). ``--variants`` times other ways of
+  running it (through Ray, with decode graphs) one window each in turn with the main one
+  on the same service, reported under ``decode_variants``; ``decode_via_coordinator``: every call through
   ``Coordinator.attend`` from ``depth`` threads per group of this one process, which
   bounds the calls per second whatever the number of workers. Reported: tokens/s (one
   token per sequence per step), the K/V bytes read per second, the speedup over one
