@@ -18,8 +18,6 @@ A worker that is gone raises ``WorkerLost``; errors the worker raises on purpose
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -32,8 +30,6 @@ from kvservice.workers.worker import StaleEpoch
 
 if TYPE_CHECKING:
     from kvservice.ticket_channel import ChannelConnection
-
-logger = logging.getLogger(__name__)
 
 # Calls whose plan and tensors go to a Ray worker in wire form (kvservice.workers.wire):
 # block tables as numpy arrays under a per-plan key, tensors as numpy arrays.
@@ -197,9 +193,6 @@ class RayWorkerHandle:
         # Ticket calls go through the worker's local channel when this process is on the
         # worker's host (``kvservice.ticket_channel``); False keeps them on Ray.
         self.use_channel = True
-        self._channel: ChannelConnection | None = None
-        self._channel_lock = threading.Lock()
-        self._no_channel_pid: int | None = None  # the process that found none to use
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Another process gets its own plan encoder: plan keys name one sender's plans.
@@ -238,35 +231,21 @@ class RayWorkerHandle:
         )
 
     def _local_channel(self) -> ChannelConnection | None:
-        """This process's connection to the worker's local channel, made on first use;
-        None when the worker is on another host, or the channel cannot be reached (then
-        this process asks no more)."""
-        from kvservice.ticket_channel import ChannelConnection, enabled_by_env
+        """This process's connection to the worker's local channel (shared by every copy
+        of this handle here); None when the worker is on another host or the channel
+        cannot be reached."""
+        from kvservice.ticket_channel import shared_connection
+
+        key = getattr(self.actor, "_actor_id", None) or id(self)
+        return shared_connection(key, self.worker_id, self._channel_address)
+
+    def _channel_address(self) -> str:
         from kvservice.workers.transfer_peer import host_identity
 
-        pid = os.getpid()
-        conn = self._channel
-        if conn is not None and conn.pid == pid and conn.broken is None:
-            return conn
-        if self._no_channel_pid == pid:
-            return None
-        with self._channel_lock:
-            conn = self._channel
-            if conn is not None and conn.pid == pid and conn.broken is None:
-                return conn
-            self._channel = None
-            try:
-                if not enabled_by_env():
-                    raise OSError("turned off in this process's environment")
-                host, address = self.get(self.actor.channel_address.remote())
-                if host != host_identity():
-                    raise OSError("the worker is on another host")
-                self._channel = ChannelConnection(address, self.worker_id)
-            except (OSError, KVServiceError, AttributeError, WorkerLost) as exc:
-                # Ray then reports a lost worker at the call's result, as ever.
-                logger.debug("worker %d: ticket calls stay on Ray (%s)", self.worker_id, exc)
-                self._no_channel_pid = pid
-            return self._channel
+        host, address = self.get(self.actor.channel_address.remote())
+        if host != host_identity():
+            raise OSError("the worker is on another host")
+        return str(address)
 
     def _wire_form(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

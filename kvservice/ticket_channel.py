@@ -1,7 +1,8 @@
 """The caller's end of a worker's local channel (``kvservice.workers.channel``): a step
 ticket's attention calls to a worker on this host, over a Unix socket instead of Ray.
 
-One connection per worker handle and process, shared by the process's threads: a call is
+One connection per worker and process, shared by the process's threads and its copies of
+the worker's handle: a call is
 written whole under the send lock, and replies come back in the order of the calls, so a
 thread waiting for its reply reads (under the receive lock) every reply before it and
 leaves each for its own waiter. A connection that breaks (the worker died, or closed its
@@ -14,15 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import pickle
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kvservice.coordinator_workers import WorkerLost
+from kvservice.core.errors import KVServiceError
 from kvservice.workers.channel import MAX_PLANS_PER_CONNECTION, configure
 from kvservice.workers.channel_frames import (
     CALL,
@@ -38,11 +42,49 @@ from kvservice.workers.channel_frames import (
 from kvservice.workers.wire import WirePlan
 from kvservice.workers.worker import StaleEpoch
 
+logger = logging.getLogger(__name__)
+
 ENV = "KVSERVICE_TICKET_CHANNEL"
+
+# This process's connections by worker (its actor's id): every copy of a worker's handle
+# (each ticket a process receives carries its own) shares one.
+_LOCK = threading.Lock()
+_OPEN: dict[tuple[int, Any], ChannelConnection] = {}
+_REFUSED: set[tuple[int, Any]] = set()  # workers this process found no channel to use
 
 
 def enabled_by_env() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def shared_connection(
+    worker_key: Any, worker_id: int, ask_address: Callable[[], str]
+) -> ChannelConnection | None:
+    """This process's connection to the worker's channel, made on first use (the address
+    from ``ask_address``, which raises OSError when there is none to use); None when
+    this process cannot use one (then it asks no more, and its calls go through Ray)."""
+    if not enabled_by_env():
+        return None
+    key = (os.getpid(), worker_key)
+    conn = _OPEN.get(key)
+    if conn is not None and conn.broken is None:
+        return conn
+    with _LOCK:
+        conn = _OPEN.get(key)
+        if conn is not None and conn.broken is None:
+            return conn
+        _OPEN.pop(key, None)
+        if key in _REFUSED:
+            return None
+        try:
+            conn = ChannelConnection(ask_address(), worker_id)
+        except (OSError, KVServiceError, AttributeError, WorkerLost) as exc:
+            # Ray then reports a lost worker at the call's result, as ever.
+            logger.debug("worker %d: ticket calls stay on Ray (%s)", worker_id, exc)
+            _REFUSED.add(key)
+            return None
+        _OPEN[key] = conn
+        return conn
 
 
 class ChannelConnection:

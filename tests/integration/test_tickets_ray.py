@@ -175,6 +175,12 @@ def test_ticket_calls_take_the_local_channel_or_ray_alike(service: Coordinator) 
     assert _channel_calls(coord) == through
     for group in ticket.groups:
         group.handle.use_channel = True
+    # A copy of the ticket (as a process receives one per step) shares the connections.
+    copy = ray.get(ray.put(ticket))
+    assert copy.groups[0].handle is not ticket.groups[0].handle
+    torch.testing.assert_close(copy.attend(0, q), expected, atol=ATOL, rtol=1e-4)
+    for mine, theirs in zip(ticket.groups, copy.groups, strict=True):
+        assert mine.handle._local_channel() is theirs.handle._local_channel() is not None
     coord.free(ids[:1])  # revoked: refused on the channel too
     with pytest.raises(errors.FailedPrecondition):
         ticket.attend(0, q)
