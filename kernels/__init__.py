@@ -2,7 +2,9 @@
 
 Every public function validates its inputs, then dispatches: CUDA tensors run the Triton
 kernel, CPU tensors the torch reference, unless ``use_triton=True`` forces the kernel
-(under ``TRITON_INTERPRET=1`` on CPU). Per layer the caches are views
+(under ``TRITON_INTERPRET=1`` on CPU). Decode is the exception on CPU: its reference
+attends one sequence at a time, so CPU tensors take a batched torch path
+(``decode_cpu.py``) and the reference stays the oracle. Per layer the caches are views
 ``pool[:, layer, 0]`` / ``pool[:, layer, 1]`` of a block-major pool
 ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``; kernels take strides.
 """

@@ -33,6 +33,7 @@ from ._common import (
     require,
     use_triton_for,
 )
+from .decode_cpu import paged_decode_batched
 from .merge import merge_splits
 
 _LOG2E = 1.4426950408889634
@@ -187,7 +188,8 @@ def paged_decode(
     q [B, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] (any block/token/head
     strides, contiguous head dim); block_tables [B, max_blocks] int32; seq_lens [B] int32
     (>= 1). Returns out [B, Hq, D] in q's dtype and, with ``return_lse``, lse [B, Hq] fp32
-    (natural log). ``out`` may be given as a preallocated contiguous buffer.
+    (natural log). ``out`` may be given as a preallocated contiguous buffer. CPU tensors
+    take the batched torch path (``decode_cpu.py``) rather than the per-sequence reference.
     """
     num_blocks, block_size, num_kv_heads, head_dim = check_cache_pair(k_cache, v_cache)
     num_q_heads, group = check_query(q, k_cache)
@@ -202,7 +204,10 @@ def paged_decode(
     out = check_out(out, tuple(q.shape), q)
     triton_path = use_triton_for(use_triton, q)
     if not triton_path:
-        result = paged_decode_ref(
+        # The batched path is for CPU tensors; CUDA ones with use_triton=False keep the
+        # reference.
+        torch_path = paged_decode_batched if q.device.type == "cpu" else paged_decode_ref
+        result = torch_path(
             q, k_cache, v_cache, block_tables, seq_lens, scale=scale, return_lse=True
         )
         out.copy_(result[0])

@@ -96,7 +96,7 @@ def test_decode_empty_batch():
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
 
 
-def test_decode_cpu_path_is_reference():
+def test_decode_cpu_path_matches_reference():
     pool = make_pool(8, 1, 8, 1, 64, FP32, device=torch.device("cpu"))
     k_cache, v_cache = layer_views(pool, 0)
     tables, lens = random_page_tables([9, 3], 8, 8, device=torch.device("cpu"))
