@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from kvservice.ticket_channel import ChannelConnection
 
 # Calls whose plan and tensors go to a Ray worker in wire form (kvservice.workers.wire):
-# block tables as numpy arrays under a per-plan key, tensors as numpy arrays.
-WIRE_METHODS = frozenset({"attend"})
+# block tables as numpy arrays under a per-plan key, tensors as numpy arrays, both ways.
+# Blocks moved through host memory too: Ray pickles a torch tensor at ~0.15 GB/s, and
+# passes a numpy array's buffer as it is.
+WIRE_METHODS = frozenset({"attend", "export_blocks", "import_blocks"})
 
 
 class WorkerLost(Exception):

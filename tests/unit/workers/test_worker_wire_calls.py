@@ -21,6 +21,7 @@ from kvservice.workers.wire import (
 from worker_helpers import LAYOUT, NUM_Q_HEADS, make_seqs
 
 from kvservice.core.errors import InvalidArgument
+from kvservice.core.ids import Tier
 
 
 def _pickled(value: object) -> object:
@@ -91,3 +92,17 @@ def test_plans_the_wire_does_not_carry_travel_as_they_are() -> None:
     assert encoder.encode(too_big) is too_big
     floats = AttendPlan(((1.5,),), (1,), (1,), None)
     assert encoder.encode(floats) is floats
+
+
+def test_blocks_moved_through_host_memory_travel_as_arrays() -> None:
+    # Export and import (the host path of a transfer) in wire form: numpy both ways, which
+    # Ray passes as a buffer instead of pickling a tensor; the blocks arrive bit-exact.
+    gen = torch.Generator().manual_seed(3)
+    source, _seqs, _plan = _filled_worker(gen)
+    target = RayWorker(1, LAYOUT, num_gpu_blocks=32, num_cpu_blocks=8)
+    exported = _pickled(source.wire_call(source.epoch, "export_blocks", Tier.GPU, [0, 5, 9]))
+    assert isinstance(exported, WireTensor)
+    target.wire_call(target.epoch, "import_blocks", Tier.GPU, [1, 2, 3], exported)
+    assert torch.equal(
+        target.export_blocks(Tier.GPU, [1, 2, 3]), source.export_blocks(Tier.GPU, [0, 5, 9])
+    )
