@@ -255,3 +255,34 @@ def remove_placement_groups(namespace: str) -> None:
         name = entry.get("name", "")
         if name.startswith(f"kvservice-workers-{namespace}-") and entry.get("state") != "REMOVED":
             remove_placement_group(get_placement_group(name))
+
+
+def test_ticket_calls_over_the_local_channel_see_a_killed_worker_as_lost(
+    ray_service: tuple[Coordinator, str],
+) -> None:
+    # Calls through a ticket go over the worker's local channel (its Unix socket): when
+    # the worker dies they fail as DATA_LOSS, and keep failing after Ray restarts it
+    # empty (the new incarnation holds neither the ticket nor the epoch); nothing hangs.
+    import ray
+
+    coordinator, namespace = ray_service
+    shadow = Shadow(seed=5)
+    infos = [coordinator.create_sequence([50 + i] * 5) for i in range(4)]
+    for info in infos:
+        shadow.prefill(coordinator, info.seq_id, 5, 0)
+    worker = infos[0].worker_id
+    ids = [info.seq_id for info in infos if info.worker_id == worker]
+    ticket = coordinator.open_ticket(ids, [1] * len(ids), writes=False)
+    q = torch.randn(len(ids), 2 * LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    expected = coordinator.attend(0, ids, [1] * len(ids), q)
+    close(ticket.attend(0, q), expected)
+    assert coordinator._handles[worker].call("stats")["channel"]["calls"] >= 1
+
+    actor = find_worker_actors(namespace)[worker]
+    old_epoch = ray.get(actor.info.remote()).epoch
+    ray.kill(actor, no_restart=False)
+    with pytest.raises(errors.DataLoss):
+        ticket.attend(0, q)
+    wait_for_restart(actor, old_epoch)
+    with pytest.raises(errors.DataLoss):
+        ticket.attend(0, q)
