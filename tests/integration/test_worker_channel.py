@@ -153,3 +153,28 @@ def test_calls_in_flight_see_a_closed_channel_as_a_lost_worker(served) -> None:
     assert conn.broken is not None
     with pytest.raises(WorkerLost):  # and every later call, at once
         conn.submit(worker.epoch, 0, wire, (_q(0), None, None), TICKET, {})
+
+
+def test_a_broken_frame_ends_only_its_own_connection(served) -> None:
+    import socket
+
+    from kvservice.workers.channel_frames import HEADER
+
+    worker, plan, conn = served
+    wire = PlanEncoder().encode(plan)
+    _host, address = worker.channel_address()
+    for garbage in (
+        HEADER.pack(9, 0, 0, 0),  # an unknown kind
+        HEADER.pack(1, 5, 0, 0) + b"\x80\x04junk",  # meta that does not unpickle
+    ):
+        rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        rogue.connect(address)
+        rogue.sendall(garbage)
+        rogue.settimeout(30)
+        try:  # the worker closes it, replying nothing (a reset when bytes were left unread)
+            assert rogue.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        rogue.close()
+    out = conn.submit(worker.epoch, 0, wire, (_q(3), None, None), TICKET, {}).result()
+    assert torch.equal(out, worker.attend(0, plan, _q(3)))
