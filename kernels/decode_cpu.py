@@ -22,6 +22,7 @@ at the default for an fp32 cache), more only after a single sequence over the bu
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -39,9 +40,7 @@ class _Scratch(threading.local):
         self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buf = self.buffers.get((name, dtype))
         if buf is None or buf.numel() < numel:
             # A normal tensor even when first taken under inference mode, so that calls

@@ -11,6 +11,7 @@ on the client), and the sender writes them from where they lie, in one ``sendmsg
 from __future__ import annotations
 
 import functools
+import math
 import socket
 import struct
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ def payload_bytes(layout: Sequence[tuple[str, tuple[int, ...]] | None]) -> int:
     for entry in layout:
         if entry is not None:
             dtype, shape = entry
-            total += _numel(shape) * _itemsize(dtype)
+            total += math.prod(shape) * torch_dtype(dtype).itemsize
     return total
 
 
@@ -133,13 +134,6 @@ def _recv_into(sock: socket.socket, view: memoryview, *, eof_ok: bool = False) -
     return True
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 @functools.cache
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a name in a frame; anything else is a broken frame."""
@@ -147,7 +141,3 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ChannelClosed(f"no dtype {name!r}")
     return dtype
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=torch_dtype(dtype)).element_size()
