@@ -104,12 +104,18 @@ class RayWorker(Worker):
         """``wire_call`` of an ``attend`` through a step ticket, for the ticket threads:
         the lock is held while the call is checked and queued, not while its output
         comes back. Anything else is refused: only ticket calls may run out of order."""
+        return encode_result(self._queue_ticket_call(epoch, method, args, kwargs).wait())
+
+    def _queue_ticket_call(
+        self, epoch: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> HostResult:
+        """Check a ticket call and queue its kernels under the lock (``ticket_call``'s and
+        the local channel's calls alike); its output comes back through the result."""
         if method != "attend" or kwargs.get("ticket") is None:
             raise InvalidArgument(f"only attend through a step ticket runs here, not {method!r}")
         with self._lock, self._profiled():
             decoded, options = self._decoded(args, kwargs)
-            pending = self.fenced(epoch, "attend_to_host", *decoded, **options)
-        return encode_result(pending.wait())
+            return self.fenced(epoch, "attend_to_host", *decoded, **options)
 
     def channel_address(self) -> tuple[str, str]:
         """(host identity, address) of this worker's local channel
@@ -134,13 +140,9 @@ class RayWorker(Worker):
         *, ticket: int | None, **options: Any,
     ) -> HostResult:  # fmt: skip
         """A call read from the local channel, queued as ``ticket_call`` queues one."""
-        if ticket is None:
-            raise InvalidArgument("only attend through a step ticket runs on the local channel")
-        with self._lock, self._profiled():
-            plan = self._wire_plans.decode(plan)
-            return self.fenced(
-                epoch, "attend_to_host", layer, plan, q, k_new, v_new, ticket=ticket, **options
-            )
+        return self._queue_ticket_call(
+            epoch, "attend", (layer, plan, q, k_new, v_new), {"ticket": ticket, **options}
+        )
 
     def stats(self) -> dict[str, Any]:
         channel = self._channel
