@@ -122,11 +122,13 @@ class ChannelConnection:
         options: dict[str, Any],
     ) -> ChannelCall:
         """Send one call: (q, k_new, v_new) as bytes; a ``WirePlan`` this connection
-        carried before goes by its key."""
+        carried before goes by its key. A broken connection fails the call at its
+        ``result()`` (``WorkerLost``), as a Ray call fails at its result."""
         cpu = tuple(None if t is None else t.detach().cpu() for t in tensors)
         with self._send_lock:
-            self._check()
             seq = next(self._seq)
+            if self.broken is not None:
+                return ChannelCall(self, seq)
             reset = False
             if type(plan) is WirePlan:
                 if plan.key in self._plans_sent:
@@ -140,7 +142,7 @@ class ChannelConnection:
             try:
                 send_frame(self._sock, CALL, seq, meta, cpu)
             except OSError as exc:
-                raise self._break(exc) from exc
+                self._break(exc)
         return ChannelCall(self, seq)
 
     def wait(self, seq: int) -> Any:

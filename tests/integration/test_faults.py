@@ -260,9 +260,10 @@ def remove_placement_groups(namespace: str) -> None:
 def test_ticket_calls_over_the_local_channel_see_a_killed_worker_as_lost(
     ray_service: tuple[Coordinator, str],
 ) -> None:
-    # Calls through a ticket go over the worker's local channel (its Unix socket): when
-    # the worker dies they fail as DATA_LOSS, and keep failing after Ray restarts it
-    # empty (the new incarnation holds neither the ticket nor the epoch); nothing hangs.
+    # Calls through a ticket go over the worker's local channel (its Unix socket): once
+    # the worker has died they fail as DATA_LOSS, on the connection it left and on a new
+    # one to the empty incarnation Ray restarts (which holds neither the ticket nor the
+    # epoch); nothing hangs.
     import ray
 
     coordinator, namespace = ray_service
@@ -281,8 +282,9 @@ def test_ticket_calls_over_the_local_channel_see_a_killed_worker_as_lost(
     actor = find_worker_actors(namespace)[worker]
     old_epoch = ray.get(actor.info.remote()).epoch
     ray.kill(actor, no_restart=False)
-    with pytest.raises(errors.DataLoss):
-        ticket.attend(0, q)
+    # The kill is asynchronous: a call right after it may still reach the old process.
     wait_for_restart(actor, old_epoch)
-    with pytest.raises(errors.DataLoss):
+    with pytest.raises(errors.DataLoss):  # on the connection the dead process left
+        ticket.attend(0, q)
+    with pytest.raises(errors.DataLoss):  # on a new one, to the new incarnation
         ticket.attend(0, q)

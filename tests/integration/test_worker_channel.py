@@ -151,8 +151,8 @@ def test_calls_in_flight_see_a_closed_channel_as_a_lost_worker(served) -> None:
     with pytest.raises(WorkerLost):
         conn.submit(worker.epoch, 0, wire, (_q(0), None, None), TICKET, {}).result()
     assert conn.broken is not None
-    with pytest.raises(WorkerLost):  # and every later call, at once
-        conn.submit(worker.epoch, 0, wire, (_q(0), None, None), TICKET, {})
+    with pytest.raises(WorkerLost):  # and every later call, at its result, sending nothing
+        conn.submit(worker.epoch, 0, wire, (_q(0), None, None), TICKET, {}).result()
 
 
 def test_a_broken_frame_ends_only_its_own_connection(served) -> None:
