@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument("--grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     serve.add_argument(
+        "--no-local-endpoint", dest="local_endpoint", action="store_false",
+        help="serve gRPC only: no Unix socket for clients on this host",
+    )  # fmt: skip
+    serve.add_argument(
         "--quota", action="append", default=None, metavar="TENANT=BLOCKS",
         help="the most blocks a tenant may hold (repeat for more tenants)",
     )  # fmt: skip
@@ -226,6 +230,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
             tls_key=args.tls_key.read_bytes() if args.tls_key else None,
             tokens=tokens,
+            local_endpoint=args.local_endpoint,
         )
     finally:
         ray.shutdown()

@@ -14,12 +14,20 @@ default deadline of every call, in seconds.
 WriteKV and Attend requests carry tensors of up to many MiB: they are serialized here
 (``kvservice.wire.serialize_with_tensors``, one copy of each tensor's bytes) and go
 out through a method that sends those bytes as they are.
+
+Clients on the server's host send their calls to the server's local endpoint instead
+(``kvservice.local_server``: the same messages over a Unix socket, a fraction of gRPC's
+time per call). A transport asks for it with ``GetLocalEndpoint`` on its first call and
+uses it when it can connect; otherwise, or with ``local_endpoint=False`` (or
+``KVSERVICE_LOCAL_ENDPOINT=0`` in the environment), every call stays on gRPC. Errors
+and deadlines are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +35,8 @@ import grpc
 import torch
 
 from kvservice.api import DEFAULT_TENANT
+from kvservice.local_client import AsyncLocalPool, EndpointUnreachable, LocalPool, LocalRoute
+from kvservice.local_frames import encode_metadata
 from kvservice.status import error_from_status
 from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
@@ -47,6 +57,19 @@ Metadata = tuple[tuple[str, str], ...]
 _SERVICE = pb.DESCRIPTOR.services_by_name["KVService"]
 # Methods whose requests ``_Calls`` serializes itself, with their reply types.
 _PRESERIALIZED = {"WriteKV": pb.WriteKVResponse, "Attend": pb.AttendResponse}
+LOCAL_ENDPOINT_ENV = "KVSERVICE_LOCAL_ENDPOINT"
+# Asking the server for its local endpoint waits at most this long (then: gRPC for now).
+_DISCOVERY_TIMEOUT_S = 5.0
+
+
+def local_endpoint_default() -> bool:
+    """Whether transports use a local endpoint unless told: yes, but for ``KVSERVICE_LOCAL_ENDPOINT=0``."""
+    return os.environ.get(LOCAL_ENDPOINT_ENV, "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def _none(_reply: Any) -> None:
@@ -85,10 +108,16 @@ class _Calls:
         root_certificates: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        local_endpoint: bool | None = None,
     ) -> None:
         self._token = token
         self._timeout = timeout
+        self._max_message_bytes = max_message_bytes
         self._metadata_by_tenant: dict[str, Metadata] = {}
+        self._local_metadata_by_tenant: dict[str | None, bytes] = {}
+        self._route = LocalRoute(
+            local_endpoint_default() if local_endpoint is None else local_endpoint
+        )
         options = message_options(max_message_bytes)
         if root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -96,7 +125,9 @@ class _Calls:
         else:
             self._channel = self._channels.insecure_channel(address, options=options)
         stub = pb_grpc.KVServiceStub(self._channel)
-        self._methods: dict[str, Any] = {name: getattr(stub, name) for name in _SERVICE.methods_by_name}
+        self._methods: dict[str, Any] = {
+            name: getattr(stub, name) for name in _SERVICE.methods_by_name
+        }
         for name, reply_type in _PRESERIALIZED.items():
             self._methods[name] = self._channel.unary_unary(
                 f"/{_SERVICE.full_name}/{name}",
@@ -116,6 +147,24 @@ class _Calls:
                 pairs.append(("authorization", f"Bearer {self._token}"))
             metadata = self._metadata_by_tenant[tenant] = tuple(pairs)
         return metadata
+
+    def _local_metadata(self, tenant: str | None) -> bytes:
+        raw = self._local_metadata_by_tenant.get(tenant)
+        if raw is None:
+            raw = self._local_metadata_by_tenant[tenant] = encode_metadata(self._metadata(tenant))
+        return raw
+
+    def _discovery_timeout(self) -> float:
+        return (
+            _DISCOVERY_TIMEOUT_S
+            if self._timeout is None
+            else min(self._timeout, _DISCOVERY_TIMEOUT_S)
+        )
+
+    @property
+    def on_local_endpoint(self) -> bool:
+        """Whether calls go to the server's local endpoint now (known after the first call)."""
+        return self._route.pool is not None
 
     def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> Any:
         raise NotImplementedError
@@ -219,16 +268,49 @@ class GrpcTransport(_Calls):
 
     def _invoke(self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]) -> T:
         try:
-            reply = self._methods[rpc](request, timeout=self._timeout, metadata=self._metadata(tenant))
+            pool = self._local_pool()
+            reply = None
+            if pool is not None:
+                try:
+                    reply = pool.call(rpc, request, self._local_metadata(tenant), self._timeout)
+                except EndpointUnreachable:
+                    self._route.give_up()  # nothing was sent: this call goes over gRPC
+            if reply is None:
+                reply = self._methods[rpc](
+                    request, timeout=self._timeout, metadata=self._metadata(tenant)
+                )
         except grpc.RpcError as exc:
             raise _as_kvservice_error(exc) from None
         return parse(reply)
+
+    def _local_pool(self) -> LocalPool | None:
+        route = self._route
+        if route.due() and route.lock.acquire(blocking=False):
+            try:
+                reply = self._methods["GetLocalEndpoint"](
+                    pb.GetLocalEndpointRequest(),
+                    timeout=self._discovery_timeout(),
+                    metadata=self._metadata(None),
+                )
+                address = route.usable_address(reply)
+                if address is not None:
+                    pool = LocalPool(address, self._max_message_bytes)
+                    pool.open()
+                    route.pool = pool
+            except grpc.RpcError as exc:
+                route.retry_after_error(exc)
+            except EndpointUnreachable:
+                route.give_up()
+            finally:
+                route.lock.release()
+        return route.pool  # type: ignore[no-any-return]
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Blocks until the channel is connected (grpc.FutureTimeoutError on timeout)."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
 
     def close(self) -> None:
+        self._route.close()
         self._channel.close()
 
     def __enter__(self) -> GrpcTransport:
@@ -247,17 +329,50 @@ class AsyncGrpcTransport(_Calls):
         self, rpc: str, request: Any, tenant: str | None, parse: Callable[[Any], T]
     ) -> T:
         try:
-            reply = await self._methods[rpc](
-                request, timeout=self._timeout, metadata=self._metadata(tenant)
-            )
+            pool = await self._local_pool()
+            reply = None
+            if pool is not None:
+                try:
+                    reply = await pool.call(
+                        rpc, request, self._local_metadata(tenant), self._timeout
+                    )
+                except EndpointUnreachable:
+                    self._route.give_up()  # nothing was sent: this call goes over gRPC
+            if reply is None:
+                reply = await self._methods[rpc](
+                    request, timeout=self._timeout, metadata=self._metadata(tenant)
+                )
         except grpc.RpcError as exc:
             raise _as_kvservice_error(exc) from None
         return parse(reply)
+
+    async def _local_pool(self) -> AsyncLocalPool | None:
+        route = self._route
+        if route.due() and route.lock.acquire(blocking=False):  # never blocks the loop
+            try:
+                reply = await self._methods["GetLocalEndpoint"](
+                    pb.GetLocalEndpointRequest(),
+                    timeout=self._discovery_timeout(),
+                    metadata=self._metadata(None),
+                )
+                address = route.usable_address(reply)
+                if address is not None:
+                    pool = AsyncLocalPool(address, self._max_message_bytes)
+                    await pool.open()
+                    route.pool = pool
+            except grpc.RpcError as exc:
+                route.retry_after_error(exc)
+            except EndpointUnreachable:
+                route.give_up()
+            finally:
+                route.lock.release()
+        return route.pool  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._channel.channel_ready(), timeout)
 
     async def close(self) -> None:  # type: ignore[override]
+        self._route.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncGrpcTransport:
@@ -265,4 +380,3 @@ class AsyncGrpcTransport(_Calls):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-

@@ -12,6 +12,9 @@ Life cycle:
 
 Tensor payloads are large, so message limits are raised (``max_message_bytes``). TLS is
 on when a certificate and key are given; bearer tokens (``kvservice.auth``) select tenants.
+Clients on the server's host may send the same calls to its local endpoint
+(``kvservice.local_server``), which starts and stops with the gRPC server unless
+``local_endpoint=False``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from kvservice.api import Service
 from kvservice.auth import AuthInterceptor, TokenAuth
 from kvservice.decode_guard import DecodeGuard
+from kvservice.local_server import LocalEndpoint
 from kvservice.servicer import KVServicer, tenant_from_metadata
 from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
@@ -54,12 +58,19 @@ class KVServer:
         health_servicer: health.aio.HealthServicer,
         executor: ThreadPoolExecutor,
         port: int,
+        local: LocalEndpoint | None = None,
     ) -> None:
         self._server = server
         self._servicer = servicer
         self._health = health_servicer
         self._executor = executor
+        self._local = local
         self.port = port
+
+    @property
+    def local_address(self) -> str | None:
+        """The local endpoint's address (``kvservice.local_server``), or None without one."""
+        return None if self._local is None else self._local.address
 
     @property
     def service(self) -> Service | None:
@@ -75,7 +86,10 @@ class KVServer:
     async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Refuse new calls, give calls in flight ``grace`` seconds, then stop."""
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        stopping = [self._server.stop(grace)]
+        if self._local is not None:
+            stopping.append(self._local.stop(grace))
+        await asyncio.gather(*stopping)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("server on port %d stopped", self.port)
 
@@ -94,14 +108,16 @@ async def start_server(
     tls_key: bytes | None = None,
     tokens: Mapping[str, str] | None = None,
     inline_local: bool = True,
+    local_endpoint: bool = True,
 ) -> KVServer:
     """Binds ``host:port`` (0 picks a free port: see ``KVServer.port``) and starts serving.
 
     With ``service`` the server is SERVING at once; without, call ``attach`` later.
     ``tls_cert``/``tls_key`` (PEM) turn on TLS; ``tokens`` (token -> tenant) turn on
     bearer-token authentication. ``inline_local``: run calls on the event loop when the
-    service's workers are all in this process (``kvservice.servicer``). Must be awaited on
-    the loop that will run the server.
+    service's workers are all in this process (``kvservice.servicer``). ``local_endpoint``:
+    also serve clients on this host over a Unix socket (``kvservice.local_server``). Must
+    be awaited on the loop that will run the server.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
@@ -134,8 +150,17 @@ async def start_server(
     if bound == 0:
         executor.shutdown(wait=False)
         raise OSError(f"could not bind {address}")
+    local: LocalEndpoint | None = None
+    if local_endpoint:
+        local = LocalEndpoint(
+            servicer,
+            max_message_bytes=max_message_bytes,
+            check_metadata=auth.tenant_for if auth else None,
+        )
+        await local.start()
+        servicer.local_address = local.address
     await server.start()
-    kv_server = KVServer(server, servicer, health_servicer, executor, bound)
+    kv_server = KVServer(server, servicer, health_servicer, executor, bound, local)
     log.info("listening on %s:%d (%s)", host, bound, "TLS" if tls_cert else "plaintext")
     if service is not None:
         await kv_server.attach(service)
@@ -199,13 +224,15 @@ async def _serve(
 class ServerThread:
     """A server on its own event loop in a daemon thread, for synchronous code.
 
-        with ServerThread(coordinator, host="127.0.0.1", port=0) as server:
-            client = GrpcTransport(server.address)
+    with ServerThread(coordinator, host="127.0.0.1", port=0) as server:
+        client = GrpcTransport(server.address)
     """
 
     def __init__(self, service: Service | None = None, **server_kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kvservice-grpc", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kvservice-grpc", daemon=True
+        )
         self._thread.start()
         server_kwargs.setdefault("host", "127.0.0.1")
         self._host = server_kwargs["host"]

@@ -42,6 +42,7 @@ from kvservice.api import DEFAULT_TENANT, Service
 from kvservice.coordinator import Coordinator
 from kvservice.core.errors import KVServiceError, Unavailable
 from kvservice.decode_steps import local_handle
+from kvservice.local_frames import VERSION as LOCAL_FRAMES_VERSION
 from kvservice.status import status_of
 from kvservice.v1 import kvservice_pb2 as pb
 from kvservice.v1 import kvservice_pb2_grpc as pb_grpc
@@ -104,6 +105,8 @@ class KVServicer(pb_grpc.KVServiceServicer):
         self._inline_local = inline_local
         self._service: Service | None = None
         self.inline = False
+        # The local endpoint's address, answered by GetLocalEndpoint (None: none offered).
+        self.local_address: str | None = None
         if service is not None:
             self.attach(service)
 
@@ -153,10 +156,14 @@ class KVServicer(pb_grpc.KVServiceServicer):
                 context.set_trailing_metadata(trailing)
             await context.abort(code, details)
         except _DeadlinePassed:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call started")
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call started"
+            )
         except Exception as exc:
             log.exception("internal error serving a KVService call")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            )
         raise AssertionError("unreachable: abort raises")
 
     def _undo(
@@ -195,7 +202,9 @@ class KVServicer(pb_grpc.KVServiceServicer):
             raise Unavailable("the service is starting: workers are not up yet")
         return encode(job(service, tenant))
 
-    async def CreateSequence(self, request: pb.CreateSequenceRequest, context: Any) -> pb.SequenceInfo:
+    async def CreateSequence(
+        self, request: pb.CreateSequenceRequest, context: Any
+    ) -> pb.SequenceInfo:
         tokens = list(request.tokens)
         return await self._run(
             context,
@@ -204,7 +213,9 @@ class KVServicer(pb_grpc.KVServiceServicer):
             undo=lambda s, reply, tenant: s.free([reply.seq_id], tenant=tenant),
         )
 
-    async def AppendTokens(self, request: pb.AppendTokensRequest, context: Any) -> pb.AppendTokensResponse:
+    async def AppendTokens(
+        self, request: pb.AppendTokensRequest, context: Any
+    ) -> pb.AppendTokensResponse:
         # A slice of a repeated field is a list, made at about half the cost of list().
         seq_ids = request.seq_ids[:]
         return await self._run(
@@ -240,7 +251,9 @@ class KVServicer(pb_grpc.KVServiceServicer):
         def job(s: Service, tenant: str) -> None:
             k = decode_tensor(request.k, "k")
             v = decode_tensor(request.v, "v")
-            s.write_kv(request.layer, list(request.seq_ids), list(request.q_lens), k, v, tenant=tenant)
+            s.write_kv(
+                request.layer, list(request.seq_ids), list(request.q_lens), k, v, tenant=tenant
+            )
 
         return await self._run(context, job, _empty(pb.WriteKVResponse))
 
@@ -271,7 +284,9 @@ class KVServicer(pb_grpc.KVServiceServicer):
 
         return await self._run(context, job, encode)
 
-    async def LookupPrefix(self, request: pb.LookupPrefixRequest, context: Any) -> pb.LookupPrefixResponse:
+    async def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: Any
+    ) -> pb.LookupPrefixResponse:
         tokens = list(request.tokens)
         return await self._run(
             context,
@@ -288,7 +303,9 @@ class KVServicer(pb_grpc.KVServiceServicer):
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any) -> pb.PrefetchResponse:
         seq_ids = list(request.seq_ids)
         return await self._run(
-            context, lambda s, tenant: s.prefetch(seq_ids, tenant=tenant), _empty(pb.PrefetchResponse)
+            context,
+            lambda s, tenant: s.prefetch(seq_ids, tenant=tenant),
+            _empty(pb.PrefetchResponse),
         )
 
     async def GetSequence(self, request: pb.GetSequenceRequest, context: Any) -> pb.SequenceInfo:
@@ -309,8 +326,18 @@ class KVServicer(pb_grpc.KVServiceServicer):
     async def GetLayout(self, request: pb.GetLayoutRequest, context: Any) -> pb.Layout:
         return await self._run(context, lambda s, _tenant: s.layout(), layout_to_proto)
 
+    async def GetLocalEndpoint(
+        self, request: pb.GetLocalEndpointRequest, context: Any
+    ) -> pb.LocalEndpoint:
+        # Answered while starting too: the endpoint serves (UNAVAILABLE) as gRPC does.
+        if self.local_address is None:
+            return pb.LocalEndpoint()
+        return pb.LocalEndpoint(address=self.local_address, version=LOCAL_FRAMES_VERSION)
 
-def _noting_service(job: Callable[[Service, str], R], ran_on: list[Service]) -> Callable[[Service, str], R]:
+
+def _noting_service(
+    job: Callable[[Service, str], R], ran_on: list[Service]
+) -> Callable[[Service, str], R]:
     """``job``, noting the service it ran on (an undo must go to that same service)."""
 
     def noted(service: Service, tenant: str) -> R:

@@ -46,6 +46,13 @@ def _service_arguments(parser: argparse.ArgumentParser) -> None:
         "--clients", default="1,8,32", help="comma-separated concurrent client counts"
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per phase")
+    parser.add_argument(
+        "--grpc-only", action="store_true", help="keep every call on gRPC (no local endpoint)"
+    )
+    parser.add_argument(
+        "--compare-grpc", action="store_true",
+        help="also run the first client count over gRPC only (reported as grpc_only)",
+    )  # fmt: skip
 
 
 # name -> (module with main(args) -> int, help, options)

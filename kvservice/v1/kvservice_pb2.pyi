@@ -224,3 +224,15 @@ class Layout(_message.Message):
     dtype: str
     block_size: int
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class GetLocalEndpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LocalEndpoint(_message.Message):
+    __slots__ = ("address", "version")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    version: int
+    def __init__(self, address: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,311 @@
+"""Client side of the local endpoint (``kvservice.local_server``): calls over a Unix socket.
+
+``LocalPool`` (blocking sockets) and ``AsyncLocalPool`` (asyncio streams) keep
+connections to one endpoint, each carrying one call at a time: a call takes an idle
+connection or opens one, and gives it back after the reply. Replies come back as the
+API's reply messages; a failed call raises ``LocalRpcError``, a ``grpc.RpcError`` with
+the same ``code()``, ``details()`` and ``trailing_metadata()`` a gRPC call's error has,
+so the gRPC transport maps both the same way.
+
+A connection whose call fails midway (deadline, cancellation, a broken socket) is
+closed, not reused: the server then cancels the call, as for a gRPC client that went
+away. ``EndpointUnreachable`` means no connection could be opened and nothing was
+sent: the caller may send the call over gRPC instead.
+
+``LocalRoute`` keeps a transport's choice: whether its calls go to a local endpoint,
+and when to ask the server again after the endpoint could not be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from kvservice.local_frames import (
+    REPLY,
+    VERSION,
+    FrameError,
+    Metadata,
+    ReplyHead,
+    decode_metadata,
+    parse_reply_head,
+    request_head,
+    socket_name,
+)
+from kvservice.v1 import kvservice_pb2 as pb
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["KVService"]
+_REPLY_TYPES: dict[str, type[Message]] = {
+    m.name: getattr(pb, m.output_type.name) for m in _SERVICE.methods
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class LocalRpcError(grpc.RpcError):
+    """A failed local call, with a gRPC call error's accessors."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Metadata = ()) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+        self._trailing = trailing
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Metadata:
+        return self._trailing
+
+
+class EndpointUnreachable(OSError):
+    """No connection to the endpoint could be opened; the call was not sent."""
+
+
+def _lost(exc: BaseException) -> LocalRpcError:
+    return LocalRpcError(
+        grpc.StatusCode.UNAVAILABLE, f"lost the connection to the local endpoint: {exc}"
+    )
+
+
+def _deadline_exceeded() -> LocalRpcError:
+    return LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def _request(
+    call_id: int, method: str, metadata: bytes, request: Message | bytes, timeout: float | None
+) -> list[bytes]:
+    body = request if isinstance(request, bytes) else request.SerializeToString()
+    name = method.encode()
+    return [request_head(call_id, timeout, name, metadata, len(body)) + name + metadata, body]
+
+
+def _reply(method: str, call_id: int, head: ReplyHead, rest: bytearray | bytes) -> Message:
+    if head.call_id != call_id:
+        raise FrameError(f"reply to call {head.call_id} on the connection of call {call_id}")
+    view = memoryview(rest)
+    if head.code != 0:
+        details = bytes(view[: head.details_len]).decode(errors="replace")
+        trailing = decode_metadata(view[head.details_len : head.details_len + head.trailing_len])
+        raise LocalRpcError(_CODES.get(head.code, grpc.StatusCode.UNKNOWN), details, trailing)
+    return _REPLY_TYPES[method].FromString(view[head.details_len + head.trailing_len :])
+
+
+class LocalPool:
+    """Blocking connections to one local endpoint; safe to share between threads."""
+
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self._name = socket_name(address)
+        self._max = max_message_bytes
+        self._idle: list[socket.socket] = []
+        self._ids = itertools.count(1)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self._name)
+        except OSError as exc:
+            sock.close()
+            raise EndpointUnreachable(
+                exc.errno, f"cannot reach the local endpoint: {exc}"
+            ) from None
+        return sock
+
+    def open(self) -> None:
+        """Opens one connection now (``EndpointUnreachable`` if it cannot be)."""
+        self._idle.append(self._connect())
+
+    def _take(self) -> socket.socket:
+        while True:
+            try:
+                sock = self._idle.pop()
+            except IndexError:
+                return self._connect()
+            try:
+                sock.settimeout(0.0)  # a socket with a timeout would wait for data to peek at
+                sock.recv(1, socket.MSG_PEEK)  # b"" at EOF (the server closed it), or stray bytes
+            except BlockingIOError:
+                return sock  # nothing to read: alive and idle, as it should be
+            except OSError:
+                pass
+            sock.close()
+
+    def call(
+        self, method: str, request: Message | bytes, metadata: bytes, timeout: float | None
+    ) -> Message:
+        sock = self._take()
+        call_id = next(self._ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(b"".join(_request(call_id, method, metadata, request, timeout)))
+            head = parse_reply_head(_receive(sock, REPLY.size, deadline), self._max)
+            rest = _receive(sock, head.rest_len, deadline)
+        except TimeoutError:
+            sock.close()
+            raise _deadline_exceeded() from None
+        except (OSError, FrameError) as exc:
+            sock.close()
+            raise _lost(exc) from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            reply = _reply(method, call_id, head, rest)
+        except FrameError as exc:
+            sock.close()
+            raise _lost(exc) from None
+        finally:
+            if sock.fileno() >= 0:
+                self._idle.append(sock)  # a reply came, an error status or not: reusable
+        return reply
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+def _receive(sock: socket.socket, size: int, deadline: float | None) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the server closed the connection")
+        got += n
+    return buffer
+
+
+class AsyncLocalPool:
+    """asyncio connections to one local endpoint; use on one event loop."""
+
+    # Stream buffer limit: a whole reply of a usual Attend fits without pausing the socket.
+    _STREAM_LIMIT = 1 << 20
+
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self._name = socket_name(address)
+        self._max = max_message_bytes
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._ids = itertools.count(1)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_unix_connection(self._name, limit=self._STREAM_LIMIT)
+        except OSError as exc:
+            raise EndpointUnreachable(
+                exc.errno, f"cannot reach the local endpoint: {exc}"
+            ) from None
+
+    async def open(self) -> None:
+        """Opens one connection now (``EndpointUnreachable`` if it cannot be)."""
+        self._idle.append(await self._connect())
+
+    async def _take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()  # closed by the server while idle
+        return await self._connect()
+
+    async def call(
+        self, method: str, request: Message | bytes, metadata: bytes, timeout: float | None
+    ) -> Message:
+        reader, writer = await self._take()
+        call_id = next(self._ids)
+        try:
+            exchange = self._exchange(
+                reader, writer, _request(call_id, method, metadata, request, timeout)
+            )
+            head, rest = await (
+                exchange if timeout is None else asyncio.wait_for(exchange, timeout)
+            )
+            reply = _reply(method, call_id, head, rest)
+        except LocalRpcError:
+            self._idle.append((reader, writer))  # a status: the connection is fine
+            raise
+        except TimeoutError:
+            writer.close()
+            raise _deadline_exceeded() from None
+        except (OSError, asyncio.IncompleteReadError, FrameError) as exc:
+            writer.close()
+            raise _lost(exc) from None
+        except BaseException:
+            writer.close()  # cancelled midway: the server cancels the call when it sees the close
+            raise
+        self._idle.append((reader, writer))
+        return reply
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parts: Sequence[bytes]
+    ) -> tuple[ReplyHead, bytes]:
+        writer.writelines(parts)
+        await writer.drain()
+        head = parse_reply_head(await reader.readexactly(REPLY.size), self._max)
+        return head, await reader.readexactly(head.rest_len)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()
+
+
+class LocalRoute:
+    """A transport's choice of path: a pool on the local endpoint, or gRPC until ``retry_at``."""
+
+    # After the endpoint could not be used: ask again this much later (the server may
+    # have been starting, or restarted with another endpoint).
+    RETRY_S = 1.0
+    # The server offers none, or is too old to know of it.
+    RETRY_NONE_S = 60.0
+
+    def __init__(self, enabled: bool) -> None:
+        self.pool: Any = None
+        self.retry_at = 0.0 if enabled else math.inf
+        self.lock = threading.Lock()  # one discovery at a time (sync transports)
+
+    def due(self) -> bool:
+        return self.pool is None and time.monotonic() >= self.retry_at
+
+    def usable_address(self, reply: pb.LocalEndpoint) -> str | None:
+        """The reply's address when this client speaks its frames; else wait to ask again."""
+        if reply.address and reply.version == VERSION:
+            return reply.address
+        self.give_up(self.RETRY_NONE_S)
+        return None
+
+    def give_up(self, retry_after_s: float | None = None) -> None:
+        """Back to gRPC; ask for the endpoint again after ``retry_after_s`` (default RETRY_S)."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+        if self.retry_at != math.inf:
+            self.retry_at = time.monotonic() + (
+                self.RETRY_S if retry_after_s is None else retry_after_s
+            )
+
+    def close(self) -> None:
+        """For good: the transport is closed."""
+        self.give_up()
+        self.retry_at = math.inf
+
+    def retry_after_error(self, exc: grpc.RpcError) -> None:
+        """``GetLocalEndpoint`` failed: an old server (UNIMPLEMENTED) is asked again much later."""
+        code = exc.code() if hasattr(exc, "code") else None
+        self.give_up(self.RETRY_NONE_S if code == grpc.StatusCode.UNIMPLEMENTED else None)
