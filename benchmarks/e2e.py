@@ -12,7 +12,10 @@ all of its tokens. Systems:
 - ``generate``: ``model.generate`` on one left-padded batch with its default cache;
 - ``generate_batch``: transformers' paged continuous batching (``model.generate_batch``);
 - ``kvservice_embedded``: the model's attention in kvservice, service in this process;
-- ``kvservice_grpc``: the same over gRPC on 127.0.0.1 (server on a thread of this process).
+- ``kvservice_grpc``: the same through a gRPC client of a server on 127.0.0.1 (on a thread
+  of this process): as a client on the server's host, its calls go to the server's local
+  endpoint (a Unix socket);
+- ``kvservice_grpc_only``: the same with every call over gRPC itself.
 
 Each system is warmed up first on the whole workload with ``WARMUP_TOKENS`` new tokens,
 so that the timed run compiles nothing (JIT kernels are compiled per shape class, and the
@@ -54,7 +57,13 @@ from kvservice.integrations import Engine, SamplingParams, layout_for, wrap_mode
 from kvservice.integrations.graphs import GraphStats
 from kvservice.integrations.reference import random_model
 
-SYSTEMS = ("generate", "generate_batch", "kvservice_embedded", "kvservice_grpc")
+SYSTEMS = (
+    "generate",
+    "generate_batch",
+    "kvservice_embedded",
+    "kvservice_grpc",
+    "kvservice_grpc_only",
+)
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 8
 
@@ -186,11 +195,12 @@ class KVServiceRunner:
             num_cpu_blocks=64,
         )
         self._client = self._embedded
-        if self.transport == "grpc":
+        if self.transport.startswith("grpc"):
             from kvservice.server import ServerThread
 
             self._server = ServerThread(self._embedded.service, host="127.0.0.1", port=0)
-            self._client = Client.grpc(self._server.address)
+            local = self.transport != "grpc-only"
+            self._client = Client.grpc(self._server.address, local_endpoint=local)
         self._model = wrap_model(model, self._client)
         self._model.capture_graphs(len(prompts), max(map(len, prompts)) + max_new_tokens)
 
@@ -232,6 +242,7 @@ RUNNERS: dict[str, Callable[..., list[list[int]]]] = {
     "generate_batch": run_generate_batch,
     "kvservice_embedded": KVServiceRunner("embedded"),
     "kvservice_grpc": KVServiceRunner("grpc"),
+    "kvservice_grpc_only": KVServiceRunner("grpc-only"),
 }
 
 

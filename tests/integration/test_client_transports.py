@@ -1,5 +1,7 @@
 """One suite, three transports: embedded, Ray (coordinator actor + worker actors) and gRPC
-on 127.0.0.1. Every test runs against each and must see the same results and errors."""
+on 127.0.0.1, the latter both ways a client on the server's host can take (its calls over
+the server's local endpoint, or over gRPC only). Every test runs against each and must see
+the same results and errors."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from kvservice.core.ids import Tier
 
 pytestmark = pytest.mark.integration
 
-TRANSPORTS = ("embedded", "ray", "grpc")
+TRANSPORTS = ("embedded", "ray", "grpc", "grpc-local")
 # Small device tier (swapping happens), two workers (batches split across them).
 POOLS = {"num_workers": 2, "num_gpu_blocks": 24, "num_cpu_blocks": 96}
 
@@ -47,21 +49,24 @@ class Served:
             self._coordinator = build_embedded(LAYOUT, device="cpu", **POOLS)
             self.server = ServerThread(self._coordinator, host="127.0.0.1", port=0)
             self._stop.append(self.server.stop)
-            self.client = Client.grpc(self.server.address, timeout=60)
+            self._grpc = {"timeout": 60, "local_endpoint": transport == "grpc-local"}
+            self.client = Client.grpc(self.server.address, **self._grpc)
+            self.client.layout  # the first call: a local client finds the endpoint here
+            assert self.client.service.on_local_endpoint == self._grpc["local_endpoint"]
 
     def new_client(self, tenant: str | None = None) -> Client:
         if self.transport == "embedded":
             return Client(self._coordinator, tenant=tenant)
         if self.transport == "ray":
             return Client.ray(name=self.name, tenant=tenant)
-        return Client.grpc(self.server.address, tenant=tenant, timeout=60)
+        return Client.grpc(self.server.address, tenant=tenant, **self._grpc)
 
     def async_client(self) -> AsyncClient:
         if self.transport == "embedded":
             return AsyncClient(self._coordinator)
         if self.transport == "ray":
             return AsyncClient.ray(name=self.name)
-        return AsyncClient.grpc(self.server.address, timeout=60)
+        return AsyncClient.grpc(self.server.address, **self._grpc)
 
     def stop(self) -> None:
         self.client.close()
@@ -138,7 +143,7 @@ def test_step_tickets_where_the_client_reaches_the_workers(served: Served, clien
         close(*shadow.attend(client, layer, ids, lengths, lengths))
     client.append_tokens(ids, [[9]] * len(ids))
     lengths = [n + 1 for n in lengths]
-    if served.transport == "grpc":
+    if served.transport.startswith("grpc"):
         with pytest.raises(kvservice.errors.InvalidArgument, match="embedded or Ray"):
             client.open_ticket(ids, [1] * len(ids))
         client.free(ids)

@@ -45,9 +45,14 @@ def served() -> Iterator[tuple[Coordinator, ServerThread]]:
         yield coordinator, server
 
 
-@pytest.fixture
-def client(served: tuple[Coordinator, ServerThread]) -> Iterator[GrpcTransport]:
-    with GrpcTransport(served[1].address, timeout=30) as c:
+@pytest.fixture(params=[True, False], ids=["local-endpoint", "grpc-only"])
+def client(
+    served: tuple[Coordinator, ServerThread], request: pytest.FixtureRequest
+) -> Iterator[GrpcTransport]:
+    """A client of each path: the server's local endpoint, or gRPC for every call."""
+    with GrpcTransport(served[1].address, timeout=30, local_endpoint=request.param) as c:
+        c.layout()  # the first call: a local client finds the endpoint here
+        assert c.on_local_endpoint == request.param
         yield c
 
 
