@@ -73,9 +73,13 @@ def decode_metadata(raw: bytes | bytearray | memoryview) -> Metadata:
         return ()
     try:
         pairs = json.loads(bytes(raw))
-        return tuple((str(k), str(v)) for k, v in pairs)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
         raise FrameError(f"metadata is not a JSON list of pairs: {exc}") from None
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise FrameError("metadata is not a JSON list of pairs of strings")
+    return tuple((k, v) for k, v in pairs)
 
 
 def request_head(

@@ -122,7 +122,7 @@ class LocalEndpoint:
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        if self._calls and (grace is None or grace > 0):
+        if self._calls and grace is not None and grace > 0:  # None: end them now, as grpc.aio
             await asyncio.wait(set(self._calls), timeout=grace)
         for connection in list(self._connections):
             connection.close()  # cancels what is still running
@@ -139,19 +139,19 @@ class LocalEndpoint:
         context = LocalContext((), head.timeout_s)
         code, details, body = grpc.StatusCode.OK, "", b""
         try:
-            method = bytes(view[: head.method_len])
-            entry = self._methods.get(method)
-            if entry is None:
-                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
             if self._stopping:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping")
-            handler, request_type = entry
             metadata_end = head.method_len + head.metadata_len
             context = LocalContext(
                 decode_metadata(view[head.method_len : metadata_end]), head.timeout_s
             )
-            if self._check_metadata is not None:
+            if self._check_metadata is not None:  # first, as gRPC's interceptor does
                 self._check_metadata(context.invocation_metadata())
+            method = bytes(view[: head.method_len])
+            entry = self._methods.get(method)
+            if entry is None:
+                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
+            handler, request_type = entry
             try:
                 request = request_type.FromString(view[metadata_end:])
             except DecodeError as exc:

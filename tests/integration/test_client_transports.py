@@ -51,7 +51,7 @@ class Served:
             self._stop.append(self.server.stop)
             self._grpc = {"timeout": 60, "local_endpoint": transport == "grpc-local"}
             self.client = Client.grpc(self.server.address, **self._grpc)
-            self.client.layout  # the first call: a local client finds the endpoint here
+            assert self.client.layout == LAYOUT  # the first call: a local client finds its endpoint
             assert self.client.service.on_local_endpoint == self._grpc["local_endpoint"]
 
     def new_client(self, tenant: str | None = None) -> Client:
