@@ -300,7 +300,7 @@ class GrpcTransport(_Calls):
             except grpc.RpcError as exc:
                 route.retry_after_error(exc)
             except EndpointUnreachable:
-                route.give_up()
+                route.unreachable()
             finally:
                 route.lock.release()
         return route.pool  # type: ignore[no-any-return]
@@ -363,7 +363,7 @@ class AsyncGrpcTransport(_Calls):
             except grpc.RpcError as exc:
                 route.retry_after_error(exc)
             except EndpointUnreachable:
-                route.give_up()
+                route.unreachable()
             finally:
                 route.lock.release()
         return route.pool  # type: ignore[no-any-return]

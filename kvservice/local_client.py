@@ -272,7 +272,7 @@ class LocalRoute:
     # After the endpoint could not be used: ask again this much later (the server may
     # have been starting, or restarted with another endpoint).
     RETRY_S = 1.0
-    # The server offers none, or is too old to know of it.
+    # The server offers none, is too old to know of it, or is on another host.
     RETRY_NONE_S = 60.0
 
     def __init__(self, enabled: bool) -> None:
@@ -299,6 +299,11 @@ class LocalRoute:
             self.retry_at = time.monotonic() + (
                 self.RETRY_S if retry_after_s is None else retry_after_s
             )
+
+    def unreachable(self) -> None:
+        """The server's endpoint cannot be reached from here (another host or network
+        namespace): ask again much later, not before every second's calls."""
+        self.give_up(self.RETRY_NONE_S)
 
     def close(self) -> None:
         """For good: the transport is closed."""

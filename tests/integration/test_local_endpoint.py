@@ -150,6 +150,24 @@ def test_a_server_without_a_local_endpoint_keeps_clients_on_grpc() -> None:
         assert asyncio.run(run()) is False
 
 
+def test_an_endpoint_out_of_reach_leaves_the_client_on_grpc_without_asking_each_call(
+    served: tuple[Coordinator, ServerThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for a client on another host: the name it is handed does not exist here."""
+    server = served[1]
+    monkeypatch.setattr(server.server._servicer, "local_address", "kvservice-elsewhere")
+    asked: list[str] = []
+    with GrpcTransport(server.address, timeout=10) as client:
+        ask = client._methods["GetLocalEndpoint"]
+        client._methods["GetLocalEndpoint"] = lambda *a, **kw: asked.append("ask") or ask(*a, **kw)
+        info = client.create_sequence([1, 2, 3])
+        for _ in range(3):
+            assert client.get_sequence(info.seq_id) == info
+        assert not client.on_local_endpoint
+        assert asked == ["ask"]  # once, not before every call
+        assert client._route.retry_at - time.monotonic() > 30
+
+
 def test_the_environment_variable_keeps_default_transports_on_grpc(
     served: tuple[Coordinator, ServerThread], monkeypatch: pytest.MonkeyPatch
 ) -> None:
