@@ -1,6 +1,6 @@
 """Client side of the local endpoint (``kvservice.local_server``): calls over a Unix socket.
 
-``LocalPool`` (blocking sockets) and ``AsyncLocalPool`` (asyncio streams) keep
+``LocalPool`` (blocking sockets) and ``AsyncLocalPool`` (an asyncio protocol) keep
 connections to one endpoint, each carrying one call at a time: a call takes an idle
 connection or opens one, and gives it back after the reply. Replies come back as the
 API's reply messages; a failed call raises ``LocalRpcError``, a ``grpc.RpcError`` with
@@ -149,7 +149,7 @@ class LocalPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             sock.settimeout(timeout)
-            sock.sendall(b"".join(_request(call_id, method, metadata, request, timeout)))
+            _send(sock, _request(call_id, method, metadata, request, timeout))
             head = parse_reply_head(_receive(sock, REPLY.size, deadline), self._max)
             rest = _receive(sock, head.rest_len, deadline)
         except TimeoutError:
@@ -176,6 +176,18 @@ class LocalPool:
             self._idle.pop().close()
 
 
+def _send(sock: socket.socket, parts: Sequence[bytes]) -> None:
+    """``parts`` in order, gathered by the kernel (no joined copy of a large body)."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
 def _receive(sock: socket.socket, size: int, deadline: float | None) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
@@ -193,77 +205,149 @@ def _receive(sock: socket.socket, size: int, deadline: float | None) -> bytearra
     return buffer
 
 
+class _Connection(asyncio.BufferedProtocol):
+    """One connection of an ``AsyncLocalPool``: sends a request, reads its reply frame
+    straight into a buffer of the reply's size (no stream buffer to copy through)."""
+
+    def __init__(self, max_body: int) -> None:
+        self._max = max_body
+        self.transport: asyncio.Transport | None = None
+        self._head_buffer = bytearray(REPLY.size)
+        self._head: ReplyHead | None = None  # set while the rest of a reply is read
+        self._rest = bytearray()
+        self._target = memoryview(self._head_buffer)
+        self._filled = 0
+        self._waiter: asyncio.Future[tuple[ReplyHead, bytearray]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionError("the server closed the connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        self.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._target[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled < len(self._target):
+            return
+        if self._waiter is None:
+            self._fail(FrameError("bytes arrived with no call waiting"))
+            return
+        if self._head is None:
+            try:
+                self._head = parse_reply_head(self._head_buffer, self._max)
+            except FrameError as exc:
+                self._fail(exc)
+                return
+            self._rest = bytearray(self._head.rest_len)
+            self._target, self._filled = memoryview(self._rest), 0
+            if self._head.rest_len:
+                return
+        waiter, self._waiter = self._waiter, None
+        if not waiter.done():
+            waiter.set_result((self._head, self._rest))
+        self._head = None
+        self._target, self._filled = memoryview(self._head_buffer), 0
+
+    async def exchange(
+        self, parts: Sequence[bytes], timeout: float | None
+    ) -> tuple[ReplyHead, bytearray]:
+        """Sends one request and waits for its reply (TimeoutError after ``timeout``
+        seconds); the connection carries one call at a time."""
+        if self.closed or self.transport is None:
+            raise ConnectionError("the connection is closed")
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        for part in parts:  # one write each: writelines would join (copy) them first
+            self.transport.write(part)
+        # A timer, not asyncio.wait_for: that wraps every call in a task of its own.
+        timer = None if timeout is None else loop.call_later(timeout, self._time_out, waiter)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _time_out(self, waiter: asyncio.Future[tuple[ReplyHead, bytearray]]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
 class AsyncLocalPool:
     """asyncio connections to one local endpoint; use on one event loop."""
-
-    # Stream buffer limit: a whole reply of a usual Attend fits without pausing the socket.
-    _STREAM_LIMIT = 1 << 20
 
     def __init__(self, address: str, max_message_bytes: int) -> None:
         self._name = socket_name(address)
         self._max = max_message_bytes
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Connection] = []
         self._ids = itertools.count(1)
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.open_unix_connection(self._name, limit=self._STREAM_LIMIT)
+            _, connection = await loop.create_unix_connection(
+                lambda: _Connection(self._max), self._name
+            )
         except OSError as exc:
             raise EndpointUnreachable(
                 exc.errno, f"cannot reach the local endpoint: {exc}"
             ) from None
+        return connection
 
     async def open(self) -> None:
         """Opens one connection now (``EndpointUnreachable`` if it cannot be)."""
         self._idle.append(await self._connect())
 
-    async def _take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _take(self) -> _Connection:
         while self._idle:
-            reader, writer = self._idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()  # closed by the server while idle
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
         return await self._connect()
 
     async def call(
         self, method: str, request: Message | bytes, metadata: bytes, timeout: float | None
     ) -> Message:
-        reader, writer = await self._take()
+        connection = await self._take()
         call_id = next(self._ids)
         try:
-            exchange = self._exchange(
-                reader, writer, _request(call_id, method, metadata, request, timeout)
-            )
-            head, rest = await (
-                exchange if timeout is None else asyncio.wait_for(exchange, timeout)
-            )
+            parts = _request(call_id, method, metadata, request, timeout)
+            head, rest = await connection.exchange(parts, timeout)
             reply = _reply(method, call_id, head, rest)
         except LocalRpcError:
-            self._idle.append((reader, writer))  # a status: the connection is fine
+            self._idle.append(connection)  # a status: the connection is fine
             raise
         except TimeoutError:
-            writer.close()
+            connection.close()
             raise _deadline_exceeded() from None
-        except (OSError, asyncio.IncompleteReadError, FrameError) as exc:
-            writer.close()
+        except (OSError, FrameError) as exc:
+            connection.close()
             raise _lost(exc) from None
         except BaseException:
-            writer.close()  # cancelled midway: the server cancels the call when it sees the close
+            connection.close()  # cancelled midway: the server cancels the call when it sees the close
             raise
-        self._idle.append((reader, writer))
+        self._idle.append(connection)
         return reply
-
-    async def _exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parts: Sequence[bytes]
-    ) -> tuple[ReplyHead, bytes]:
-        writer.writelines(parts)
-        await writer.drain()
-        head = parse_reply_head(await reader.readexactly(REPLY.size), self._max)
-        return head, await reader.readexactly(head.rest_len)
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop()[1].close()
+            self._idle.pop().close()
 
 
 class LocalRoute:

@@ -171,7 +171,7 @@ class LocalEndpoint:
         raw_details = details.encode()
         trailing = encode_metadata(context.trailing)
         head_bytes = reply_head(head.call_id, code.value[0], raw_details, trailing, len(body))
-        connection.send((head_bytes, raw_details, trailing, body))
+        connection.send((head_bytes + raw_details + trailing, body))
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -237,7 +237,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def send(self, parts: Sequence[bytes]) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(parts)
+            for part in parts:  # one write each: writelines would join (copy) them first
+                if part:
+                    self._transport.write(part)
 
     def close(self) -> None:
         if self._transport is not None:

@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import random
 import sys
 import time
@@ -325,6 +326,13 @@ def run_service_bench(
         torch.set_num_threads(threads)
     first = results[str(clients[0])]
     result: dict[str, Any] = {
+        "benchmark": "service",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "cpu": {
+            "count": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
         "server": address or "own",
         "path": " + ".join(sorted(paths)),
         "layout": str(layout.key()),
