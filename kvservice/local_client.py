@@ -19,11 +19,13 @@ and when to ask the server again after the endpoint could not be used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +111,7 @@ class LocalPool:
         self._name = socket_name(address)
         self._max = max_message_bytes
         self._idle: list[socket.socket] = []
+        self._open: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # idle or in a call
         self._ids = itertools.count(1)
 
     def _connect(self) -> socket.socket:
@@ -120,6 +123,7 @@ class LocalPool:
             raise EndpointUnreachable(
                 exc.errno, f"cannot reach the local endpoint: {exc}"
             ) from None
+        self._open.add(sock)
         return sock
 
     def open(self) -> None:
@@ -172,8 +176,12 @@ class LocalPool:
         return reply
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        """Closes every connection, those in a call too (their calls fail UNAVAILABLE)."""
+        self._idle.clear()
+        for sock in list(self._open):
+            with contextlib.suppress(OSError):  # wakes a thread blocked in recv on it
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 def _send(sock: socket.socket, parts: Sequence[bytes]) -> None:
@@ -296,6 +304,7 @@ class AsyncLocalPool:
         self._name = socket_name(address)
         self._max = max_message_bytes
         self._idle: list[_Connection] = []
+        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()  # idle or in a call
         self._ids = itertools.count(1)
 
     async def _connect(self) -> _Connection:
@@ -308,6 +317,7 @@ class AsyncLocalPool:
             raise EndpointUnreachable(
                 exc.errno, f"cannot reach the local endpoint: {exc}"
             ) from None
+        self._open.add(connection)
         return connection
 
     async def open(self) -> None:
@@ -346,8 +356,10 @@ class AsyncLocalPool:
         return reply
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        """Closes every connection, those in a call too (their calls fail UNAVAILABLE)."""
+        self._idle.clear()
+        for connection in list(self._open):
+            connection.close()
 
 
 class LocalRoute:

@@ -368,6 +368,45 @@ def test_a_sequence_created_for_a_client_that_went_away_is_freed() -> None:
     coordinator.check_invariants()
 
 
+def test_closing_a_transport_ends_its_calls_in_flight() -> None:
+    """As closing a gRPC channel cancels its calls: the call fails at once, not when the
+    server answers, on the sync and the asyncio transport alike."""
+    service = SlowService(make_coordinator(), stats=3.0)
+    with ServerThread(service, port=0) as server:
+        client = GrpcTransport(server.address, timeout=30)
+        assert client.layout() == LAYOUT and client.on_local_endpoint
+        failures: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.stats()
+            except BaseException as exc:  # checked below
+                failures.append(exc)
+
+        caller = threading.Thread(target=call)
+        start = time.monotonic()
+        caller.start()
+        assert service.started.wait(5)
+        client.close()
+        caller.join(5)
+        assert not caller.is_alive() and time.monotonic() - start < 2.0
+        assert len(failures) == 1 and isinstance(failures[0], errors.Unavailable), failures
+
+        async def run() -> BaseException:
+            async with AsyncGrpcTransport(server.address, timeout=30) as c:
+                assert await c.layout() == LAYOUT and c.on_local_endpoint
+                pending = asyncio.ensure_future(c.stats())
+                await asyncio.sleep(0.3)
+                await c.close()
+                try:
+                    await asyncio.wait_for(pending, 2.0)
+                except BaseException as exc:  # checked below
+                    return exc
+                raise AssertionError("the call outlived its transport")
+
+        assert isinstance(asyncio.run(run()), errors.Unavailable)
+
+
 def test_stop_drains_calls_in_flight_then_closes_the_endpoint() -> None:
     service = SlowService(make_coordinator(), stats=0.5)
     server = ServerThread(service, port=0)
