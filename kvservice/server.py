@@ -159,6 +159,7 @@ async def start_server(
         )
         await local.start()
         servicer.local_address = local.address
+        log.info("local endpoint for clients on this host: @%s", local.address)
     await server.start()
     kv_server = KVServer(server, servicer, health_servicer, executor, bound, local)
     log.info("listening on %s:%d (%s)", host, bound, "TLS" if tls_cert else "plaintext")
