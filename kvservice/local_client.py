@@ -36,6 +36,7 @@ from kvservice.local_frames import (
     REPLY,
     VERSION,
     FrameError,
+    FrameReader,
     Metadata,
     ReplyHead,
     decode_metadata,
@@ -213,18 +214,14 @@ def _receive(sock: socket.socket, size: int, deadline: float | None) -> bytearra
     return buffer
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(FrameReader[ReplyHead]):
     """One connection of an ``AsyncLocalPool``: sends a request, reads its reply frame
     straight into a buffer of the reply's size (no stream buffer to copy through)."""
 
     def __init__(self, max_body: int) -> None:
+        super().__init__(REPLY.size)
         self._max = max_body
         self.transport: asyncio.Transport | None = None
-        self._head_buffer = bytearray(REPLY.size)
-        self._head: ReplyHead | None = None  # set while the rest of a reply is read
-        self._rest = bytearray()
-        self._target = memoryview(self._head_buffer)
-        self._filled = 0
         self._waiter: asyncio.Future[tuple[ReplyHead, bytearray]] | None = None
         self.closed = False
 
@@ -234,39 +231,24 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(exc or ConnectionError("the server closed the connection"))
+        self.bad_frame(exc or ConnectionError("the server closed the connection"))
 
-    def _fail(self, exc: BaseException) -> None:
+    def bad_frame(self, exc: BaseException) -> None:
+        """Fails the call waiting (if any) with ``exc`` and closes the connection."""
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
         self.close()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._target[self._filled :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._filled < len(self._target):
-            return
+    def parse_head(self, raw: bytearray) -> ReplyHead:
         if self._waiter is None:
-            self._fail(FrameError("bytes arrived with no call waiting"))
-            return
-        if self._head is None:
-            try:
-                self._head = parse_reply_head(self._head_buffer, self._max)
-            except FrameError as exc:
-                self._fail(exc)
-                return
-            self._rest = bytearray(self._head.rest_len)
-            self._target, self._filled = memoryview(self._rest), 0
-            if self._head.rest_len:
-                return
+            raise FrameError("bytes arrived with no call waiting")
+        return parse_reply_head(raw, self._max)
+
+    def frame_received(self, head: ReplyHead, rest: bytearray) -> None:
         waiter, self._waiter = self._waiter, None
-        if not waiter.done():
-            waiter.set_result((self._head, self._rest))
-        self._head = None
-        self._target, self._filled = memoryview(self._head_buffer), 0
+        if waiter is not None and not waiter.done():
+            waiter.set_result((head, rest))
 
     async def exchange(
         self, parts: Sequence[bytes], timeout: float | None

@@ -18,10 +18,11 @@ the limits, closes the connection (there is no way to find the next frame).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 VERSION = 1
 MAGIC = b"KVL1"
@@ -126,3 +127,60 @@ def socket_name(address: str) -> str:
     if not address.startswith(ABSTRACT_PREFIX):
         raise ValueError(f"not a local endpoint address: {address!r}")
     return "\0" + address
+
+
+class _Head(Protocol):
+    @property
+    def rest_len(self) -> int: ...
+
+
+H = TypeVar("H", bound=_Head)
+
+
+class FrameReader(asyncio.BufferedProtocol, Generic[H]):
+    """Reads frames (a fixed-size head, then the rest whose length the head gives) off a
+    socket, each rest straight into a buffer of its own size: nothing is copied through a
+    stream buffer. Both ends of a connection read with it; a subclass says how a head
+    parses (``parse_head``, raising ``FrameError``), what a whole frame does
+    (``frame_received``) and what a frame that cannot be read does (``bad_frame``)."""
+
+    def __init__(self, head_size: int) -> None:
+        self._head_buffer = bytearray(head_size)
+        self._head: H | None = None  # set while the rest of a frame is read
+        self._rest = bytearray()
+        self._target = memoryview(self._head_buffer)
+        self._filled = 0
+
+    def parse_head(self, raw: bytearray) -> H:
+        raise NotImplementedError
+
+    def frame_received(self, head: H, rest: bytearray) -> None:
+        raise NotImplementedError
+
+    def bad_frame(self, exc: FrameError) -> None:
+        raise NotImplementedError
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._target[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled < len(self._target):
+            return
+        self._filled = 0
+        if self._head is None:
+            try:
+                head = self.parse_head(self._head_buffer)
+            except FrameError as exc:
+                self.bad_frame(exc)
+                return
+            if head.rest_len:
+                self._head, self._rest = head, bytearray(head.rest_len)
+                self._target = memoryview(self._rest)
+                return
+            rest = bytearray()
+        else:
+            head, rest = self._head, self._rest
+            self._head = None
+            self._target = memoryview(self._head_buffer)
+        self.frame_received(head, rest)

@@ -39,6 +39,7 @@ from kvservice.local_frames import (
     ABSTRACT_PREFIX,
     REQUEST,
     FrameError,
+    FrameReader,
     Metadata,
     RequestHead,
     decode_metadata,
@@ -174,18 +175,14 @@ class LocalEndpoint:
         connection.send((head_bytes + raw_details + trailing, body))
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(FrameReader[RequestHead]):
     """One client connection: reads request frames into their own buffers, runs each as a task."""
 
     def __init__(self, endpoint: LocalEndpoint) -> None:
+        super().__init__(REQUEST.size)
         self._endpoint = endpoint
         self._transport: asyncio.Transport | None = None
         self._calls: set[asyncio.Task[None]] = set()
-        self._head_buffer = bytearray(REQUEST.size)
-        self._head: RequestHead | None = None  # set while the rest of a frame is read
-        self._rest = bytearray()
-        self._target = memoryview(self._head_buffer)
-        self._filled = 0
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,27 +195,15 @@ class _Connection(asyncio.BufferedProtocol):
         for call in list(self._calls):
             call.cancel()  # the client is gone: as a gRPC call whose client went away
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._target[self._filled :]
+    def parse_head(self, raw: bytearray) -> RequestHead:
+        return parse_request_head(raw, self._endpoint.max_message_bytes)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._filled < len(self._target):
-            return
-        if self._head is None:
-            try:
-                self._head = parse_request_head(self._head_buffer, self._endpoint.max_message_bytes)
-            except FrameError as exc:
-                log.warning("closing a local connection: %s", exc)
-                self.close()
-                return
-            self._rest = bytearray(self._head.rest_len)
-            self._target = memoryview(self._rest)
-        else:
-            self._dispatch(self._head, self._rest)
-            self._head = None
-            self._target = memoryview(self._head_buffer)
-        self._filled = 0
+    def bad_frame(self, exc: FrameError) -> None:
+        log.warning("closing a local connection: %s", exc)
+        self.close()
+
+    def frame_received(self, head: RequestHead, rest: bytearray) -> None:
+        self._dispatch(head, rest)
 
     def _dispatch(self, head: RequestHead, rest: bytearray) -> None:
         call = asyncio.get_running_loop().create_task(self._endpoint.serve(head, rest, self))
