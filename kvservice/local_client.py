@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -84,6 +84,26 @@ def _lost(exc: BaseException) -> LocalRpcError:
 
 def _deadline_exceeded() -> LocalRpcError:
     return LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+@contextlib.contextmanager
+def _call_failures(close: Callable[[], None]) -> Iterator[None]:
+    """A call's failures as gRPC reports them; the connection is closed, not reused, when
+    the call did not end with a reply (the server then cancels it, as for a gRPC client
+    that went away). A status the server replied with passes as it is."""
+    try:
+        yield
+    except LocalRpcError:
+        raise
+    except TimeoutError:
+        close()
+        raise _deadline_exceeded() from None
+    except (OSError, FrameError) as exc:
+        close()
+        raise _lost(exc) from None
+    except BaseException:
+        close()  # cancelled midway
+        raise
 
 
 def _request(
@@ -152,28 +172,17 @@ class LocalPool:
         sock = self._take()
         call_id = next(self._ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
+        with _call_failures(sock.close):
             sock.settimeout(timeout)
             _send(sock, _request(call_id, method, metadata, request, timeout))
             head = parse_reply_head(_receive(sock, REPLY.size, deadline), self._max)
             rest = _receive(sock, head.rest_len, deadline)
-        except TimeoutError:
-            sock.close()
-            raise _deadline_exceeded() from None
-        except (OSError, FrameError) as exc:
-            sock.close()
-            raise _lost(exc) from None
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            reply = _reply(method, call_id, head, rest)
-        except FrameError as exc:
-            sock.close()
-            raise _lost(exc) from None
-        finally:
-            if sock.fileno() >= 0:
-                self._idle.append(sock)  # a reply came, an error status or not: reusable
+            try:
+                reply = _reply(method, call_id, head, rest)
+            except LocalRpcError:
+                self._idle.append(sock)  # a status: the connection is fine
+                raise
+        self._idle.append(sock)
         return reply
 
     def close(self) -> None:
@@ -318,22 +327,14 @@ class AsyncLocalPool:
     ) -> Message:
         connection = await self._take()
         call_id = next(self._ids)
-        try:
+        with _call_failures(connection.close):
             parts = _request(call_id, method, metadata, request, timeout)
             head, rest = await connection.exchange(parts, timeout)
-            reply = _reply(method, call_id, head, rest)
-        except LocalRpcError:
-            self._idle.append(connection)  # a status: the connection is fine
-            raise
-        except TimeoutError:
-            connection.close()
-            raise _deadline_exceeded() from None
-        except (OSError, FrameError) as exc:
-            connection.close()
-            raise _lost(exc) from None
-        except BaseException:
-            connection.close()  # cancelled midway: the server cancels the call when it sees the close
-            raise
+            try:
+                reply = _reply(method, call_id, head, rest)
+            except LocalRpcError:
+                self._idle.append(connection)  # a status: the connection is fine
+                raise
         self._idle.append(connection)
         return reply
 
