@@ -154,12 +154,14 @@ class _Calls:
             raw = self._local_metadata_by_tenant[tenant] = encode_metadata(self._metadata(tenant))
         return raw
 
-    def _discovery_timeout(self) -> float:
-        return (
+    def _discovery_options(self) -> dict[str, Any]:
+        """Deadline and metadata of the ``GetLocalEndpoint`` call (the default tenant's)."""
+        timeout = (
             _DISCOVERY_TIMEOUT_S
             if self._timeout is None
             else min(self._timeout, _DISCOVERY_TIMEOUT_S)
         )
+        return {"timeout": timeout, "metadata": self._metadata(None)}
 
     @property
     def on_local_endpoint(self) -> bool:
@@ -285,24 +287,16 @@ class GrpcTransport(_Calls):
 
     def _local_pool(self) -> LocalPool | None:
         route = self._route
-        if route.due() and route.lock.acquire(blocking=False):
-            try:
+        if route.begin_discovery():
+            with route.discovery():
                 reply = self._methods["GetLocalEndpoint"](
-                    pb.GetLocalEndpointRequest(),
-                    timeout=self._discovery_timeout(),
-                    metadata=self._metadata(None),
+                    pb.GetLocalEndpointRequest(), **self._discovery_options()
                 )
                 address = route.usable_address(reply)
                 if address is not None:
                     pool = LocalPool(address, self._max_message_bytes)
                     pool.open()
                     route.pool = pool
-            except grpc.RpcError as exc:
-                route.retry_after_error(exc)
-            except EndpointUnreachable:
-                route.unreachable()
-            finally:
-                route.lock.release()
         return route.pool  # type: ignore[no-any-return]
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -348,24 +342,16 @@ class AsyncGrpcTransport(_Calls):
 
     async def _local_pool(self) -> AsyncLocalPool | None:
         route = self._route
-        if route.due() and route.lock.acquire(blocking=False):  # never blocks the loop
-            try:
+        if route.begin_discovery():
+            with route.discovery():
                 reply = await self._methods["GetLocalEndpoint"](
-                    pb.GetLocalEndpointRequest(),
-                    timeout=self._discovery_timeout(),
-                    metadata=self._metadata(None),
+                    pb.GetLocalEndpointRequest(), **self._discovery_options()
                 )
                 address = route.usable_address(reply)
                 if address is not None:
                     pool = AsyncLocalPool(address, self._max_message_bytes)
                     await pool.open()
                     route.pool = pool
-            except grpc.RpcError as exc:
-                route.retry_after_error(exc)
-            except EndpointUnreachable:
-                route.unreachable()
-            finally:
-                route.lock.release()
         return route.pool  # type: ignore[no-any-return]
 
     async def wait_ready(self, timeout: float | None = None) -> None:

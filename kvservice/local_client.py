@@ -359,8 +359,24 @@ class LocalRoute:
         self.retry_at = 0.0 if enabled else math.inf
         self.lock = threading.Lock()  # one discovery at a time (sync transports)
 
-    def due(self) -> bool:
-        return self.pool is None and time.monotonic() >= self.retry_at
+    def begin_discovery(self) -> bool:
+        """Whether to ask the server for its endpoint now: none is in use, it is time,
+        and no other call is asking. True holds ``lock``, which ``discovery`` releases."""
+        due = self.pool is None and time.monotonic() >= self.retry_at
+        return due and self.lock.acquire(blocking=False)  # never blocks (an event loop)
+
+    @contextlib.contextmanager
+    def discovery(self) -> Iterator[None]:
+        """Around asking for the endpoint and opening a pool: a failure leaves the
+        transport on gRPC until the retry time it calls for."""
+        try:
+            yield
+        except grpc.RpcError as exc:
+            self.retry_after_error(exc)
+        except EndpointUnreachable:
+            self.unreachable()
+        finally:
+            self.lock.release()
 
     def usable_address(self, reply: pb.LocalEndpoint) -> str | None:
         """The reply's address when this client speaks its frames; else wait to ask again."""
