@@ -109,7 +109,6 @@ class LocalEndpoint:
         }
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
-        self._calls: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     async def start(self) -> None:
@@ -123,16 +122,14 @@ class LocalEndpoint:
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        if self._calls and grace is not None and grace > 0:  # None: end them now, as grpc.aio
-            await asyncio.wait(set(self._calls), timeout=grace)
+        # In flight: the calls of live connections (those of closed ones are cancelled).
+        calls = set().union(*(connection.calls for connection in self._connections))
+        if calls and grace is not None and grace > 0:  # None: end them now, as grpc.aio
+            await asyncio.wait(calls, timeout=grace)
         for connection in list(self._connections):
             connection.close()  # cancels what is still running
         if self._server is not None:
             await self._server.wait_closed()
-
-    def _track(self, call: asyncio.Task[None]) -> None:
-        self._calls.add(call)
-        call.add_done_callback(self._calls.discard)
 
     async def serve(self, head: RequestHead, rest: bytearray, connection: _Connection) -> None:
         """Runs one call and sends its reply on ``connection``."""
@@ -182,7 +179,7 @@ class _Connection(FrameReader[RequestHead]):
         super().__init__(REQUEST.size)
         self._endpoint = endpoint
         self._transport: asyncio.Transport | None = None
-        self._calls: set[asyncio.Task[None]] = set()
+        self.calls: set[asyncio.Task[None]] = set()
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -192,7 +189,7 @@ class _Connection(FrameReader[RequestHead]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._endpoint._connections.discard(self)
-        for call in list(self._calls):
+        for call in list(self.calls):
             call.cancel()  # the client is gone: as a gRPC call whose client went away
 
     def parse_head(self, raw: bytearray) -> RequestHead:
@@ -207,15 +204,14 @@ class _Connection(FrameReader[RequestHead]):
 
     def _dispatch(self, head: RequestHead, rest: bytearray) -> None:
         call = asyncio.get_running_loop().create_task(self._endpoint.serve(head, rest, self))
-        self._calls.add(call)
+        self.calls.add(call)
         call.add_done_callback(self._call_done)
-        self._endpoint._track(call)
-        if len(self._calls) >= MAX_CALLS_PER_CONNECTION and self._transport is not None:
+        if len(self.calls) >= MAX_CALLS_PER_CONNECTION and self._transport is not None:
             self._transport.pause_reading()
             self._paused = True
 
     def _call_done(self, call: asyncio.Task[None]) -> None:
-        self._calls.discard(call)
+        self.calls.discard(call)
         if self._paused and self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
             self._paused = False
