@@ -70,6 +70,22 @@ class SlowService:
         return slowed
 
 
+def call_on_a_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Starts ``call`` on a thread; the list gets what it returned or raised, for the test
+    to check once the thread is joined."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # reported by the main thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -375,17 +391,8 @@ def test_closing_a_transport_ends_its_calls_in_flight() -> None:
     with ServerThread(service, port=0) as server:
         client = GrpcTransport(server.address, timeout=30)
         assert client.layout() == LAYOUT and client.on_local_endpoint
-        failures: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                client.stats()
-            except BaseException as exc:  # checked below
-                failures.append(exc)
-
-        caller = threading.Thread(target=call)
         start = time.monotonic()
-        caller.start()
+        caller, failures = call_on_a_thread(client.stats)
         assert service.started.wait(5)
         client.close()
         caller.join(5)
@@ -418,16 +425,7 @@ def test_stop_drains_calls_in_flight_then_closes_the_endpoint() -> None:
         assert client.layout() == LAYOUT
         assert client.on_local_endpoint
         bystander.open()  # a connection that is idle when the drain starts
-        outcome: list[object] = []
-
-        def in_flight() -> None:
-            try:
-                outcome.append(client.stats())
-            except BaseException as exc:  # reported by the main thread
-                outcome.append(exc)
-
-        caller = threading.Thread(target=in_flight)
-        caller.start()
+        caller, outcome = call_on_a_thread(client.stats)
         assert service.started.wait(5)
         stopper = threading.Thread(target=server.stop, kwargs={"grace": 5})
         stopper.start()
@@ -472,16 +470,7 @@ def test_stop_without_grace_ends_calls_in_flight_at_once_on_both_paths() -> None
         try:
             assert client.layout() == LAYOUT
             assert client.on_local_endpoint is local_endpoint
-            outcome: list[object] = []
-
-            def in_flight(c: GrpcTransport = client, out: list[object] = outcome) -> None:
-                try:
-                    out.append(c.stats())
-                except BaseException as exc:  # reported by the main thread
-                    out.append(exc)
-
-            caller = threading.Thread(target=in_flight)
-            caller.start()
+            caller, outcome = call_on_a_thread(client.stats)
             assert service.started.wait(5)
             start = time.monotonic()
             server.stop(grace=None)
